@@ -1,0 +1,116 @@
+"""Pure conversions: parsed request -> GenerationRequest, engine Deltas -> OpenAI JSON.
+
+Contract: no I/O and no vllm types. ``to_generation`` enforces the context-length rule
+(400 naming both lengths) and fills ``max_tokens`` from the room left when the client
+gave none; the ``*_body`` / ``*_chunk`` builders produce exactly OpenAI's shapes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..generation import Delta, GenerationRequest
+from .errors import bad_request
+from .protocol import Sampling
+
+# vLLM reports "abort" for requests it cancelled: that is no OpenAI finish reason, and the
+# handler answers an aborted request with an error instead.
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+def finish_reason(r: str | None) -> str | None:
+    return None if r is None else _FINISH.get(r)
+
+
+@dataclass
+class Defaults:
+    """Values used where the client sent none (request shaping fills these)."""
+    max_tokens: int
+    temperature: float = 0.7
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+
+
+def to_generation(s: Sampling, prompt_ids: list[int], *, request_id: str, max_model_len: int,
+                  defaults: Defaults, stream: bool, priority: int = 0) -> GenerationRequest:
+    n_prompt = len(prompt_ids)
+    if n_prompt == 0:
+        raise bad_request("the prompt is empty after tokenization", param="messages")
+    if n_prompt >= max_model_len:
+        raise bad_request(f"the prompt is {n_prompt} tokens long, but this model's maximum context length "
+                          f"is {max_model_len} tokens; shorten the prompt", code="context_length_exceeded",
+                          param="messages")
+    room = max_model_len - n_prompt
+    if s.max_tokens is not None and s.max_tokens > room:
+        raise bad_request(f"the prompt is {n_prompt} tokens and max_tokens is {s.max_tokens}: "
+                          f"{n_prompt + s.max_tokens} tokens in all, above this model's maximum context "
+                          f"length of {max_model_len} tokens", code="context_length_exceeded", param="max_tokens")
+    max_tokens = s.max_tokens if s.max_tokens is not None else min(defaults.max_tokens, room)
+    return GenerationRequest(
+        request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
+        temperature=defaults.temperature if s.temperature is None else s.temperature,
+        top_p=defaults.top_p if s.top_p is None else s.top_p,
+        top_k=s.top_k, min_p=s.min_p,
+        presence_penalty=defaults.presence_penalty if s.presence_penalty is None else s.presence_penalty,
+        frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
+        stop=s.stop, seed=s.seed, n=s.n, ignore_eos=s.ignore_eos, priority=priority, stream=stream)
+
+
+@dataclass
+class Accumulator:
+    """Collects deltas per choice; counts completion tokens for usage."""
+    n: int
+    texts: list[str] = field(default_factory=list)
+    finish: list[str | None] = field(default_factory=list)
+    completion_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.texts = [""] * self.n
+        self.finish = [None] * self.n
+
+    def add(self, deltas: list[Delta]) -> None:
+        for d in deltas:
+            self.texts[d.index] += d.text
+            self.completion_tokens += d.num_tokens
+            if d.finish_reason is not None:
+                self.finish[d.index] = finish_reason(d.finish_reason)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def chat_body(rid: str, created: int, model: str, acc: Accumulator, prompt_tokens: int) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": acc.texts[i]},
+                         "logprobs": None, "finish_reason": acc.finish[i] or "stop"} for i in range(acc.n)],
+            "usage": usage(prompt_tokens, acc.completion_tokens)}
+
+
+def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict,
+               finish: str | None = None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def completion_body(rid: str, created: int, model: str, acc: Accumulator, prompt_tokens: int) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": i, "text": acc.texts[i], "logprobs": None,
+                         "finish_reason": acc.finish[i] or "stop"} for i in range(acc.n)],
+            "usage": usage(prompt_tokens, acc.completion_tokens)}
+
+
+def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
+                     finish: str | None = None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}

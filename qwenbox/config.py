@@ -1,0 +1,323 @@
+"""The one typed, frozen configuration object and its loader.
+
+Contract:
+- ``load(path, overrides)`` reads one TOML file and returns a frozen ``Config``.
+- Anything wrong with the file raises ``ConfigError`` whose ``str()`` names the file,
+  the line (where it can be found) and the dotted key path, e.g.
+  ``/etc/qwenbox/qwenbox.toml:14: engine.max_num_seqs: expected an integer, got 'many'``.
+- Unknown keys, wrong types, out-of-range values and a missing local model path are errors;
+  nothing is silently ignored or coerced (an int is accepted where a float is expected).
+- Every key and its default is documented once, in the shipped ``etc/qwenbox/qwenbox.toml``;
+  a test checks that file and these dataclasses agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - setup.cfg requires tomli there
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = "/etc/qwenbox/qwenbox.toml"
+
+
+class ConfigError(Exception):
+    """A config problem a human can act on: file, line, key path, message."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 key: str | None = None):
+        self.message, self.file, self.line, self.key = message, file, line, key
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.file or "<config>"
+        if self.line:
+            where += f":{self.line}"
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+def _opt(default: Any, *, min: float | None = None, max: float | None = None,
+         choices: tuple | None = None, min_exclusive: bool = False) -> Any:
+    """A dataclass field with its validation bounds kept next to its default."""
+    meta = {"min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "Qwen/Qwen3-4B-Instruct-2507"
+    served_name: str = ""
+    dtype: str = _opt("auto", choices=("auto", "bfloat16", "float16", "float32"))
+    max_model_len: int = _opt(8192, min=16)
+    trust_remote_code: bool = False
+    tokenizer: str = ""
+
+    @property
+    def name(self) -> str:
+        """The model id clients send; defaults to the path as given."""
+        return self.served_name or self.path
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    gpu_memory_utilization: float = _opt(0.7, min=0.0, max=1.0, min_exclusive=True)
+    max_num_seqs: int = _opt(128, min=1, max=4096)
+    max_num_batched_tokens: int = _opt(8192, min=16)
+    block_size: int = _opt(16, choices=(8, 16, 32, 64, 128))
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    kv_cache_dtype: str = _opt("auto", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"))
+    kv_offload_gib: float = _opt(0.0, min=0.0)
+    cpu_offload_gib: float = _opt(0.0, min=0.0)
+    enable_sleep_mode: bool = False
+    seed: int = _opt(0, min=0)
+    cache_dir: str = ""
+    kv_cache_memory_gib: float = _opt(0.0, min=0.0)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: str = "/run/qwenbox/qwenbox.sock"
+    socket_mode: str = "0660"
+    tcp: str = ""
+    max_body_bytes: int = _opt(4 * 1024 * 1024, min=1024)
+    retry_after_s: int = _opt(5, min=1)
+    drain_timeout_s: float = _opt(30.0, min=0.0)
+    start_step_timeout_s: float = _opt(300.0, min=1.0)
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_tokens_cap: int = _opt(4096, min=1)
+    max_n: int = _opt(4, min=1, max=128)
+    max_stop_sequences: int = _opt(8, min=0, max=64)
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    enabled: bool = True
+    prompt_buckets: list = _opt([16, 512, 2048])
+    decode_steps: int = _opt(8, min=1, max=1024)
+    concurrency: int = _opt(4, min=1, max=1024)
+    system_prompt: str = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _opt("info", choices=("debug", "info", "warning", "error"))
+    format: str = _opt("logfmt", choices=("logfmt", "json"))
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def socket_mode_int(self) -> int:
+        return int(self.server.socket_mode, 8)
+
+    @property
+    def warmup_buckets(self) -> list[int]:
+        """Prompt lengths for warm-up, capped so prompt + decode fits max_model_len."""
+        cap = self.model.max_model_len - self.warmup.decode_steps
+        return sorted({min(int(b), cap) for b in self.warmup.prompt_buckets if b > 0})
+
+
+SECTIONS = {k: v for k, v in get_type_hints(Config).items() if k != "source"}
+
+
+# ---------------------------------------------------------------- locating keys in the text
+_TABLE_RE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\s*(#.*)?$")
+_KEY_RE = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
+
+
+def _line_of(text: str, keypath: str) -> int | None:
+    """Best-effort line number of ``section.key`` (or ``section``) in TOML text."""
+    want = keypath.split(".")
+    table: list[str] = []
+    for no, line in enumerate(text.splitlines(), 1):
+        m = _TABLE_RE.match(line)
+        if m:
+            table = [p.strip().strip("\"'") for p in m.group(1).split(".")]
+            if table == want:
+                return no
+            continue
+        m = _KEY_RE.match(line)
+        if m and table + [m.group(1).strip("\"'")] == want:
+            return no
+    return None
+
+
+# ---------------------------------------------------------------- validation
+def _type_name(tp: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list"}.get(tp, str(tp))
+
+
+def _check_value(tp: Any, value: Any, meta: dict, err) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            err(f"expected {_type_name(bool)} (true/false), got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            err(f"expected {_type_name(int)}, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            err(f"expected {_type_name(float)}, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            err(f"expected {_type_name(str)}, got {value!r}")
+    elif tp is list or get_origin(tp) is list:
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            err(f"expected a list of integers, got {value!r}")
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        err(f"must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if lo is not None and (v <= lo if meta.get("min_exclusive") else v < lo):
+                err(f"must be {'>' if meta.get('min_exclusive') else '>='} {lo}, got {v!r}")
+            if hi is not None and v > hi:
+                err(f"must be <= {hi}, got {v!r}")
+    return value
+
+
+def _build_section(cls: type, raw: Any, section: str, err_at) -> Any:
+    if not isinstance(raw, dict):
+        err_at(section, f"expected a table [{section}], got {raw!r}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        path = f"{section}.{key}"
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            err_at(path, "unknown key" + (f" (did you mean '{close[0]}'?)" if close else
+                                          f"; known keys: {', '.join(sorted(known))}"))
+        values[key] = _check_value(hints[key], value, dict(known[key].metadata),
+                                   lambda msg, p=path: err_at(p, msg))
+    return cls(**values)
+
+
+def _semantic_checks(cfg: Config, err_at) -> None:
+    """Rules that span keys or touch the file system."""
+    try:
+        int(cfg.server.socket_mode, 8)
+    except ValueError:
+        err_at("server.socket_mode", f"expected an octal mode like \"0660\", got {cfg.server.socket_mode!r}")
+    if cfg.server.tcp:
+        host, _, port = cfg.server.tcp.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            err_at("server.tcp", f"expected \"HOST:PORT\" (e.g. \"127.0.0.1:8000\") or \"\", got {cfg.server.tcp!r}")
+    if not cfg.server.socket and not cfg.server.tcp:
+        err_at("server.socket", "no listener: set server.socket or server.tcp")
+    if cfg.limits.max_tokens_cap >= cfg.model.max_model_len:
+        err_at("limits.max_tokens_cap",
+               f"must be below model.max_model_len ({cfg.model.max_model_len}), got {cfg.limits.max_tokens_cap}")
+    if cfg.engine.max_num_batched_tokens < cfg.engine.max_num_seqs:
+        err_at("engine.max_num_batched_tokens",
+               f"must be >= engine.max_num_seqs ({cfg.engine.max_num_seqs}), got {cfg.engine.max_num_batched_tokens}")
+    if not cfg.warmup.prompt_buckets and cfg.warmup.enabled:
+        err_at("warmup.prompt_buckets", "must list at least one prompt length when warm-up is enabled")
+    if cfg.warmup.decode_steps >= cfg.model.max_model_len:
+        err_at("warmup.decode_steps", f"must be below model.max_model_len ({cfg.model.max_model_len})")
+    path = cfg.model.path
+    if not path:
+        err_at("model.path", "must name a model directory or a Hugging Face model id")
+    if _looks_local(path):
+        p = Path(os.path.expanduser(path))
+        if not p.is_dir():
+            err_at("model.path", f"model directory {str(p)!r} does not exist")
+        if not (p / "config.json").is_file():
+            err_at("model.path", f"{str(p)!r} is not a model directory (no config.json in it)")
+
+
+def _looks_local(path: str) -> bool:
+    """A Hugging Face id is 'org/name'; anything path-like is treated as a local directory."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.isdir(path)
+
+
+def _resolve_relative(cfg: Config, base: Path) -> Config:
+    """Relative file paths in the config are relative to the config file's directory."""
+    def fix(p: str) -> str:
+        if p and not os.path.isabs(os.path.expanduser(p)) and p.startswith("."):
+            return str((base / p).resolve())
+        return os.path.expanduser(p) if p else p
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, path=fix(cfg.model.path), tokenizer=fix(cfg.model.tokenizer)),
+        server=dataclasses.replace(cfg.server, socket=fix(cfg.server.socket)),
+        engine=dataclasses.replace(cfg.engine, cache_dir=fix(cfg.engine.cache_dir)),
+        logging=dataclasses.replace(cfg.logging, file=fix(cfg.logging.file)),
+    )
+
+
+def from_dict(raw: dict, *, source: str = "<dict>", text: str = "",
+              base: Path | None = None) -> Config:
+    """Validate a parsed TOML document. ``text`` (the file body) lets errors carry lines."""
+    def err_at(keypath: str, message: str):
+        raise ConfigError(message, file=source, line=_line_of(text, keypath) if text else None,
+                          key=keypath)
+
+    sections = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(name, SECTIONS, n=1)
+            err_at(name, "unknown section" + (f" (did you mean '{close[0]}'?)" if close else
+                                              f"; known sections: {', '.join(SECTIONS)}"))
+        sections[name] = _build_section(SECTIONS[name], value, name, err_at)
+    cfg = Config(**sections, source=source)
+    if base is not None:
+        cfg = _resolve_relative(cfg, base)
+    _semantic_checks(cfg, err_at)
+    return cfg
+
+
+def load(path: str | os.PathLike = DEFAULT_CONFIG_PATH, overrides: dict[str, Any] | None = None) -> Config:
+    """Read, merge ``overrides`` ({"server.socket": ..., "model.path": ...}) and validate."""
+    source = str(path)
+    try:
+        raw_bytes = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("config file not found", file=source) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file: {e.strerror}", file=source) from None
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw_bytes[:e.start].count(b"\n") + 1
+        raise ConfigError("file is not valid UTF-8", file=source, line=line) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        raise ConfigError(f"TOML syntax error: {msg}" + (f" (column {m.group(2)})" if m else ""),
+                          file=source, line=int(m.group(1)) if m else None) from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})[key] = value
+    return from_dict(raw, source=source, text=text, base=Path(path).resolve().parent)

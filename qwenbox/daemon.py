@@ -1,0 +1,288 @@
+"""The orchestrator: signals -> bind -> engine -> warm-up -> READY -> serve -> drain -> stop.
+
+Contract: ``Daemon(cfg).run()`` (a coroutine) returns the process exit code:
+0 after a clean stop, 1 when the engine failed to start or died (systemd restarts us).
+This is the only module that handles signals: SIGTERM/SIGINT start a graceful drain,
+a second one forces a fast exit; SIGHUP reloads the non-engine settings.
+The listener is bound before the engine loads, so clients get 503 + Retry-After (not
+"connection refused") while the model loads.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import eventlog, warmup
+from .api.app import ServiceContext, make_app
+from .config import Config
+from .lifecycle import Lifecycle, Phase
+from .systemd import Notifier, take_listen_fds
+
+log = logging.getLogger("qwenbox.daemon")
+
+EXIT_OK, EXIT_ENGINE_FAILED = 0, 1
+
+
+class ListenerError(RuntimeError):
+    pass
+
+
+def bind_unix(path: str, mode: int, backlog: int = 1024) -> socket.socket:
+    """Bind a unix stream socket at ``path`` with ``mode``, replacing only a STALE socket.
+
+    A live socket (another server answers) or a non-socket file at the path is an error:
+    we never unlink something we do not own.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ListenerError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(p))
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale socket %s", path)
+            p.unlink(missing_ok=True)
+        except OSError as e:
+            raise ListenerError(f"cannot probe existing socket {path}: {e}") from e
+        else:
+            raise ListenerError(f"another server is already listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)  # the socket is never, even briefly, more open than `mode`
+    try:
+        sock.bind(str(p))
+    finally:
+        os.umask(old)
+    os.chmod(p, mode)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_tcp(hostport: str, backlog: int = 1024) -> socket.socket:
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class Daemon:
+    def __init__(self, cfg: Config, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.notifier = notifier or Notifier.from_environ()
+        self.lifecycle = Lifecycle()
+        self.ctx = ServiceContext(cfg, self.lifecycle)
+        self.engine: Any = None
+        self.exit_code = EXIT_OK
+        self._stop = asyncio.Event()
+        self._fatal: str | None = None
+        self._signals = 0
+        self._own_socket: str | None = None
+        self._t0 = time.monotonic()
+        self.lifecycle.observe(self._on_phase)
+
+    # ---------------------------------------------------------------- observers
+    def _on_phase(self, old: Phase, new: Phase, detail: str) -> None:
+        status = f"{new.value}: {detail}" if detail else new.value
+        if old != new:
+            eventlog.event("phase", phase=new.value, previous=old.value, detail=detail,
+                           since_start_s=round(time.monotonic() - self._t0, 3))
+        if new == Phase.READY and old != Phase.READY:
+            self.notifier.ready(status)
+        elif new == Phase.DRAINING and old != Phase.DRAINING:
+            self.notifier.stopping(status)
+        else:
+            self.notifier.status(status)
+
+    def _step(self, detail: str) -> None:
+        """A start-up step begins: tell humans (STATUS) and give systemd more time."""
+        self.notifier.extend_timeout(self.cfg.server.start_step_timeout_s)
+        self.lifecycle.note(detail)
+
+    # ---------------------------------------------------------------- signals
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+
+    def _on_stop_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting now without draining", signal.Signals(sig).name)
+            self._force_exit()
+        log.info("%s: draining", signal.Signals(sig).name)
+        self._stop.set()
+
+    def _force_exit(self) -> None:
+        if self.engine is not None:
+            for pid in self.engine.core_pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        self._remove_own_socket()
+        logging.shutdown()
+        os._exit(EXIT_ENGINE_FAILED if self._fatal else 130)
+
+    # ---------------------------------------------------------------- listeners
+    def _listeners(self) -> list[socket.socket]:
+        inherited = take_listen_fds()
+        if inherited:
+            log.info("serving on %d socket(s) from systemd", len(inherited))
+            for s in inherited:
+                s.setblocking(False)
+            return inherited
+        socks = []
+        if self.cfg.server.socket:
+            socks.append(bind_unix(self.cfg.server.socket, self.cfg.socket_mode_int))
+            self._own_socket = self.cfg.server.socket
+        if self.cfg.server.tcp:
+            socks.append(bind_tcp(self.cfg.server.tcp))
+        return socks
+
+    def _remove_own_socket(self) -> None:
+        if self._own_socket:
+            try:
+                os.unlink(self._own_socket)
+            except OSError:
+                pass
+            self._own_socket = None
+
+    # ---------------------------------------------------------------- start
+    async def _start_engine(self) -> None:
+        from .engine import Engine
+
+        self.lifecycle.to(Phase.LOADING, "importing vLLM")
+        self.engine = await Engine.open(self.cfg, on_step=self._step)
+        self.ctx.engine = self.engine
+        self.ctx.cold_start = self.engine.cold_start.as_dict()
+        eventlog.event("engine_loaded", vllm=self.engine.version, device=self.engine.device,
+                       core_pids=self.engine.core_pids(), **self.ctx.cold_start)
+
+        self.lifecycle.to(Phase.WARMING, "warm-up")
+        report = await warmup.run(self.engine, self.cfg,
+                                  on_step=lambda i, n, name: self._step(f"warming {i}/{n}: {name}"))
+        self.ctx.warmup = report.as_dict()
+        self.engine.cold_start.phases["warmup_s"] = report.total_s
+        first = next((s for s in report.steps), None)
+        if first is not None:
+            self.engine.cold_start.phases["first_token_s"] = first.ttft_s
+        self.engine.cold_start.phases["total_s"] = time.monotonic() - self._t0
+        self.ctx.cold_start = self.engine.cold_start.as_dict()
+        eventlog.event("cold_start", model=self.cfg.model.name, **self.ctx.cold_start,
+                       warmup_steps=len(report.steps))
+
+    def _ready_status(self) -> str:
+        p = self.engine.cold_start.phases
+        parts = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in p.items() if k not in ("total_s", "first_token_s"))
+        return f"serving {self.cfg.model.name}; cold start {p.get('total_s', 0):.1f}s ({parts})"
+
+    # ---------------------------------------------------------------- run
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        socks = self._listeners()
+        app = make_app(self.ctx)
+        runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
+                               shutdown_timeout=self.cfg.server.drain_timeout_s + 5)
+        await runner.setup()
+        for s in socks:
+            await web.SockSite(runner, s, shutdown_timeout=self.cfg.server.drain_timeout_s + 5).start()
+        eventlog.event("listening", sockets=[str(s.getsockname()) for s in socks], pid=os.getpid())
+
+        startup = asyncio.create_task(self._start_engine())
+        stop_wait = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if startup.done() and startup.exception() is None:
+                self.lifecycle.to(Phase.READY, self._ready_status())
+                monitor = asyncio.create_task(self._monitor_engine())
+                await stop_wait
+                monitor.cancel()
+            elif startup.done():
+                self._fail("engine failed to start", startup.exception())
+            else:  # stopped while loading: let the load thread finish, then close cleanly
+                self.lifecycle.to(Phase.DRAINING, "stop requested during start-up")
+                try:
+                    await startup
+                except Exception as e:
+                    log.info("start-up ended during stop: %r", e)
+        finally:
+            await self._shutdown(runner)
+        return self.exit_code
+
+    def _fail(self, why: str, exc: BaseException | None = None) -> None:
+        self._fatal = why
+        self.exit_code = EXIT_ENGINE_FAILED
+        eventlog.event("engine_failed", level=logging.ERROR, reason=why,
+                       error=f"{type(exc).__name__}: {exc}" if exc else None)
+        if exc is not None:
+            log.error("%s", why, exc_info=exc)
+        if self.lifecycle.can(Phase.FAILED):
+            self.lifecycle.to(Phase.FAILED, why)
+        self._stop.set()
+
+    async def _monitor_engine(self) -> None:
+        """Engine death is fatal: stop serving and exit non-zero so systemd restarts us."""
+        while True:
+            await asyncio.sleep(0.5)
+            gone = [p.pid for p in self.engine.core_processes() if not _alive(p)]
+            if self.engine.dead or gone:
+                self._fail(f"engine core died (pids {gone})" if gone else "engine reported a fatal error")
+                return
+
+    async def _shutdown(self, runner: web.AppRunner) -> None:
+        if self.lifecycle.can(Phase.DRAINING) and self.lifecycle.phase != Phase.DRAINING:
+            self.lifecycle.to(Phase.DRAINING, f"finishing {self.ctx.in_flight} request(s)")
+        if self._fatal is None:
+            await self._drain()
+        await runner.cleanup()
+        if self.engine is not None:
+            try:
+                await asyncio.wait_for(self.engine.close(), timeout=30)
+            except Exception as e:
+                log.warning("engine shutdown: %r", e)
+        self._remove_own_socket()
+        if self.lifecycle.can(Phase.STOPPED):
+            self.lifecycle.to(Phase.STOPPED, "exit %d" % self.exit_code)
+        eventlog.event("stopped", exit_code=self.exit_code, uptime_s=round(time.monotonic() - self._t0, 3))
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.cfg.server.drain_timeout_s
+        while self.ctx.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.ctx.in_flight:
+            n = await self.ctx.abort_all("the server is shutting down; drain_timeout passed")
+            log.warning("drain timeout: aborted %d request(s)", n)
+            t = time.monotonic() + 5
+            while self.ctx.in_flight and time.monotonic() < t:
+                await asyncio.sleep(0.05)
+
+
+def _alive(p: Any) -> bool:
+    import psutil
+    try:
+        return p.is_running() and p.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False

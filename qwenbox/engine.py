@@ -1,0 +1,374 @@
+"""The only module that imports vllm: open/close AsyncLLM, generate, abort, progress, sleep.
+
+Contract:
+- ``await Engine.open(cfg, on_step)`` imports vLLM and builds ``AsyncLLM`` in worker
+  threads (the event loop keeps answering /health meanwhile), records cold-start phases
+  in ``engine.cold_start`` (``import_s``, ``engine_s`` plus vLLM's own figures read off
+  its log lines: ``weights_s``, ``compile_s``, ``graphs_s``, ``kv_cache_tokens``...), and
+  calls ``on_step(name)`` between steps so the caller can extend systemd's start timeout.
+- ``generate(GenerationRequest)`` is an async iterator of ``list[Delta]``; cancelling it
+  (client gone) aborts the request in the engine. Errors come out as the engine-neutral
+  exceptions below, never as vllm types.
+- ``progress`` is updated on every engine step (the watchdog's evidence of life);
+  ``core_pids()`` are the engine-core child processes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import psutil
+
+from .config import Config
+from .generation import Delta, GenerationRequest, Progress
+
+log = logging.getLogger("qwenbox.engine")
+
+
+class EngineError(Exception):
+    """Base of everything the engine raises per request."""
+
+
+class EngineDead(EngineError):
+    """The engine core is gone: fatal for the daemon (systemd restarts us)."""
+
+
+class EngineRequestError(EngineError):
+    """The engine refused this request's input (a 400 for the client)."""
+
+
+class EngineFailure(EngineError):
+    """One request failed inside the engine; the engine itself may still be fine."""
+
+
+# Environment that must hold before vllm is imported. Set here, in one place.
+_VLLM_ENV = {
+    "VLLM_NO_USAGE_STATS": "1",      # an appliance never phones home
+    "DO_NOT_TRACK": "1",
+    "VLLM_CONFIGURE_LOGGING": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # The FlashInfer sampler JIT-builds for ~130 s on a first boot (checked on H100);
+    # the PyTorch sampler is within noise for serving.
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+}
+
+
+@dataclass
+class ColdStart:
+    """Seconds per start-up phase, in the order they happened, plus vLLM's own figures."""
+    phases: dict[str, float] = field(default_factory=dict)
+    vllm: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**{k: round(v, 3) for k, v in self.phases.items()},
+                **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.vllm.items()}}
+
+
+class _ChildLogTap:
+    """Reads the engine-core children's stdout to pick up vLLM's phase figures.
+
+    vLLM reports weight loading, torch.compile, CUDA-graph capture and KV-cache size only
+    in log lines written by its child processes. While the engine starts, fd 1 is a pipe
+    that this thread copies, byte for byte, to the real stdout; the children inherit the
+    pipe and keep it, the parent gets the real stdout back once the engine is up.
+    """
+
+    PATTERNS = {
+        "weights_s": re.compile(r"Loading weights took ([\d.]+) s"),
+        "model_load_s": re.compile(r"Model loading took [\d.]+ ?GiB.*? and ([\d.]+) s"),
+        "compile_s": re.compile(r"torch\.compile takes ([\d.]+) s in total"),
+        "graphs_s": re.compile(r"Graph capturing finished in ([\d.]+) sec"),
+        "engine_init_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"),
+        "kv_cache_tokens": re.compile(r"KV cache size: ([\d,]+) tokens"),
+    }
+
+    def __init__(self, sink: dict[str, float]) -> None:
+        self.sink = sink
+        self._saved: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        try:
+            sys.stdout.flush()
+            self._saved = os.dup(1)
+            r, w = os.pipe()
+            os.dup2(w, 1)
+            os.close(w)
+        except OSError as e:  # no stdout at all: run without the figures
+            log.debug("no child log tap: %s", e)
+            self._saved = None
+            return
+        self._thread = threading.Thread(target=self._pump, args=(r, self._saved), daemon=True,
+                                        name="qwenbox-child-log-tap")
+        self._thread.start()
+
+    def detach_parent(self) -> None:
+        """Give this process its real stdout back; the children keep writing into the tap."""
+        if self._saved is not None:
+            sys.stdout.flush()
+            os.dup2(self._saved, 1)
+
+    def _pump(self, r: int, out: int) -> None:
+        buf = b""
+        with os.fdopen(r, "rb", buffering=0) as src:
+            while True:
+                try:
+                    chunk = src.read(65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                try:
+                    os.write(out, chunk)
+                except OSError:
+                    pass
+                buf = (buf + chunk)[-65536:]
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    self._scan(line.decode("utf-8", "replace"))
+
+    def _scan(self, line: str) -> None:
+        for key, pat in self.PATTERNS.items():
+            m = pat.search(line)
+            if m:
+                value = m.group(1).replace(",", "")
+                self.sink[key] = int(value) if key == "kv_cache_tokens" else float(value)
+
+
+class ChatTokenizer:
+    """The model's tokenizer and chat template, as the API needs them."""
+
+    def __init__(self, tok: Any) -> None:
+        self._tok = tok
+        self.eos_token_id = getattr(tok, "eos_token_id", None)
+        self.vocab_size = len(tok)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """Apply the model's chat template with the assistant turn opened."""
+        try:
+            return self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja raises on templates' own checks (role order, ...)
+            raise EngineRequestError(f"the model's chat template rejected these messages: {e}") from e
+
+    def encode(self, text: str, *, special: bool = False) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=special))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+
+def _progress_logger_factory(progress: Progress):
+    """A vLLM stat logger that copies each engine step's counters into ``progress``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class ProgressLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.p = progress
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            p = self.p
+            if scheduler_stats is not None:
+                p.running = scheduler_stats.num_running_reqs
+                p.waiting = scheduler_stats.num_waiting_reqs
+                p.kv_cache_usage = scheduler_stats.kv_cache_usage
+            if iteration_stats is not None:
+                p.generated_tokens += iteration_stats.num_generation_tokens
+                p.prompt_tokens += iteration_stats.num_prompt_tokens
+            p.steps += 1
+            p.last_step_monotonic = time.monotonic()
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return ProgressLogger
+
+
+class Engine:
+    def __init__(self, cfg: Config, llm: Any, vllm_mod: Any, cold: ColdStart, progress: Progress,
+                 device: str) -> None:
+        self.cfg = cfg
+        self._llm = llm
+        self._v = vllm_mod
+        self.cold_start = cold
+        self.progress = progress
+        self.tokenizer = ChatTokenizer(llm.get_tokenizer())
+        self.version = vllm_mod.__version__
+        self.device = device
+        self._children = [p for p in psutil.Process().children(recursive=True)]
+        self.kv_cache_blocks = llm.vllm_config.cache_config.num_gpu_blocks or 0
+        self.block_size = llm.vllm_config.cache_config.block_size
+
+    # ------------------------------------------------------------ open / close
+    @classmethod
+    async def open(cls, cfg: Config, on_step: Callable[[str], None] = lambda s: None) -> "Engine":
+        cold = ColdStart()
+        t0 = time.monotonic()
+        on_step("importing vLLM")
+        for k, v in _VLLM_ENV.items():
+            os.environ.setdefault(k, v)
+        if cfg.engine.cache_dir:
+            os.environ["VLLM_CACHE_ROOT"] = cfg.engine.cache_dir
+        mod = await asyncio.to_thread(_import_vllm)
+        cold.phases["import_s"] = time.monotonic() - t0
+
+        progress = Progress()
+        t1 = time.monotonic()
+        on_step("loading weights, compiling, allocating the KV cache")
+        tap = _ChildLogTap(cold.vllm)
+        tap.start()
+        try:
+            llm = await asyncio.to_thread(_build_async_llm, mod, cfg, progress)
+        finally:
+            tap.detach_parent()
+        cold.phases["engine_s"] = time.monotonic() - t1
+        eng = cls(cfg, llm, mod, cold, progress, device=_platform_name())
+        if eng.kv_cache_blocks and "kv_cache_tokens" not in cold.vllm:
+            cold.vllm["kv_cache_tokens"] = eng.kv_cache_blocks * eng.block_size
+        return eng
+
+    async def close(self, timeout: float = 10.0) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+
+    # ------------------------------------------------------------ health
+    @property
+    def dead(self) -> bool:
+        return self._llm is None or bool(self._llm.errored)
+
+    def core_pids(self) -> list[int]:
+        return [p.pid for p in self._children if _alive(p)]
+
+    def core_processes(self) -> list[psutil.Process]:
+        return list(self._children)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._llm.model_config.max_model_len
+
+    # ------------------------------------------------------------ requests
+    def _sampling_params(self, r: GenerationRequest) -> Any:
+        v = self._v
+        return v.SamplingParams(
+            n=r.n, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            min_p=r.min_p, presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
+            repetition_penalty=r.repetition_penalty, stop=r.stop or None, seed=r.seed,
+            ignore_eos=r.ignore_eos,
+            output_kind=v.RequestOutputKind.DELTA if r.stream else v.RequestOutputKind.FINAL_ONLY)
+
+    async def generate(self, r: GenerationRequest) -> AsyncIterator[list[Delta]]:
+        if self._llm is None:
+            raise EngineDead("engine is closed")
+        v = self._v
+        try:
+            params = self._sampling_params(r)
+        except (ValueError, TypeError) as e:
+            raise EngineRequestError(str(e)) from e
+        prompt = {"prompt_token_ids": r.prompt_token_ids}
+        try:
+            async for out in self._llm.generate(prompt, params, r.request_id, priority=r.priority):
+                yield [Delta(index=o.index, text=o.text, num_tokens=len(o.token_ids),
+                             finish_reason=o.finish_reason) for o in out.outputs]
+        except v.EngineDeadError as e:
+            raise EngineDead(str(e) or "engine core died") from e
+        except v.VLLMClientError as e:
+            raise EngineRequestError(str(e)) from e
+        except ValueError as e:
+            raise EngineRequestError(str(e)) from e
+        except v.EngineGenerateError as e:
+            cause = e.__cause__
+            raise EngineFailure(f"{type(cause).__name__}: {cause}" if cause else "generation failed") from e
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def reset_prefix_cache(self) -> None:
+        await self._llm.reset_prefix_cache()
+
+    # ------------------------------------------------------------ standby
+    async def sleep(self, level: int = 1) -> None:
+        await self._llm.sleep(level)
+
+    async def wake_up(self) -> None:
+        await self._llm.wake_up()
+
+    async def is_sleeping(self) -> bool:
+        return bool(await self._llm.is_sleeping())
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _import_vllm() -> Any:
+    import vllm
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    class Namespace:
+        pass
+
+    ns = Namespace()
+    ns.__version__ = vllm.__version__
+    ns.SamplingParams = SamplingParams
+    ns.RequestOutputKind = RequestOutputKind
+    ns.EngineDeadError = EngineDeadError
+    ns.EngineGenerateError = EngineGenerateError
+    ns.VLLMClientError = VLLMClientError
+    return ns
+
+
+def _platform_name() -> str:
+    from vllm.platforms import current_platform
+    return str(getattr(current_platform, "device_name", None) or current_platform.device_type)
+
+
+def engine_args_dict(cfg: Config) -> dict[str, Any]:
+    """Our config -> vLLM EngineArgs keywords. Scheduler limits are always explicit:
+    in-process AsyncLLM does not get `vllm serve`'s defaults."""
+    m, e = cfg.model, cfg.engine
+    args: dict[str, Any] = dict(
+        model=m.path, served_model_name=[m.name], tokenizer=m.tokenizer or None, dtype=m.dtype,
+        max_model_len=m.max_model_len, trust_remote_code=m.trust_remote_code,
+        gpu_memory_utilization=e.gpu_memory_utilization, max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens, block_size=e.block_size,
+        enable_prefix_caching=e.enable_prefix_caching, enforce_eager=e.enforce_eager,
+        kv_cache_dtype=e.kv_cache_dtype, cpu_offload_gb=e.cpu_offload_gib,
+        enable_sleep_mode=e.enable_sleep_mode, seed=e.seed,
+        # Priority scheduling lets active sessions go first; FCFS within a priority.
+        scheduling_policy="priority",
+        disable_log_stats=False, enable_log_requests=False,
+    )
+    if e.kv_offload_gib:
+        args["kv_offloading_size"] = e.kv_offload_gib
+    if e.kv_cache_memory_gib:
+        args["kv_cache_memory_bytes"] = int(e.kv_cache_memory_gib * (1 << 30))
+    return args
+
+
+def _build_async_llm(mod: Any, cfg: Config, progress: Progress) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kwargs = engine_args_dict(cfg)
+    known = set(AsyncEngineArgs.__dataclass_fields__)
+    dropped = {k: kwargs.pop(k) for k in list(kwargs) if k not in known}
+    if dropped:
+        log.warning("this vLLM build has no engine argument(s) %s; ignored", ", ".join(dropped))
+    args = AsyncEngineArgs(**kwargs)
+    return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER,
+                                     stat_loggers=[_progress_logger_factory(progress)])

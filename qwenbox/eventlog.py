@@ -1,0 +1,115 @@
+"""Structured log lines: one per lifecycle event and per finished request.
+
+Contract:
+- ``setup(cfg.logging)`` installs one handler on stdout (journald reads it) and, if
+  ``logging.file`` is set, one on that file; lines are ``logfmt`` or ``json`` by config.
+- ``event(kind, **fields)`` writes one line with ``event=kind`` and the fields, in order.
+  Plain ``logging`` calls from any module come out in the same format with ``event=log``.
+- ``parse_line(text)`` reads back one line of either format into a dict (or None): the
+  log analyzer and the tests use it, so writer and reader cannot drift apart.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import re
+import sys
+from typing import Any
+
+EVENTS = logging.getLogger("qwenbox.events")
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+def _ts(created: float) -> str:
+    return _dt.datetime.fromtimestamp(created, _dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {"ts": _ts(record.created), "level": record.levelname.lower()}
+    fields = getattr(record, "qb_fields", None)
+    if fields is not None:
+        out["event"] = record.getMessage()
+        out.update(fields)
+    else:
+        out["event"] = "log"
+        out["logger"] = record.name
+        out["msg"] = record.getMessage()
+    if record.exc_info:
+        out["exc"] = logging.Formatter().formatException(record.exc_info)
+    return out
+
+
+_BARE = re.compile(r"^[A-Za-z0-9_.:/@+\-]+$")
+
+
+def _logfmt_value(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (dict, list)):
+        v = json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+    s = str(v)
+    if s and _BARE.match(s):
+        return s
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(f"{k}={_logfmt_value(v)}" for k, v in _fields(record).items())
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(_fields(record), ensure_ascii=False, default=str)
+
+
+def setup(level: str = "info", fmt: str = "logfmt", file: str = "") -> None:
+    formatter = JsonFormatter() if fmt == "json" else LogfmtFormatter()
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_qwenbox", False):
+            root.removeHandler(h)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if file:
+        handlers.append(logging.FileHandler(file, encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(formatter)
+        h._qwenbox = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(level.upper())
+
+
+def event(kind: str, level: int = logging.INFO, **fields: Any) -> None:
+    EVENTS.log(level, kind, extra={"qb_fields": fields})
+
+
+_LOGFMT_PAIR = re.compile(r'([A-Za-z0-9_.\-]+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def parse_line(line: str) -> dict[str, Any] | None:
+    """One log line (logfmt or JSON, optionally behind a journald prefix) -> dict, else None."""
+    line = line.strip()
+    if not line:
+        return None
+    brace = line.find("{")
+    if brace != -1 and line.endswith("}"):
+        try:
+            obj = json.loads(line[brace:])
+            if isinstance(obj, dict) and "event" in obj:
+                return obj
+        except ValueError:
+            pass
+    start = line.find("ts=")
+    if start == -1:
+        return None
+    out: dict[str, Any] = {}
+    for key, raw in _LOGFMT_PAIR.findall(line[start:]):
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), raw[1:-1])
+        out[key] = raw
+    return out if "event" in out else None

@@ -1,0 +1,114 @@
+"""The pre-warm plan: what runs between "engine built" and "READY=1", and its timings.
+
+Contract: ``plan(cfg)`` lists the steps; ``await run(engine, cfg, on_step)`` runs them in
+order and returns a ``WarmupReport``. Steps:
+  1. one dummy prefill per prompt-length bucket (cfg.warmup.prompt_buckets, capped by
+     max_model_len), each followed by ``decode_steps`` decode steps: the first request of
+     each size pays any lazy compilation, allocator growth or kernel autotuning here;
+  2. ``concurrency`` requests at once, so batched decode paths are warm too;
+  3. the prefix cache is reset (dummy prompts must not hold cache blocks), then
+  4. the configured system prompt is prefilled so it sits in the prefix cache for the
+     first user request.
+Dummy prompts are built from real text so their tokens are ordinary tokens of the model's
+vocabulary; each bucket starts differently so no bucket rides on another's cached prefix.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import Config
+from .generation import GenerationRequest
+
+_FILLER = ("The quick brown fox jumps over the lazy dog while the scheduler batches prefill "
+           "and decode steps, and the cache keeps every block it has seen. ")
+
+
+@dataclass
+class Step:
+    name: str
+    prompt_tokens: int
+    requests: int = 1
+
+
+@dataclass
+class StepResult:
+    name: str
+    prompt_tokens: int
+    requests: int
+    ttft_s: float
+    total_s: float
+
+
+@dataclass
+class WarmupReport:
+    steps: list[StepResult] = field(default_factory=list)
+    total_s: float = 0.0
+    system_prompt_tokens: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"total_s": round(self.total_s, 3), "system_prompt_tokens": self.system_prompt_tokens,
+                "steps": [{"name": s.name, "prompt_tokens": s.prompt_tokens, "requests": s.requests,
+                           "ttft_s": round(s.ttft_s, 4), "total_s": round(s.total_s, 4)} for s in self.steps]}
+
+
+def plan(cfg: Config) -> list[Step]:
+    if not cfg.warmup.enabled:
+        return []
+    steps = [Step(f"prefill {b}", b) for b in cfg.warmup_buckets]
+    if cfg.warmup.concurrency > 1:
+        steps.append(Step(f"batch x{cfg.warmup.concurrency}", min(cfg.warmup_buckets), cfg.warmup.concurrency))
+    return steps
+
+
+def dummy_prompt(tokenizer: Any, length: int, salt: str) -> list[int]:
+    """``length`` ordinary tokens, starting with ``salt`` so prompts don't share a prefix."""
+    ids = tokenizer.encode(f"{salt}. ")
+    filler = tokenizer.encode(_FILLER)
+    while len(ids) < length:
+        ids.extend(filler)
+    return ids[:length]
+
+
+async def _one(engine: Any, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    req = GenerationRequest(request_id=f"warmup-{uuid.uuid4().hex[:12]}", prompt_token_ids=prompt,
+                            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stream=True)
+    t0 = time.monotonic()
+    ttft = None
+    async for _ in engine.generate(req):
+        if ttft is None:
+            ttft = time.monotonic() - t0
+    return (ttft if ttft is not None else time.monotonic() - t0), time.monotonic() - t0
+
+
+async def run(engine: Any, cfg: Config, on_step: Callable[[int, int, str], None] = lambda i, n, s: None
+              ) -> WarmupReport:
+    import asyncio
+
+    report = WarmupReport()
+    steps = plan(cfg)
+    t_all = time.monotonic()
+    total = len(steps) + (1 if cfg.warmup.system_prompt and cfg.warmup.enabled else 0)
+    for i, step in enumerate(steps, 1):
+        on_step(i, total, step.name)
+        t0 = time.monotonic()
+        prompts = [dummy_prompt(engine.tokenizer, step.prompt_tokens, f"warm-up {step.name} #{k}")
+                   for k in range(step.requests)]
+        results = await asyncio.gather(*(_one(engine, p, cfg.warmup.decode_steps) for p in prompts))
+        report.steps.append(StepResult(step.name, step.prompt_tokens, step.requests,
+                                       ttft_s=max(r[0] for r in results), total_s=time.monotonic() - t0))
+    if steps and cfg.engine.enable_prefix_caching:
+        await engine.reset_prefix_cache()
+    if cfg.warmup.enabled and cfg.warmup.system_prompt:
+        on_step(total, total, "system prompt into the prefix cache")
+        text = engine.tokenizer.render_chat([{"role": "system", "content": cfg.warmup.system_prompt},
+                                             {"role": "user", "content": "hi"}])
+        ids = engine.tokenizer.encode(text)
+        t0 = time.monotonic()
+        ttft, _ = await _one(engine, ids, 1)
+        report.system_prompt_tokens = len(ids)
+        report.steps.append(StepResult("system prompt", len(ids), 1, ttft_s=ttft, total_s=time.monotonic() - t0))
+    report.total_s = time.monotonic() - t_all
+    return report
