@@ -34,7 +34,10 @@ def _load(args: argparse.Namespace):
         overrides["server.tcp"] = args.tcp
     if getattr(args, "no_warmup", False):
         overrides["warmup.enabled"] = False
-    return load(args.config, overrides)
+    cfg = load(args.config, overrides)
+    from .engine import check_backend  # no vllm import: reads package metadata only
+    check_backend(cfg)
+    return cfg
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -47,7 +47,8 @@ class ConfigError(Exception):
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,
          choices: tuple | None = None, min_exclusive: bool = False) -> Any:
     """A dataclass field with its validation bounds kept next to its default."""
-    meta = {"min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive}
+    meta = {"min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive,
+            "list_of": default[0] if isinstance(default, list) and default else None}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -121,6 +122,42 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AdmissionConfig:
+    max_in_flight: int = _opt(128, min=1)
+    max_queued: int = _opt(256, min=0)
+    max_queued_prompt_tokens: int = _opt(262144, min=0)
+    queue_timeout_s: float = _opt(30.0, min=0.0, min_exclusive=True)
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    keepalive_s: float = _opt(120.0, min=0.0)
+    reserved_share: float = _opt(0.25, min=0.0, max=0.9)
+    max_tracked: int = _opt(10000, min=1)
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    long_prompt_chars: int = _opt(500, min=0)
+    max_tokens_long_prompt: int = _opt(1024, min=1)
+    max_tokens_short_prompt: int = _opt(2048, min=1)
+    temperature: float = _opt(0.7, min=0.0, max=2.0)
+    temperature_summarize: float = _opt(0.3, min=0.0, max=2.0)
+    summarize_keywords: list = _opt(["summarize", "summarise", "summary", "tl;dr", "tldr",
+                                     "总结", "概括", "摘要"])
+    top_p: float = _opt(0.95, min=0.0, max=1.0, min_exclusive=True)
+    presence_penalty: float = _opt(0.1, min=-2.0, max=2.0)
+    on_overlong: str = _opt("reject", choices=("reject", "truncate"))
+    pad_prompt_to: int = _opt(0, min=0)
+
+
+@dataclass(frozen=True)
+class StandbyConfig:
+    idle_sleep_after_s: float = _opt(0.0, min=0.0)
+    sleep_level: int = _opt(1, choices=(1,))
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -128,6 +165,10 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    standby: StandbyConfig = field(default_factory=StandbyConfig)
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -187,9 +228,10 @@ def _check_value(tp: Any, value: Any, meta: dict, err) -> Any:
         if not isinstance(value, str):
             err(f"expected {_type_name(str)}, got {value!r}")
     elif tp is list or get_origin(tp) is list:
+        item = type(meta["list_of"]) if meta.get("list_of") is not None else int
         if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
-            err(f"expected a list of integers, got {value!r}")
+                isinstance(v, item) and not isinstance(v, bool) for v in value):
+            err(f"expected a list of {'strings' if item is str else 'integers'}, got {value!r}")
     if meta.get("choices") is not None and value not in meta["choices"]:
         err(f"must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}")
     lo, hi = meta.get("min"), meta.get("max")
@@ -242,6 +284,10 @@ def _semantic_checks(cfg: Config, err_at) -> None:
         err_at("warmup.prompt_buckets", "must list at least one prompt length when warm-up is enabled")
     if cfg.warmup.decode_steps >= cfg.model.max_model_len:
         err_at("warmup.decode_steps", f"must be below model.max_model_len ({cfg.model.max_model_len})")
+    if cfg.shaping.pad_prompt_to >= cfg.model.max_model_len:
+        err_at("shaping.pad_prompt_to", f"must be below model.max_model_len ({cfg.model.max_model_len})")
+    if cfg.standby.idle_sleep_after_s and not cfg.engine.enable_sleep_mode:
+        err_at("standby.idle_sleep_after_s", "idle sleep needs engine.enable_sleep_mode = true")
     path = cfg.model.path
     if not path:
         err_at("model.path", "must name a model directory or a Hugging Face model id")

@@ -23,13 +23,14 @@ from aiohttp import web
 
 from . import eventlog, warmup
 from .api.app import ServiceContext, make_app
-from .config import Config
+from .config import Config, ConfigError
 from .lifecycle import Lifecycle, Phase
+from .standby import Standby
 from .systemd import Notifier, take_listen_fds
 
 log = logging.getLogger("qwenbox.daemon")
 
-EXIT_OK, EXIT_ENGINE_FAILED = 0, 1
+EXIT_OK, EXIT_ENGINE_FAILED, EXIT_CONFIG = 0, 1, 78
 
 
 class ListenerError(RuntimeError):
@@ -95,6 +96,7 @@ class Daemon:
         self.lifecycle = Lifecycle()
         self.ctx = ServiceContext(cfg, self.lifecycle)
         self.engine: Any = None
+        self.standby: Standby | None = None
         self.exit_code = EXIT_OK
         self._stop = asyncio.Event()
         self._fatal: str | None = None
@@ -190,8 +192,17 @@ class Daemon:
             self.engine.cold_start.phases["first_token_s"] = first.ttft_s
         self.engine.cold_start.phases["total_s"] = time.monotonic() - self._t0
         self.ctx.cold_start = self.engine.cold_start.as_dict()
+        self.ctx.metrics.set_cold_start(self.ctx.cold_start)
         eventlog.event("cold_start", model=self.cfg.model.name, **self.ctx.cold_start,
                        warmup_steps=len(report.steps))
+        self.ctx.standby = self.standby = Standby(
+            self.cfg.standby, self.lifecycle, self.engine, busy=lambda: self.ctx.in_flight,
+            rewarm=lambda: warmup.prefill_system_prompt(self.engine, self.ctx.cfg),
+            on_sleep=lambda s: self.ctx.metrics.sleeps.inc(), on_wake=self._on_wake)
+
+    def _on_wake(self, seconds: float) -> None:
+        self.ctx.metrics.wake.observe(seconds)
+        self.ctx.metrics.last_wake.set(seconds)
 
     def _ready_status(self) -> str:
         p = self.engine.cold_start.phases
@@ -217,11 +228,15 @@ class Daemon:
             await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             if startup.done() and startup.exception() is None:
                 self.lifecycle.to(Phase.READY, self._ready_status())
-                monitor = asyncio.create_task(self._monitor_engine())
+                tasks = [asyncio.create_task(self._monitor_engine()), asyncio.create_task(self.standby.run())]
                 await stop_wait
-                monitor.cancel()
+                for t in tasks:
+                    t.cancel()
             elif startup.done():
-                self._fail("engine failed to start", startup.exception())
+                exc = startup.exception()
+                self._fail("engine failed to start", exc)
+                if isinstance(exc, ConfigError):   # e.g. a setting this engine build refuses
+                    self.exit_code = EXIT_CONFIG
             else:  # stopped while loading: let the load thread finish, then close cleanly
                 self.lifecycle.to(Phase.DRAINING, "stop requested during start-up")
                 try:

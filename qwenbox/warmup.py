@@ -103,12 +103,25 @@ async def run(engine: Any, cfg: Config, on_step: Callable[[int, int, str], None]
         await engine.reset_prefix_cache()
     if cfg.warmup.enabled and cfg.warmup.system_prompt:
         on_step(total, total, "system prompt into the prefix cache")
-        text = engine.tokenizer.render_chat([{"role": "system", "content": cfg.warmup.system_prompt},
-                                             {"role": "user", "content": "hi"}])
-        ids = engine.tokenizer.encode(text)
         t0 = time.monotonic()
-        ttft, _ = await _one(engine, ids, 1)
-        report.system_prompt_tokens = len(ids)
-        report.steps.append(StepResult("system prompt", len(ids), 1, ttft_s=ttft, total_s=time.monotonic() - t0))
+        n, ttft = await prefill_system_prompt(engine, cfg)
+        report.system_prompt_tokens = n
+        report.steps.append(StepResult("system prompt", n, 1, ttft_s=ttft, total_s=time.monotonic() - t0))
     report.total_s = time.monotonic() - t_all
     return report
+
+
+async def prefill_system_prompt(engine: Any, cfg: Config) -> tuple[int, float]:
+    """Put the configured system prompt into the prefix cache (also after a wake-up).
+
+    The prompt is rendered through the chat template exactly as a user request with that
+    system prompt renders, so its leading blocks hash the same and are reused.
+    Returns (prompt tokens, TTFT seconds); (0, 0.0) when no system prompt is configured.
+    """
+    if not cfg.warmup.system_prompt:
+        return 0, 0.0
+    text = engine.tokenizer.render_chat([{"role": "system", "content": cfg.warmup.system_prompt},
+                                         {"role": "user", "content": "hi"}])
+    ids = engine.tokenizer.encode(text)
+    ttft, _ = await _one(engine, ids, 1)
+    return len(ids), ttft

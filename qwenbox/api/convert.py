@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..generation import Delta, GenerationRequest
+from ..shaping import Defaults
 from .errors import bad_request
 from .protocol import Sampling
 
@@ -20,15 +21,6 @@ _FINISH = {"stop": "stop", "length": "length"}
 
 def finish_reason(r: str | None) -> str | None:
     return None if r is None else _FINISH.get(r)
-
-
-@dataclass
-class Defaults:
-    """Values used where the client sent none (request shaping fills these)."""
-    max_tokens: int
-    temperature: float = 0.7
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
 
 
 def to_generation(s: Sampling, prompt_ids: list[int], *, request_id: str, max_model_len: int,

@@ -5,6 +5,7 @@ then ``readiness_gate`` (503 + Retry-After while the engine is not serving).
 """
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -41,6 +42,9 @@ async def request_context(request: web.Request, handler):
         resp = to_response(exc, rid)
         status = resp.status
         return resp
+    except asyncio.CancelledError:  # aiohttp cancels the handler when the client goes away
+        status = 499
+        raise
     finally:
         ctx = request.app["ctx"]
         if ctx.cfg.server.access_log and request.path not in ALWAYS_OPEN:

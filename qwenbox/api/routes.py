@@ -7,6 +7,7 @@ the engine fails mid-stream. A client that goes away aborts its engine request.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from contextlib import aclosing
@@ -14,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import shaping
 from . import convert, protocol
 from .errors import ApiError, to_sse_event
 
@@ -41,33 +43,72 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app["ctx"]
     req = protocol.parse_chat(await read_json(request), ctx.cfg.limits)
     _check_model(ctx, req.model)
-    async with ctx.admit(request, req) as ticket:
+    session = ctx.session_id(request, req.user)
+    async with ctx.track(request):
         engine = await ctx.serving_engine()
-        prompt_ids = engine.tokenizer.encode(engine.tokenizer.render_chat(ticket.messages(req.messages)))
-        gen = convert.to_generation(req.sampling, prompt_ids, request_id=request["rid"],
-                                    max_model_len=ctx.max_model_len, defaults=ticket.defaults(req),
-                                    stream=req.stream, priority=ticket.priority)
-        return await _run(request, ctx, engine, gen, req, chat=True)
+        tok = engine.tokenizer
+        messages = req.messages
+        shaped = shaping.defaults(ctx.cfg, shaping.prompt_text(messages), shaping.last_user_text(messages))
+        prompt_ids = tok.encode(tok.render_chat(messages))
+        headers = {}
+        if ctx.cfg.shaping.on_overlong == "truncate":
+            messages, dropped = _fit(ctx, tok, messages, prompt_ids, req.sampling.max_tokens, shaped.max_tokens)
+            if dropped:
+                prompt_ids = tok.encode(tok.render_chat(messages))
+                headers["X-Qwenbox-Truncated"] = f"dropped {dropped} oldest message(s) to fit the context"
+                request["qb"]["truncated"] = dropped
+                ctx.metrics.truncated.inc()
+        return await _admit_and_run(request, ctx, engine, req, prompt_ids, shaped, session, headers, chat=True)
+
+
+def _fit(ctx, tok, messages, prompt_ids, client_max_tokens, shaped_max_tokens):
+    """on_overlong = "truncate": drop the oldest turns until prompt + room for the answer fit."""
+    max_len = ctx.max_model_len
+    room = client_max_tokens if client_max_tokens is not None else min(shaped_max_tokens, max_len // 2)
+    budget = max_len - room
+    if len(prompt_ids) <= budget:
+        return messages, 0
+    try:
+        return shaping.fit_messages(messages, lambda ms: len(tok.encode(tok.render_chat(ms))), budget)
+    except shaping.Overlong as e:
+        raise ApiError(400, f"{e}; this model's maximum context length is {max_len} tokens and "
+                            f"{room} are kept for the answer", param="messages", code="context_length_exceeded")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app["ctx"]
     req = protocol.parse_completion(await read_json(request), ctx.cfg.limits)
     _check_model(ctx, req.model)
-    async with ctx.admit(request, req) as ticket:
+    session = ctx.session_id(request, req.user)
+    async with ctx.track(request):
         engine = await ctx.serving_engine()
-        prompt_ids = req.prompt if isinstance(req.prompt, list) else engine.tokenizer.encode(req.prompt)
-        bad = [t for t in prompt_ids if not 0 <= t < engine.tokenizer.vocab_size]
-        if bad:
-            raise ApiError(400, f"'prompt' has token id {bad[0]} outside the vocabulary "
-                                f"(0..{engine.tokenizer.vocab_size - 1})", param="prompt")
+        if isinstance(req.prompt, list):
+            prompt_ids = req.prompt
+            bad = [t for t in prompt_ids if not 0 <= t < engine.tokenizer.vocab_size]
+            if bad:
+                raise ApiError(400, f"'prompt' has token id {bad[0]} outside the vocabulary "
+                                    f"(0..{engine.tokenizer.vocab_size - 1})", param="prompt")
+            text = engine.tokenizer.decode(prompt_ids)
+        else:
+            text = req.prompt
+            prompt_ids = engine.tokenizer.encode(text)
+        shaped = shaping.defaults(ctx.cfg, text)
+        return await _admit_and_run(request, ctx, engine, req, prompt_ids, shaped, session, {}, chat=False)
+
+
+async def _admit_and_run(request, ctx, engine, req, prompt_ids, shaped, session, headers, *, chat):
+    prompt_ids = shaping.pad(prompt_ids, ctx.cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
+    info = request["qb"]
+    info.update(session=session, intent=shaped.intent)
+    async with ctx.admit(request, len(prompt_ids), session) as ticket:
+        info.update(queued_s=round(ticket.queued_s, 4), priority=ticket.priority)
         gen = convert.to_generation(req.sampling, prompt_ids, request_id=request["rid"],
-                                    max_model_len=ctx.max_model_len, defaults=ticket.defaults(req),
+                                    max_model_len=ctx.max_model_len, defaults=shaped,
                                     stream=req.stream, priority=ticket.priority)
-        return await _run(request, ctx, engine, gen, req, chat=False)
+        return await _run(request, ctx, engine, gen, req, headers, chat=chat)
 
 
-async def _run(request, ctx, engine, gen, req, *, chat: bool) -> web.StreamResponse:
+async def _run(request, ctx, engine, gen, req, headers: dict, *, chat: bool) -> web.StreamResponse:
     info = request["qb"]
     info.update(prompt_len=len(gen.prompt_token_ids), max_tokens=gen.max_tokens, stream=req.stream)
     rid, created, model = f"{'chatcmpl' if chat else 'cmpl'}-{request['rid']}", convert.now(), req.model
@@ -82,9 +123,9 @@ async def _run(request, ctx, engine, gen, req, *, chat: bool) -> web.StreamRespo
         ctx.raise_if_aborted(request["rid"])
         _finish(info, acc)
         body = (convert.chat_body if chat else convert.completion_body)(rid, created, model, acc, len(gen.prompt_token_ids))
-        return web.json_response(body)
+        return web.json_response(body, headers=headers)
 
-    resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     await resp.prepare(request)
 
     async def send(obj: dict) -> None:
@@ -114,7 +155,8 @@ async def _run(request, ctx, engine, gen, req, *, chat: bool) -> web.StreamRespo
                                            len(gen.prompt_token_ids), acc.completion_tokens))
         await resp.write(b"data: [DONE]\n\n")
         _finish(info, acc)
-    except (ConnectionResetError, ConnectionError):
+    except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
+        # aiohttp cancels the handler when the client goes away (handler_cancellation=True)
         info.update(status=499, finish="client_gone", output_len=acc.completion_tokens)
         raise   # aclosing() above already aborted the engine request
     except Exception as exc:  # the status line is sent: report the error in-band, once

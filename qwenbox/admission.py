@@ -1,0 +1,172 @@
+"""Admission control: bounded in-flight work, a bounded priority queue, reserved capacity
+for active sessions. Past the limits a request is refused at once (429), never left to
+pile up into an OOM or a hang.
+
+Contract:
+- ``await Admission.acquire(prompt_tokens, session_active)`` returns a ``Slot`` when the
+  request may go to the engine, or raises ``Rejected(reason)``: ``queue_full``,
+  ``queued_tokens_full`` (at once) or ``queue_timeout`` (waited ``queue_timeout_s``).
+  A cancelled waiter (client gone) leaves the queue cleanly.
+- ``release(slot)`` frees the slot and hands it to the best waiter: active sessions
+  first, then arrival order.
+- A share ``sessions.reserved_share`` of in-flight slots and of queue places is kept for
+  active sessions: anonymous traffic is refused earlier, so a returning user still gets in
+  when the anonymous queue is full.
+- ``SessionTracker`` says which session ids are active: their last turn ended less than
+  ``keepalive_s`` ago. It remembers at most ``max_tracked`` ids (oldest forgotten first).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+from .config import AdmissionConfig, SessionsConfig
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+@dataclass(order=True)
+class _Waiter:
+    rank: int                      # 0 active session, 1 anonymous
+    seq: int
+    prompt_tokens: int = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+
+
+@dataclass
+class Slot:
+    prompt_tokens: int
+    session_active: bool
+    queued_s: float
+
+
+class SessionTracker:
+    def __init__(self, cfg: SessionsConfig) -> None:
+        self.cfg = cfg
+        self._last_end: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._open: collections.Counter[str] = collections.Counter()
+
+    def is_active(self, sid: str | None, now: float | None = None) -> bool:
+        if not sid or self.cfg.keepalive_s <= 0:
+            return False
+        if self._open[sid] > 0:
+            return True
+        last = self._last_end.get(sid)
+        return last is not None and (now or time.monotonic()) - last < self.cfg.keepalive_s
+
+    def turn_started(self, sid: str | None) -> None:
+        if sid:
+            self._open[sid] += 1
+
+    def turn_ended(self, sid: str | None) -> None:
+        if not sid:
+            return
+        self._open[sid] -= 1
+        if self._open[sid] <= 0:
+            del self._open[sid]
+        self._last_end[sid] = time.monotonic()
+        self._last_end.move_to_end(sid)
+        while len(self._last_end) > self.cfg.max_tracked:
+            self._last_end.popitem(last=False)
+
+    def active_count(self) -> int:
+        now = time.monotonic()
+        # entries are in last-end order: count from the newest back until one is too old
+        n = 0
+        for sid in reversed(self._last_end):
+            if now - self._last_end[sid] >= self.cfg.keepalive_s:
+                break
+            if not self._open.get(sid):
+                n += 1
+        return n + len(self._open)
+
+
+class Admission:
+    def __init__(self, cfg: AdmissionConfig, sessions: SessionsConfig) -> None:
+        self.configure(cfg, sessions)
+        self.in_flight = 0
+        self.queued_tokens = 0
+        self._queue: list[_Waiter] = []
+        self._seq = itertools.count()
+
+    def configure(self, cfg: AdmissionConfig, sessions: SessionsConfig) -> None:
+        """(Re)read the limits; safe while serving (a SIGHUP reload calls this)."""
+        self.cfg = cfg
+        share = sessions.reserved_share if sessions.keepalive_s > 0 else 0.0
+        self.anon_in_flight = max(1, cfg.max_in_flight - math.ceil(cfg.max_in_flight * share))
+        self.anon_queued = cfg.max_queued - math.ceil(cfg.max_queued * share)
+        self.anon_queued_tokens = cfg.max_queued_prompt_tokens - math.ceil(cfg.max_queued_prompt_tokens * share)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def _may_run(self, session_active: bool) -> bool:
+        return self.in_flight < (self.cfg.max_in_flight if session_active else self.anon_in_flight)
+
+    async def acquire(self, prompt_tokens: int, session_active: bool) -> Slot:
+        t0 = time.monotonic()
+        rank = 0 if session_active else 1
+        if self._may_run(session_active) and not any(w.rank <= rank for w in self._queue):
+            self.in_flight += 1
+            return Slot(prompt_tokens, session_active, 0.0)
+        max_q = self.cfg.max_queued if session_active else self.anon_queued
+        max_t = self.cfg.max_queued_prompt_tokens if session_active else self.anon_queued_tokens
+        if len(self._queue) >= max_q:
+            raise Rejected("queue_full", f"the server is at capacity: {self.in_flight} requests running and "
+                                         f"{len(self._queue)} queued; retry later")
+        if self.queued_tokens + prompt_tokens > max_t:
+            raise Rejected("queued_tokens_full", f"the server is at capacity: {self.queued_tokens} prompt tokens "
+                                                 f"already queued; retry later")
+        w = _Waiter(rank, next(self._seq), prompt_tokens,
+                    asyncio.get_running_loop().create_future())
+        self._queue.append(w)
+        self._queue.sort()
+        self.queued_tokens += prompt_tokens
+        try:
+            await asyncio.wait_for(asyncio.shield(w.future), timeout=self.cfg.queue_timeout_s)
+        except asyncio.TimeoutError:
+            if not self._withdraw(w):   # granted in the same instant: keep the slot
+                return Slot(prompt_tokens, session_active, time.monotonic() - t0)
+            raise Rejected("queue_timeout", f"waited {self.cfg.queue_timeout_s:g}s in the queue without a free "
+                                            f"slot; retry later") from None
+        except asyncio.CancelledError:
+            if not self._withdraw(w):
+                self.release()          # granted, but the client left: hand the slot on
+            raise
+        return Slot(prompt_tokens, session_active, time.monotonic() - t0)
+
+    def _withdraw(self, w: _Waiter) -> bool:
+        """Remove a waiter that was not granted; False if it had already been granted."""
+        if w.future.done():
+            return False
+        self._queue.remove(w)
+        self.queued_tokens -= w.prompt_tokens
+        w.future.cancel()
+        return True
+
+    def release(self, slot: Slot | None = None) -> None:
+        self.in_flight -= 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        i = 0
+        while i < len(self._queue):
+            w = self._queue[i]
+            if self._may_run(w.rank == 0):
+                self._queue.pop(i)
+                self.queued_tokens -= w.prompt_tokens
+                self.in_flight += 1
+                w.future.set_result(True)
+                continue
+            if self.in_flight >= self.cfg.max_in_flight:
+                break
+            i += 1   # an anonymous waiter can't run yet, but a session further back might

@@ -1,0 +1,63 @@
+"""qwenbox_* Prometheus metrics, next to the vllm:* ones vLLM registers itself.
+
+vLLM's own PrometheusStatLogger registers the engine's figures under their usual names
+(vllm:num_requests_running, vllm:kv_cache_usage_perc, vllm:time_to_first_token_seconds,
+...) on prometheus_client's default registry, so existing dashboards and autoscalers work
+unchanged; ``payload()`` exposes that registry, ours included.
+
+Contract: one ``Metrics`` per process (it registers on the given registry); every method
+is cheap and never raises.
+"""
+from __future__ import annotations
+
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
+
+from .lifecycle import Phase
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        r = dict(registry=registry)
+        self.phase = Gauge("qwenbox_phase", "1 for the daemon's current phase, 0 for the others", ["phase"], **r)
+        self.cold_start = Gauge("qwenbox_cold_start_phase_seconds",
+                                "Seconds each cold-start phase took (import, engine, warmup, total, ...)",
+                                ["phase"], **r)
+        self.warmup = Gauge("qwenbox_warmup_seconds", "Seconds the pre-warm took before READY", **r)
+        self.rejections = Counter("qwenbox_rejections_total", "Requests refused, by reason", ["reason"], **r)
+        self.requests = Counter("qwenbox_requests_total", "Finished HTTP requests by route and status",
+                                ["route", "status"], **r)
+        self.latency = Histogram("qwenbox_request_latency_seconds", "End-to-end latency of API requests",
+                                 ["route"], buckets=_LATENCY_BUCKETS, **r)
+        self.in_flight = Gauge("qwenbox_requests_in_flight", "Requests admitted to the engine", **r)
+        self.queued = Gauge("qwenbox_requests_queued", "Requests waiting for admission", **r)
+        self.queued_tokens = Gauge("qwenbox_queued_prompt_tokens", "Prompt tokens of queued requests", **r)
+        self.active_sessions = Gauge("qwenbox_active_sessions", "Sessions inside their keep-alive window", **r)
+        self.sleeping = Gauge("qwenbox_sleeping", "1 while the engine sleeps (idle standby)", **r)
+        self.sleeps = Counter("qwenbox_sleeps_total", "Times the idle engine was put to sleep", **r)
+        self.wake = Histogram("qwenbox_wake_seconds", "Seconds from a request arriving at a sleeping engine to "
+                              "the engine awake with the system prompt re-prefilled",
+                              buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), **r)
+        self.last_wake = Gauge("qwenbox_last_wake_seconds", "The most recent wake-up time", **r)
+        self.truncated = Counter("qwenbox_truncated_requests_total",
+                                 "Requests whose oldest turns were dropped to fit the context", **r)
+        for p in Phase:
+            self.phase.labels(p.value).set(0)
+
+    def set_phase(self, phase: Phase) -> None:
+        for p in Phase:
+            self.phase.labels(p.value).set(1 if p == phase else 0)
+        self.sleeping.set(1 if phase == Phase.SLEEPING else 0)
+
+    def set_cold_start(self, figures: dict) -> None:
+        for k, v in figures.items():
+            if k.endswith("_s") and isinstance(v, (int, float)):
+                self.cold_start.labels(k[:-2]).set(v)
+        if "warmup_s" in figures:
+            self.warmup.set(figures["warmup_s"])
+
+    def payload(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
