@@ -1,0 +1,248 @@
+"""qwenbox/api/protocol.py and convert.py: pure functions, no daemon."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qwenbox.api import convert, protocol
+from qwenbox.api.errors import ApiError
+from qwenbox.config import LimitsConfig
+from qwenbox.generation import Delta
+
+LIMITS = LimitsConfig(max_tokens_cap=1024, max_n=4, max_stop_sequences=2)
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def chat(**kw):
+    return {"model": "m", "messages": MSGS, **kw}
+
+
+def bad(fn, *args) -> ApiError:
+    with pytest.raises(ApiError) as ei:
+        fn(*args)
+    e = ei.value
+    assert e.status == 400
+    body = e.body()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
+    return e
+
+
+# ---------------------------------------------------------------- decode_json
+@pytest.mark.parametrize("raw, words", [
+    (b'{"model": "m", ', "not valid JSON"),
+    (b"", "empty"),
+    (b"   \n", "empty"),
+    (b'{"model": "\xff"}', "not valid UTF-8"),
+])
+def test_decode_json_rejects(raw, words):
+    e = bad(protocol.decode_json, raw)
+    assert words in e.message
+    assert e.code in ("invalid_json", "invalid_encoding")
+
+
+def test_decode_json_names_the_position():
+    e = bad(protocol.decode_json, b'{\n  "a": 1,\n  oops\n}')
+    assert "line 3" in e.message
+
+
+def test_decode_json_accepts_utf8():
+    assert protocol.decode_json('{"t": "总结"}'.encode()) == {"t": "总结"}
+
+
+# ---------------------------------------------------------------- parse_chat: each bad input
+@pytest.mark.parametrize("body, param", [
+    ([], None),
+    ("text", None),
+    (None, None),
+    (42, None),
+    ({"messages": MSGS}, "model"),
+    ({"model": 3, "messages": MSGS}, "model"),
+    ({"model": "m"}, "messages"),
+    ({"model": "m", "messages": []}, "messages"),
+    ({"model": "m", "messages": "hi"}, "messages"),
+    ({"model": "m", "messages": ["hi"]}, "messages[0]"),
+    ({"model": "m", "messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
+    ({"model": "m", "messages": [{"content": "x"}]}, "messages[0].role"),
+    ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"model": "m", "messages": [{"role": "user", "content": {"text": "x"}}]}, "messages[0].content"),
+    ({"model": "m", "messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"model": "m", "messages": [MSGS[0], {"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[1].content[0]"),
+    ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    (chat(max_tokens=0), "max_tokens"),
+    (chat(max_tokens=-3), "max_tokens"),
+    (chat(max_tokens=1025), "max_tokens"),
+    (chat(max_tokens="10"), "max_tokens"),
+    (chat(max_tokens=True), "max_tokens"),
+    (chat(max_tokens=1.5), "max_tokens"),
+    (chat(max_completion_tokens=0), "max_completion_tokens"),
+    (chat(temperature=-0.1), "temperature"),
+    (chat(temperature=2.01), "temperature"),
+    (chat(temperature="hot"), "temperature"),
+    (chat(temperature=float("nan")), "temperature"),
+    (chat(top_p=0), "top_p"),
+    (chat(top_p=1.01), "top_p"),
+    (chat(top_k=0), "top_k"),
+    (chat(presence_penalty=3), "presence_penalty"),
+    (chat(frequency_penalty=-3), "frequency_penalty"),
+    (chat(n=0), "n"),
+    (chat(n=5), "n"),
+    (chat(n=1.0), "n"),
+    (chat(stream="yes"), "stream"),
+    (chat(stream_options={"include_usage": True}), "stream_options"),
+    (chat(stream=True, stream_options=[]), "stream_options"),
+    (chat(stop=["a", "b", "c"]), "stop"),
+    (chat(stop=[""]), "stop"),
+    (chat(stop=5), "stop"),
+    (chat(seed="x"), "seed"),
+    (chat(tools=[{"type": "function"}]), "tools"),
+    (chat(logprobs=True), "logprobs"),
+    (chat(response_format={"type": "json_object"}), "response_format"),
+    (chat(user=5), "user"),
+])
+def test_parse_chat_rejects(body, param):
+    e = bad(protocol.parse_chat, body, LIMITS)
+    assert e.param == param, e.message
+
+
+def test_cap_messages_name_the_cap():
+    assert "1024" in bad(protocol.parse_chat, chat(max_tokens=5000), LIMITS).message
+    assert "cap of 4" in bad(protocol.parse_chat, chat(n=5), LIMITS).message
+
+
+def test_parse_chat_good():
+    r = protocol.parse_chat(chat(messages=[{"role": "developer", "content": "be brief"},
+                                           {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                        {"type": "text", "text": "b"}]},
+                                           {"role": "assistant", "content": None}],
+                                 max_tokens=1024, temperature=0, top_p=1, n=4, stop="END",
+                                 stream=True, stream_options={"include_usage": True},
+                                 some_future_field=1), LIMITS)
+    assert r.model == "m"
+    assert r.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"},
+                          {"role": "assistant", "content": ""}]
+    s = r.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.n, s.stop) == (1024, 0, 1, 4, ["END"])
+    assert r.stream is True and r.include_usage is True
+
+
+def test_parse_chat_defaults_leave_room_for_shaping():
+    s = protocol.parse_chat(chat(), LIMITS).sampling
+    assert s.max_tokens is None and s.temperature is None and s.top_p is None and s.n == 1
+
+
+def test_max_completion_tokens_wins():
+    assert protocol.parse_chat(chat(max_completion_tokens=7, max_tokens=9), LIMITS).sampling.max_tokens == 7
+
+
+# ---------------------------------------------------------------- parse_completion
+@pytest.mark.parametrize("body, param", [
+    ({"model": "m"}, "prompt"),
+    ({"model": "m", "prompt": ""}, "prompt"),
+    ({"model": "m", "prompt": 5}, "prompt"),
+    ({"model": "m", "prompt": []}, "prompt"),
+    ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    ({"model": "m", "prompt": [1, "x"]}, "prompt"),
+    ({"prompt": "x"}, "model"),
+    ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+    ({"model": "m", "prompt": "x", "best_of": 3}, "best_of"),
+    ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "n": 9}, "n"),
+])
+def test_parse_completion_rejects(body, param):
+    assert bad(protocol.parse_completion, body, LIMITS).param == param
+
+
+def test_parse_completion_good():
+    assert protocol.parse_completion({"model": "m", "prompt": "x"}, LIMITS).prompt == "x"
+    assert protocol.parse_completion({"model": "m", "prompt": ["x"]}, LIMITS).prompt == "x"
+    assert protocol.parse_completion({"model": "m", "prompt": [1, 2, 3]}, LIMITS).prompt == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- convert.to_generation
+DEFAULTS = convert.Defaults(max_tokens=100)
+
+
+def gen(sampling=None, n_prompt=10, max_model_len=64, defaults=DEFAULTS, **kw):
+    return convert.to_generation(sampling or protocol.Sampling(), list(range(n_prompt)), request_id="r1",
+                                 max_model_len=max_model_len, defaults=defaults, stream=False, **kw)
+
+
+def test_prompt_longer_than_context_names_both_lengths():
+    e = bad(gen, None, 80, 64)
+    assert "80" in e.message and "64" in e.message
+    assert e.code == "context_length_exceeded" and e.param == "messages"
+
+
+def test_prompt_exactly_the_context_is_rejected():
+    e = bad(gen, None, 64, 64)
+    assert "64 tokens long" in e.message
+
+
+def test_prompt_plus_max_tokens_over_context():
+    e = bad(gen, protocol.Sampling(max_tokens=60), 10, 64)
+    assert e.param == "max_tokens" and e.code == "context_length_exceeded"
+    assert "70" in e.message and "64" in e.message
+
+
+def test_prompt_plus_max_tokens_exactly_the_context_is_fine():
+    assert gen(protocol.Sampling(max_tokens=54), 10, 64).max_tokens == 54
+
+
+def test_empty_prompt_is_rejected():
+    assert bad(gen, None, 0, 64).param == "messages"
+
+
+def test_max_tokens_default_is_the_room_left():
+    # defaults.max_tokens is 100 but only 64 - 10 = 54 tokens fit
+    assert gen(None, 10, 64).max_tokens == 54
+
+
+def test_max_tokens_default_from_defaults_when_room():
+    assert gen(None, 10, 4096).max_tokens == 100
+
+
+def test_sampling_defaults_and_client_values():
+    g = gen(None, 5, 64, defaults=convert.Defaults(max_tokens=8, temperature=0.3, top_p=0.9,
+                                                   presence_penalty=0.1))
+    assert (g.temperature, g.top_p, g.presence_penalty) == (0.3, 0.9, 0.1)
+    g = gen(protocol.Sampling(temperature=0.0, top_p=0.5, presence_penalty=0.0, n=2, ignore_eos=True,
+                              stop=["x"], seed=3), 5, 64, priority=2)
+    assert (g.temperature, g.top_p, g.presence_penalty) == (0.0, 0.5, 0.0)
+    assert (g.n, g.ignore_eos, g.stop, g.seed, g.priority, g.request_id) == (2, True, ["x"], 3, 2, "r1")
+    assert g.prompt_token_ids == list(range(5))
+
+
+# ---------------------------------------------------------------- output shapes
+def test_finish_reason_mapping():
+    assert convert.finish_reason("stop") == "stop"
+    assert convert.finish_reason("length") == "length"
+    assert convert.finish_reason(None) is None
+    assert convert.finish_reason("abort") is None
+
+
+def test_accumulator_and_bodies():
+    acc = convert.Accumulator(2)
+    acc.add([Delta(0, "he", 1), Delta(1, "a", 1)])
+    acc.add([Delta(0, "llo", 2, "length"), Delta(1, "b", 1, "stop")])
+    assert acc.texts == ["hello", "ab"] and acc.completion_tokens == 5 and acc.finish == ["length", "stop"]
+    body = convert.chat_body("chatcmpl-1", 123, "m", acc, 7)
+    assert body["object"] == "chat.completion" and body["model"] == "m" and body["created"] == 123
+    assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "hello"},
+                                  "logprobs": None, "finish_reason": "length"}
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    cb = convert.completion_body("cmpl-1", 123, "m", acc, 7)
+    assert cb["object"] == "text_completion" and cb["choices"][1]["text"] == "ab"
+    json.dumps(body), json.dumps(cb)
+
+
+def test_chunks():
+    c = convert.chat_chunk("id", 1, "m", 0, {"content": "x"})
+    assert c["object"] == "chat.completion.chunk" and c["choices"][0]["delta"] == {"content": "x"}
+    assert c["choices"][0]["finish_reason"] is None
+    u = convert.usage_chunk("id", 1, "m", "chat.completion.chunk", 3, 4)
+    assert u["choices"] == [] and u["usage"]["total_tokens"] == 7
+    t = convert.completion_chunk("id", 1, "m", 1, "y", "stop")
+    assert t["choices"][0] == {"index": 1, "text": "y", "logprobs": None, "finish_reason": "stop"}
