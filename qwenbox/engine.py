@@ -15,6 +15,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import re
@@ -83,7 +84,7 @@ class _ChildLogTap:
     PATTERNS = {
         "weights_s": re.compile(r"Loading weights took ([\d.]+) s"),
         "model_load_s": re.compile(r"Model loading took [\d.]+ ?GiB.*? and ([\d.]+) s"),
-        "compile_s": re.compile(r"torch\.compile takes ([\d.]+) s in total"),
+        "compile_s": re.compile(r"torch\.compile (?:takes|took) ([\d.]+) s in total"),
         "graphs_s": re.compile(r"Graph capturing finished in ([\d.]+) sec"),
         "engine_init_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"),
         "kv_cache_tokens": re.compile(r"KV cache size: ([\d,]+) tokens"),
@@ -194,13 +195,13 @@ def _progress_logger_factory(progress: Progress):
 
 class Engine:
     def __init__(self, cfg: Config, llm: Any, vllm_mod: Any, cold: ColdStart, progress: Progress,
-                 device: str) -> None:
+                 tokenizer: Any, device: str) -> None:
         self.cfg = cfg
         self._llm = llm
         self._v = vllm_mod
         self.cold_start = cold
         self.progress = progress
-        self.tokenizer = ChatTokenizer(llm.get_tokenizer())
+        self.tokenizer = ChatTokenizer(tokenizer)
         self.version = vllm_mod.__version__
         self.device = device
         self._children = [p for p in psutil.Process().children(recursive=True)]
@@ -235,7 +236,10 @@ class Engine:
         finally:
             tap.detach_parent()
         cold.phases["engine_s"] = time.monotonic() - t1
-        eng = cls(cfg, llm, mod, cold, progress, device=_platform_name())
+        tok = llm.get_tokenizer()
+        if inspect.isawaitable(tok):   # async in some vLLM releases
+            tok = await tok
+        eng = cls(cfg, llm, mod, cold, progress, tok, device=_platform_name())
         if eng.kv_cache_blocks and "kv_cache_tokens" not in cold.vllm:
             cold.vllm["kv_cache_tokens"] = eng.kv_cache_blocks * eng.block_size
         return eng
@@ -343,8 +347,12 @@ def _alive(p: psutil.Process) -> bool:
 def _import_vllm() -> Any:
     import vllm
     from vllm import SamplingParams
-    from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
+    try:  # newer builds type input errors; older ones raise ValueError (handled too)
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        class VLLMClientError(Exception):  # type: ignore[no-redef]
+            pass
     from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
     class Namespace:
