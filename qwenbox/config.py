@@ -9,6 +9,8 @@ Contract:
   nothing is silently ignored or coerced (an int is accepted where a float is expected).
 - Every key and its default is documented once, in the shipped ``etc/qwenbox/qwenbox.toml``;
   a test checks that file and these dataclasses agree.
+- ``reloaded(old, new)`` is what a SIGHUP may change on a running daemon: the sections and
+  keys in ``RELOADABLE``; other changed keys are reported as needing a restart.
 """
 from __future__ import annotations
 
@@ -96,6 +98,7 @@ class ServerConfig:
     drain_timeout_s: float = _opt(30.0, min=0.0)
     start_step_timeout_s: float = _opt(300.0, min=1.0)
     access_log: bool = True
+    queue_while_loading_s: float = _opt(60.0, min=0.0)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,12 @@ class LoggingConfig:
     level: str = _opt("info", choices=("debug", "info", "warning", "error"))
     format: str = _opt("logfmt", choices=("logfmt", "json"))
     file: str = ""
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    stall_timeout_s: float = _opt(60.0, min=1.0)
+    exit_after_s: float = _opt(120.0, min=0.0)
 
 
 @dataclass(frozen=True)
@@ -169,7 +178,11 @@ class Config:
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
     standby: StandbyConfig = field(default_factory=StandbyConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     source: str = field(default="<defaults>", compare=False)
+    # The command-line overrides ``load`` applied, as (dotted key, value) pairs: a reload
+    # of ``source`` applies them again.
+    overrides: tuple = field(default=(), compare=False)
 
     @property
     def socket_mode_int(self) -> int:
@@ -182,7 +195,7 @@ class Config:
         return sorted({min(int(b), cap) for b in self.warmup.prompt_buckets if b > 0})
 
 
-SECTIONS = {k: v for k, v in get_type_hints(Config).items() if k != "source"}
+SECTIONS = {k: v for k, v in get_type_hints(Config).items() if k not in ("source", "overrides")}
 
 
 # ---------------------------------------------------------------- locating keys in the text
@@ -361,9 +374,51 @@ def load(path: str | os.PathLike = DEFAULT_CONFIG_PATH, overrides: dict[str, Any
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         raise ConfigError(f"TOML syntax error: {msg}" + (f" (column {m.group(2)})" if m else ""),
                           file=source, line=int(m.group(1)) if m else None) from None
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
+    applied = tuple((k, v) for k, v in (overrides or {}).items() if v is not None)
+    for dotted, value in applied:
         section, key = dotted.split(".", 1)
         raw.setdefault(section, {})[key] = value
-    return from_dict(raw, source=source, text=text, base=Path(path).resolve().parent)
+    cfg = from_dict(raw, source=source, text=text, base=Path(path).resolve().parent)
+    return dataclasses.replace(cfg, overrides=applied) if applied else cfg
+
+
+# ---------------------------------------------------------------- SIGHUP reload
+# What a running daemon may take from a re-read file without restarting the engine:
+# whole sections, or named keys of a section. Everything else needs a restart.
+RELOADABLE: dict[str, tuple[str, ...] | None] = {
+    "limits": None, "logging": None, "admission": None, "sessions": None, "shaping": None,
+    "watchdog": None, "server": ("retry_after_s", "drain_timeout_s", "access_log"),
+}
+
+
+def reloaded(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """``old`` with the reloadable settings of ``new`` -> (config, applied keys, ignored keys).
+
+    ``ignored`` lists the changed keys that need a restart (engine, model, listener, ...);
+    they keep their running values. Cross-key rules are checked again on the result, so a
+    reload can never produce a config that ``load`` would refuse (raises ``ConfigError``).
+    """
+    applied: list[str] = []
+    ignored: list[str] = []
+    merged: dict[str, Any] = {}
+    for section in SECTIONS:
+        o, n = getattr(old, section), getattr(new, section)
+        keys = RELOADABLE.get(section, ())
+        take = {}
+        for f in dataclasses.fields(o):
+            if getattr(o, f.name) == getattr(n, f.name):
+                continue
+            path = f"{section}.{f.name}"
+            if keys is None or f.name in keys:
+                take[f.name] = getattr(n, f.name)
+                applied.append(path)
+            else:
+                ignored.append(path)
+        merged[section] = dataclasses.replace(o, **take) if take else o
+    cfg = Config(**merged, source=new.source, overrides=new.overrides)
+
+    def err_at(keypath: str, message: str):
+        raise ConfigError(message, file=new.source, key=keypath)
+
+    _semantic_checks(cfg, err_at)
+    return cfg, applied, ignored

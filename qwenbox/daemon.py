@@ -5,7 +5,10 @@ Contract: ``Daemon(cfg).run()`` (a coroutine) returns the process exit code:
 This is the only module that handles signals: SIGTERM/SIGINT start a graceful drain,
 a second one forces a fast exit; SIGHUP reloads the non-engine settings.
 The listener is bound before the engine loads, so clients get 503 + Retry-After (not
-"connection refused") while the model loads.
+"connection refused") while the model loads. With systemd's socket (socket activation) new
+connections rather wait in the socket's queue, up to ``server.queue_while_loading_s`` after
+start, and the daemon stops accepting as soon as it drains: a restart costs clients
+latency, not errors. The watchdog (``watchdog.py``) pings systemd only while healthy.
 """
 from __future__ import annotations
 
@@ -23,14 +26,28 @@ from aiohttp import web
 
 from . import eventlog, warmup
 from .api.app import ServiceContext, make_app
-from .config import Config, ConfigError
+from .config import Config, ConfigError, load as load_config, reloaded
 from .lifecycle import Lifecycle, Phase
 from .standby import Standby
 from .systemd import Notifier, take_listen_fds
+from .watchdog import Watchdog
 
 log = logging.getLogger("qwenbox.daemon")
 
 EXIT_OK, EXIT_ENGINE_FAILED, EXIT_CONFIG = 0, 1, 78
+_ACCEPTED_GRACE_S = 0.5   # socket activation: time for just-accepted connections to send their request
+
+
+class _Context(ServiceContext):
+    """Under socket activation the daemon stops accepting when it drains, so new connections
+    wait in systemd's socket for the next instance. A request that still comes in arrived on
+    a connection this instance had accepted: finish it like any in-flight request, no 503."""
+    finish_accepted = False
+
+    def refusal(self) -> tuple[str, str] | None:
+        if self.finish_accepted and self.lifecycle.phase == Phase.DRAINING:
+            return None
+        return super().refusal()
 
 
 class ListenerError(RuntimeError):
@@ -94,7 +111,9 @@ class Daemon:
         self.cfg = cfg
         self.notifier = notifier or Notifier.from_environ()
         self.lifecycle = Lifecycle()
-        self.ctx = ServiceContext(cfg, self.lifecycle)
+        self.ctx = _Context(cfg, self.lifecycle)
+        self.watchdog = Watchdog(self.ctx, self.notifier, settings=lambda: self.cfg.watchdog,
+                                 on_fatal=self._watchdog_fatal)
         self.engine: Any = None
         self.standby: Standby | None = None
         self.exit_code = EXIT_OK
@@ -102,6 +121,11 @@ class Daemon:
         self._fatal: str | None = None
         self._signals = 0
         self._own_socket: str | None = None
+        self._handover = False      # serving on sockets systemd passed (LISTEN_FDS)
+        self._sites: list[web.SockSite] = []
+        self._sites_open = False
+        self._opener: asyncio.Task | None = None
+        self._closing = False       # shutting down: accept nothing new, close connections after use
         self._t0 = time.monotonic()
         self.lifecycle.observe(self._on_phase)
 
@@ -127,6 +151,7 @@ class Daemon:
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
 
     def _on_stop_signal(self, sig: int) -> None:
         self._signals += 1
@@ -147,11 +172,46 @@ class Daemon:
         logging.shutdown()
         os._exit(EXIT_ENGINE_FAILED if self._fatal else 130)
 
+    def _watchdog_fatal(self, why: str) -> None:
+        """Frozen or stalled for exit_after_s and no systemd watchdog killed us: exit 1 now
+        (a drain would wait on the hung engine)."""
+        self._fatal = f"watchdog: {why}"
+        eventlog.event("engine_failed", level=logging.ERROR, reason=self._fatal)
+        self._force_exit()
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config file and apply what needs no engine restart
+        (config.RELOADABLE). A bad file is logged and the running config stays."""
+        announce = self.lifecycle.phase.serves_requests   # never READY=1 before warm-up is done
+        if announce:
+            self.notifier.reloading(f"reloading {self.cfg.source}")
+        old = self.cfg
+        try:
+            cfg, applied, ignored = reloaded(old, load_config(old.source, dict(old.overrides)))
+            if cfg.logging != old.logging:
+                try:
+                    eventlog.setup(cfg.logging.level, cfg.logging.format, cfg.logging.file)
+                except OSError as e:
+                    eventlog.setup(old.logging.level, old.logging.format, old.logging.file)
+                    raise ConfigError(f"cannot open the log file: {e}", file=old.source, key="logging.file")
+        except ConfigError as e:
+            eventlog.event("reload", level=logging.ERROR, ok=False, error=str(e))
+            note = f"reload failed, running config kept: {e}"
+        else:
+            self.cfg = cfg
+            self.ctx.reconfigure(cfg)
+            eventlog.event("reload", ok=True, applied=applied, needs_restart=ignored)
+            note = f"reloaded {len(applied)} setting(s)" + (
+                f"; needs a restart: {', '.join(ignored)}" if ignored else "")
+        if announce:
+            self.notifier.ready(f"{self.lifecycle.phase.value}: {self.lifecycle.detail}; {note}")
+
     # ---------------------------------------------------------------- listeners
     def _listeners(self) -> list[socket.socket]:
         inherited = take_listen_fds()
         if inherited:
             log.info("serving on %d socket(s) from systemd", len(inherited))
+            self._handover = True
             for s in inherited:
                 s.setblocking(False)
             return inherited
@@ -162,6 +222,28 @@ class Daemon:
         if self.cfg.server.tcp:
             socks.append(bind_tcp(self.cfg.server.tcp))
         return socks
+
+    async def _open_sites(self, after: float = 0.0) -> None:
+        """Start accepting (at once, or ``after`` seconds of queueing in systemd's socket)."""
+        if after:
+            await asyncio.sleep(after)
+            if not self._sites_open and not self._closing:
+                log.info("still starting after %.0fs: accepting connections, 503 until ready", after)
+        if self._sites_open or self._closing:
+            return
+        self._sites_open = True
+        for site in self._sites:
+            await site.start()
+
+    async def _stop_accepting(self, runner: web.AppRunner) -> None:
+        """Socket activation: close our copy of the listener; systemd keeps the socket and its
+        queue, and the next instance accepts what arrives from now on."""
+        for site in list(runner.sites):
+            await site.stop()
+
+    async def _close_after_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self._closing:        # no keep-alive reuse of a connection to a draining instance
+            response.force_close()
 
     def _remove_own_socket(self) -> None:
         if self._own_socket:
@@ -215,19 +297,27 @@ class Daemon:
         self._install_signals(loop)
         socks = self._listeners()
         app = make_app(self.ctx)
+        app.on_response_prepare.append(self._close_after_response)
         runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
                                shutdown_timeout=self.cfg.server.drain_timeout_s + 5)
         await runner.setup()
-        for s in socks:
-            await web.SockSite(runner, s, shutdown_timeout=self.cfg.server.drain_timeout_s + 5).start()
-        eventlog.event("listening", sockets=[str(s.getsockname()) for s in socks], pid=os.getpid())
+        self._sites = [web.SockSite(runner, s, backlog=socket.SOMAXCONN,
+                                    shutdown_timeout=self.cfg.server.drain_timeout_s + 5) for s in socks]
+        hold = self.cfg.server.queue_while_loading_s if self._handover else 0.0
+        self._opener = asyncio.create_task(self._open_sites(after=hold))
+        if not hold:
+            await self._opener
+        eventlog.event("listening", sockets=[str(s.getsockname()) for s in socks], pid=os.getpid(),
+                       socket_activation=self._handover, queue_while_loading_s=hold)
 
         startup = asyncio.create_task(self._start_engine())
         stop_wait = asyncio.create_task(self._stop.wait())
         try:
             await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             if startup.done() and startup.exception() is None:
+                await self._open_sites()      # queued connections are served from READY=1 on
                 self.lifecycle.to(Phase.READY, self._ready_status())
+                self.watchdog.start()
                 tasks = [asyncio.create_task(self._monitor_engine()), asyncio.create_task(self.standby.run())]
                 await stop_wait
                 for t in tasks:
@@ -268,16 +358,24 @@ class Daemon:
                 return
 
     async def _shutdown(self, runner: web.AppRunner) -> None:
+        self._closing = True
+        if self._opener is not None:
+            self._opener.cancel()
+        if self._handover:
+            await self._stop_accepting(runner)
         if self.lifecycle.can(Phase.DRAINING) and self.lifecycle.phase != Phase.DRAINING:
+            self.ctx.finish_accepted = self._handover and self.lifecycle.phase == Phase.READY
             self.lifecycle.to(Phase.DRAINING, f"finishing {self.ctx.in_flight} request(s)")
         if self._fatal is None:
             await self._drain()
         await runner.cleanup()
+        self.watchdog.closing()     # systemd still enforces WatchdogSec while we stop
         if self.engine is not None:
             try:
                 await asyncio.wait_for(self.engine.close(), timeout=30)
             except Exception as e:
                 log.warning("engine shutdown: %r", e)
+        self.watchdog.stop(final_ping=True)
         self._remove_own_socket()
         if self.lifecycle.can(Phase.STOPPED):
             self.lifecycle.to(Phase.STOPPED, "exit %d" % self.exit_code)
@@ -285,6 +383,8 @@ class Daemon:
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.cfg.server.drain_timeout_s
+        if self.ctx.finish_accepted:
+            await asyncio.sleep(_ACCEPTED_GRACE_S)
         while self.ctx.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         if self.ctx.in_flight:

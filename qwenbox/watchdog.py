@@ -1,0 +1,208 @@
+"""The watchdog: ``WATCHDOG=1`` only while the daemon is really healthy.
+
+Contract:
+- ``Watchdog(ctx, notifier, settings, on_fatal)``; ``start()`` runs the check loop as a task
+  on the running event loop, ``stop()`` cancels it. ``settings()`` returns the current
+  ``WatchdogConfig`` (so a SIGHUP reload applies at the next check).
+- About once a second the loop judges the evidence (``evaluate``), publishes the verdict as
+  ``ctx.health_checks["watchdog"]`` (so /health shows it), logs every change of verdict as
+  ``event=watchdog``, and, while healthy, sends ``WATCHDOG=1`` every WatchdogSec/2. The ping
+  is sent by the event loop itself: a blocked loop sends nothing and systemd's WatchdogSec
+  fires. There is no other thread that could ping for a daemon that does not answer.
+- Unhealthy means any of: the engine reports a fatal error; an engine-core process has
+  exited or is stopped (SIGSTOP, a debugger); work is pending and the engine has not
+  stepped for ``stall_timeout_s``. Work is pending when the engine's last step reported
+  running or waiting requests, or when a request was handed to the engine (``ctx.active``)
+  after its last step. A request that the engine has finished but whose client reads
+  slowly is not pending: a slow client can never make the watchdog kill the service.
+- A dead engine is also caught by the daemon's own monitor, which exits 1 at once. For a
+  frozen or stalled engine the watchdog only stops pinging and systemd kills us
+  (``Result=watchdog``, then ``Restart=on-failure``). If the verdict stays unhealthy for
+  ``exit_after_s`` (never less than 2 x WatchdogSec, so systemd acts first when it
+  watches), ``on_fatal(reason)`` is called once: the way out when nobody watches.
+- systemd keeps enforcing WatchdogSec while the unit stops. During the drain the rules
+  above still apply (a frozen engine cannot finish the drain anyway); once the daemon
+  closes the engine on purpose it calls ``closing()``: from then on only the event loop
+  must answer. ``stop(final_ping=True)`` sends one last ping before the process exits.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import psutil
+
+from . import eventlog
+from .config import WatchdogConfig
+
+log = logging.getLogger("qwenbox.watchdog")
+
+_FROZEN = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+
+
+@dataclass
+class Verdict:
+    healthy: bool = True
+    reasons: list[str] = field(default_factory=list)
+    pending: bool = False
+    stalled_for_s: float = 0.0
+    steps: int = 0
+    last_step_age_s: float | None = None
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+
+class Watchdog:
+    def __init__(self, ctx: Any, notifier: Any, settings: Callable[[], WatchdogConfig],
+                 on_fatal: Callable[[str], None] = lambda why: None) -> None:
+        self.ctx = ctx
+        self.notifier = notifier
+        self.settings = settings
+        self.on_fatal = on_fatal
+        self.ping_interval = notifier.watchdog_interval_s      # WatchdogSec/2, None without one
+        self.tick = min(1.0, self.ping_interval / 2) if self.ping_interval else 1.0
+        self.pings = 0
+        self.last_ping: float | None = None
+        self.verdict = Verdict()
+        self.unhealthy_since: float | None = None
+        self.max_loop_lag_s = 0.0
+        self._seen: dict[str, float] = {}       # request id -> earliest time it may have been admitted
+        self._prev_tick = time.monotonic()
+        self._fatal_called = False
+        self._closing = False
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ the loop
+    def start(self) -> asyncio.Task:
+        self._prev_tick = time.monotonic()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="qwenbox-watchdog")
+        return self._task
+
+    def closing(self) -> None:
+        """The daemon is closing the engine on purpose: judge only the event loop from now on."""
+        self._closing = True
+
+    def stop(self, final_ping: bool = False) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+            if final_ping and self.ping_interval and self.notifier.watchdog():
+                self.pings += 1
+
+    async def _run(self) -> None:
+        self.check()
+        while True:
+            due = time.monotonic() + self.tick
+            await asyncio.sleep(self.tick)
+            lag = time.monotonic() - due
+            self.max_loop_lag_s = max(self.max_loop_lag_s, lag)
+            if lag > self.tick:
+                log.warning("event loop was blocked for %.1fs", lag)
+            self.check()
+
+    def check(self, now: float | None = None) -> Verdict:
+        """One round: judge, publish, log a change, ping if healthy and due."""
+        now = time.monotonic() if now is None else now
+        v = self.evaluate(now)
+        was = self.verdict
+        self.verdict = v
+        if v.healthy != was.healthy or (not v.healthy and v.reasons != was.reasons):
+            eventlog.event("watchdog", level=logging.INFO if v.healthy else logging.ERROR,
+                           healthy=v.healthy, reason=v.reason or None, pings=self.pings,
+                           watchdog_sec=self.watchdog_sec)
+        if v.healthy:
+            self.unhealthy_since = None
+            if self.ping_interval and (self.last_ping is None or now - self.last_ping >= self.ping_interval):
+                if self.notifier.watchdog():
+                    self.pings += 1
+                self.last_ping = now
+        else:
+            if self.unhealthy_since is None:
+                self.unhealthy_since = now
+            limit = self.exit_after_s
+            if limit and now - self.unhealthy_since >= limit and not self._fatal_called:
+                self._fatal_called = True
+                why = f"unhealthy for {now - self.unhealthy_since:.0f}s: {v.reason}"
+                eventlog.event("watchdog", level=logging.ERROR, healthy=False, action="exit", reason=why)
+                self.on_fatal(why)
+        self.ctx.health_checks["watchdog"] = self.as_dict(now)
+        return v
+
+    # ------------------------------------------------------------ the evidence
+    @property
+    def watchdog_sec(self) -> float | None:
+        return self.ping_interval * 2 if self.ping_interval else None
+
+    @property
+    def exit_after_s(self) -> float:
+        limit = self.settings().exit_after_s
+        if limit and self.watchdog_sec:
+            limit = max(limit, 2 * self.watchdog_sec)
+        return limit
+
+    def evaluate(self, now: float) -> Verdict:
+        engine = self.ctx.engine
+        v = Verdict()
+        if engine is None or self._closing:
+            self._prev_tick = now
+            return v
+        if engine.dead:
+            v.reasons.append("the engine reported a fatal error")
+        for p in engine.core_processes():
+            try:
+                status = p.status()
+            except psutil.NoSuchProcess:
+                status = psutil.STATUS_DEAD
+            except psutil.Error as e:
+                log.debug("cannot read engine process %s: %r", p.pid, e)
+                continue
+            if status in _GONE:
+                v.reasons.append(f"engine core process {p.pid} has exited")
+            elif status in _FROZEN:
+                v.reasons.append(f"engine core process {p.pid} is stopped ({status})")
+
+        prog = engine.progress
+        v.steps = prog.steps
+        last_step = prog.last_step_monotonic or 0.0
+        v.last_step_age_s = round(now - last_step, 3) if last_step else None
+        # Requests handed to the engine since the last step: a new id might have arrived at any
+        # time since the previous tick, so date it then (a step after that may have served it).
+        active = set(getattr(self.ctx, "active", ()))
+        for rid in active - self._seen.keys():
+            self._seen[rid] = self._prev_tick
+        for rid in self._seen.keys() - active:
+            del self._seen[rid]
+        self._prev_tick = now
+        unacked = [t for t in self._seen.values() if t > last_step]
+        if prog.running + prog.waiting > 0 and last_step:
+            v.pending, v.stalled_for_s = True, now - last_step
+        if unacked:
+            v.pending = True
+            v.stalled_for_s = max(v.stalled_for_s, now - min(unacked))
+        stall = self.settings().stall_timeout_s
+        if v.pending and v.stalled_for_s > stall:
+            v.reasons.append(f"work is pending and the engine has not stepped for {v.stalled_for_s:.0f}s "
+                             f"(stall_timeout_s {stall:g})")
+        v.stalled_for_s = round(v.stalled_for_s, 3)
+        v.healthy = not v.reasons
+        return v
+
+    def as_dict(self, now: float | None = None) -> dict[str, Any]:
+        now = time.monotonic() if now is None else now
+        v = self.verdict
+        return {
+            "healthy": v.healthy, "reason": v.reason or None,
+            "pinging": bool(self.ping_interval) and v.healthy, "closing": self._closing,
+            "watchdog_sec": self.watchdog_sec, "pings": self.pings,
+            "last_ping_s_ago": round(now - self.last_ping, 3) if self.last_ping is not None else None,
+            "unhealthy_for_s": round(now - self.unhealthy_since, 3) if self.unhealthy_since is not None else 0.0,
+            "pending": v.pending, "stalled_for_s": v.stalled_for_s,
+            "stall_timeout_s": self.settings().stall_timeout_s, "engine_steps": v.steps,
+            "last_step_s_ago": v.last_step_age_s, "max_loop_lag_s": round(self.max_loop_lag_s, 3),
+        }

@@ -1,0 +1,304 @@
+"""A real systemd manager for tests: PID 1 of new pid/mount/uts/cgroup namespaces.
+
+The machine's own PID 1 need not be systemd. As root, ``SystemdManager`` starts
+``/lib/systemd/systemd --system`` in fresh namespaces (a new cgroup2 mount on its own
+cgroup, a tmpfs on /run, volatile journald), with the units and drop-ins of a host folder
+bind-mounted on /run/systemd/system, and drives it with ``nsenter ... systemctl``:
+
+    with SystemdManager(workdir, binds={host_dir: "/run/qwenbox"}) as m:
+        m.write_unit("x.service", text); m.write_dropin("x.service", "test", text)
+        m.daemon_reload(); m.systemctl("start", "x.service")
+        m.show("x.service", "ActiveState", "NRestarts")   # {"ActiveState": "active", ...}
+        m.journal("x.service")                              # its journal, as text
+
+Nothing leaks to the host: the manager's cgroup is our own and is killed and removed on
+exit; it is also killed if the test process dies (PR_SET_PDEATHSIG on ``unshare``,
+``--kill-child`` on the manager). Only its bind mounts touch host folders, and only the
+ones the caller passes. ``unavailable_reason()`` says why a machine cannot run it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+SYSTEMD = "/lib/systemd/systemd"
+TARGET = "qwenbox-test.target"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_PR_SET_PDEATHSIG = 1
+
+
+def _cgroup_roots() -> tuple[Path, Path | None]:
+    """(the cgroup2 hierarchy, the named v1 'systemd' hierarchy on hybrid hosts or None)."""
+    root = Path("/sys/fs/cgroup")
+    unified = root if (root / "cgroup.controllers").exists() else root / "unified"
+    named = root / "systemd"
+    return unified, (named if named.is_dir() and not (named / "cgroup.controllers").exists() else None)
+
+
+def unavailable_reason() -> str | None:
+    """None if this machine can run a systemd manager in namespaces, else why not."""
+    if os.geteuid() != 0:
+        return "needs root (a systemd manager in new namespaces)"
+    if not os.access(SYSTEMD, os.X_OK):
+        return f"no systemd binary at {SYSTEMD}"
+    for tool in ("unshare", "nsenter", "systemctl", "journalctl"):
+        if shutil.which(tool) is None:
+            return f"no {tool} command"
+    unified, _ = _cgroup_roots()
+    if not (unified / "cgroup.procs").exists():
+        return f"no cgroup2 hierarchy at {unified}"
+    probe = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount", "--uts", "--cgroup", "--mount-proc", "sh", "-c",
+         "mount --make-rprivate / && mount -t tmpfs tmpfs /run && umount /run"],
+        capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return f"cannot create pid/mount/cgroup namespaces here: {probe.stderr.strip() or probe.returncode}"
+    return None
+
+
+def _preexec(cgroup_dirs: list[Path]):
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # the test dies -> unshare dies -> all die
+        for d in cgroup_dirs:
+            (d / "cgroup.procs").write_text(str(os.getpid()))
+    return run
+
+
+class SystemdManager:
+    def __init__(self, workdir: Path, binds: dict[str | Path, str] | None = None,
+                 log_level: str = "info") -> None:
+        self.workdir = Path(workdir)
+        self.units = self.workdir / "units"          # bind-mounted on /run/systemd/system
+        self.binds = {str(k): v for k, v in (binds or {}).items()}
+        self.log_level = log_level
+        self.log_path = self.workdir / "manager.log"
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None                  # the manager, as the host sees it
+        self._cgroups: list[Path] = []
+
+    # ------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "SystemdManager":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def start(self, timeout: float = 60.0) -> "SystemdManager":
+        self.units.mkdir(parents=True, exist_ok=True)
+        (self.units / TARGET).write_text(
+            "[Unit]\nDescription=qwenbox test boot target (nothing of sysinit/basic)\nDefaultDependencies=no\n")
+        wants = self.units / f"{TARGET}.wants"
+        wants.mkdir(exist_ok=True)
+        for unit in ("systemd-journald.socket", "systemd-journald.service"):
+            link = wants / unit
+            if not link.is_symlink():
+                link.symlink_to(f"/lib/systemd/system/{unit}")
+        unified, named = _cgroup_roots()
+        name = f"qwenbox-test-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+        self._cgroups = [unified / name] + ([named / name] if named else [])
+        for d in self._cgroups:
+            d.mkdir()
+        binds = "\n".join(f"mkdir -p '{ns}'\nmount --bind '{host}' '{ns}'" for host, ns in self.binds.items())
+        inner = self.workdir / "inner.sh"
+        inner.write_text(f"""#!/bin/sh
+set -e
+mount --make-rprivate /
+umount -R /sys/fs/cgroup 2>/dev/null || umount -l /sys/fs/cgroup 2>/dev/null || true
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -p /run/systemd/system /run/lock /run/systemd/journald.conf.d
+mount --bind '{self.units}' /run/systemd/system
+printf '[Journal]\\nStorage=volatile\\nRateLimitBurst=0\\n' > /run/systemd/journald.conf.d/test.conf
+{binds}
+hostname qwenbox-test
+exec env -i container=qwenbox-test PATH={PATH} LANG=C.UTF-8 \\
+  {SYSTEMD} --system --unit={TARGET} --log-level={self.log_level} --show-status=0
+""")
+        inner.chmod(0o755)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount", "--uts", "--cgroup",
+             "--mount-proc", str(inner)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_preexec(self._cgroups), env={"PATH": PATH, "LANG": "C.UTF-8"})
+        log.close()
+        deadline = time.monotonic() + timeout
+        try:
+            while self.pid is None:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"systemd manager did not start:\n{self.manager_log()}")
+                kids = psutil.Process(self.proc.pid).children()
+                if kids and _cmdline(kids[0]).startswith(SYSTEMD):
+                    self.pid = kids[0].pid
+                time.sleep(0.05)
+            while True:
+                state = self.systemctl("is-system-running", check=False).stdout.strip()
+                if state in ("running", "degraded"):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"systemd manager is {state!r} after {timeout}s:\n{self.manager_log()}")
+                time.sleep(0.1)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Power the manager off (stops every unit), then make sure nothing is left."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.systemctl("poweroff", check=False, timeout=10)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._kill_cgroup()
+                self.proc.kill()
+                self.proc.wait(10)
+        self._kill_cgroup()
+        for top in self._cgroups:
+            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]:
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    time.sleep(0.2)
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        pass
+        self.pid = None
+
+    def _kill_cgroup(self) -> None:
+        """SIGKILL whatever still runs in the manager's cgroups (nothing, after a clean poweroff)."""
+        for top in self._cgroups:
+            if not top.exists():
+                continue
+            if (top / "cgroup.kill").exists():
+                try:
+                    (top / "cgroup.kill").write_text("1")
+                except OSError:
+                    pass
+            for procs in top.rglob("cgroup.procs"):
+                try:
+                    pids = [int(p) for p in procs.read_text().split()]
+                except OSError:
+                    continue
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        time.sleep(0.2)
+
+    def leftover_processes(self) -> list[int]:
+        pids = []
+        for top in self._cgroups:
+            for procs in top.rglob("cgroup.procs") if top.exists() else ():
+                try:
+                    pids += [int(p) for p in procs.read_text().split()]
+                except OSError:
+                    pass
+        return pids
+
+    # ------------------------------------------------------------ units
+    def write_unit(self, name: str, text: str) -> Path:
+        path = self.units / name
+        path.write_text(text)
+        return path
+
+    def write_dropin(self, unit: str, name: str, text: str) -> Path:
+        d = self.units / f"{unit}.d"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{name}.conf"
+        path.write_text(text)
+        return path
+
+    def mask(self, unit: str) -> None:
+        link = self.units / unit
+        if not link.is_symlink():
+            link.symlink_to("/dev/null")
+
+    def daemon_reload(self) -> None:
+        self.systemctl("daemon-reload")
+
+    # ------------------------------------------------------------ driving it
+    def nsenter(self, *cmd: str, check: bool = True, timeout: float = 60.0,
+                input: str | None = None) -> subprocess.CompletedProcess:
+        assert self.pid is not None, "manager not running"
+        r = subprocess.run(["nsenter", "-t", str(self.pid), "-a", *cmd], capture_output=True, text=True,
+                           timeout=timeout, input=input, env={"PATH": PATH, "LANG": "C.UTF-8",
+                                                              "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"})
+        if check and r.returncode != 0:
+            raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
+        return r
+
+    def systemctl(self, *args: str, check: bool = True, timeout: float = 300.0) -> subprocess.CompletedProcess:
+        return self.nsenter("systemctl", "--no-pager", *args, check=check, timeout=timeout)
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def wait_for(self, unit: str, timeout: float, **want: str) -> dict[str, str]:
+        """Poll ``show`` until every property has the wanted value; the last values on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.show(unit, *want)
+            if all(got.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.1)
+
+    def journal(self, unit: str | None = None, *args: str, output: str = "short-monotonic") -> str:
+        cmd = ["journalctl", "--no-pager", "-o", output, *args]
+        if unit:
+            cmd += ["-u", unit]
+        return self.nsenter(*cmd, check=False).stdout
+
+    def host_pid(self, ns_pid: int) -> int | None:
+        """The host's pid of a process the manager's namespace calls ``ns_pid``."""
+        for p in self.descendants():
+            try:
+                with open(f"/proc/{p.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("NSpid:"):
+                            if int(line.split()[-1]) == ns_pid:
+                                return p.pid
+                            break
+            except OSError:
+                continue
+        return None
+
+    def descendants(self) -> list[psutil.Process]:
+        if self.pid is None:
+            return []
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def manager_log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def scratch_dir(prefix: str = "qwenbox-sd-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
