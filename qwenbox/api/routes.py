@@ -48,17 +48,28 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         engine = await ctx.serving_engine()
         tok = engine.tokenizer
         messages = req.messages
-        shaped = shaping.defaults(ctx.cfg, shaping.prompt_text(messages), shaping.last_user_text(messages))
-        prompt_ids = tok.encode(tok.render_chat(messages))
+        text = shaping.prompt_text(messages)
+        shaped = shaping.defaults(ctx.cfg, text, shaping.last_user_text(messages))
+        prompt_ids = await _off_loop(len(text), lambda: tok.encode(tok.render_chat(messages)))
         headers = {}
         if ctx.cfg.shaping.on_overlong == "truncate":
-            messages, dropped = _fit(ctx, tok, messages, prompt_ids, req.sampling.max_tokens, shaped.max_tokens)
+            messages, dropped = await _off_loop(len(text), lambda: _fit(
+                ctx, tok, messages, prompt_ids, req.sampling.max_tokens, shaped.max_tokens))
             if dropped:
-                prompt_ids = tok.encode(tok.render_chat(messages))
+                prompt_ids = await _off_loop(len(text), lambda: tok.encode(tok.render_chat(messages)))
                 headers["X-Qwenbox-Truncated"] = f"dropped {dropped} oldest message(s) to fit the context"
                 request["qb"]["truncated"] = dropped
                 ctx.metrics.truncated.inc()
         return await _admit_and_run(request, ctx, engine, req, prompt_ids, shaped, session, headers, chat=True)
+
+
+_LARGE_TEXT = 32_768   # characters; tokenizing more than this could stall the event loop
+
+
+async def _off_loop(size: int, fn):
+    """Run CPU-heavy prompt work in a thread when the text is large, so the event loop (health
+    probes, other streams, the watchdog's pings) keeps answering during a huge request."""
+    return await asyncio.to_thread(fn) if size > _LARGE_TEXT else fn()
 
 
 def _fit(ctx, tok, messages, prompt_ids, client_max_tokens, shaped_max_tokens):
@@ -91,7 +102,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             text = engine.tokenizer.decode(prompt_ids)
         else:
             text = req.prompt
-            prompt_ids = engine.tokenizer.encode(text)
+            prompt_ids = await _off_loop(len(text), lambda: engine.tokenizer.encode(text))
         shaped = shaping.defaults(ctx.cfg, text)
         return await _admit_and_run(request, ctx, engine, req, prompt_ids, shaped, session, {}, chat=False)
 
