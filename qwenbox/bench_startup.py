@@ -1,0 +1,453 @@
+"""``qwenbox bench startup``: what pre-warm buys, what our API costs, how fast we are up.
+
+In one run, one server at a time, on the config given (the demo model in development):
+  1. ``qwenbox serve`` (warm-up as configured): launch-to-ready, the cold-start phases from
+     /health, the TTFT of the first request after ready vs the median of the next N, then
+     a fixed throughput workload through the API (streaming, client-side timing);
+  2. ``qwenbox serve --no-warmup``: launch-to-ready and the same first-vs-median TTFT;
+  3. vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server --uds``) with
+     the same engine settings: launch-to-ready and the same first-vs-median TTFT;
+  4. AsyncLLM in-process, without HTTP: a worker process (``python -m qwenbox.bench_startup
+     direct ...``) opens ``qwenbox.engine.Engine`` (AsyncLLM in that process), runs the same
+     warm-up and then the same throughput workload, calling ``engine.generate`` directly.
+     It renders the chat template and tokenizes per request, as the API does, so the ratio
+     API / in-process is what HTTP, JSON, SSE and our handlers add.
+The worker is a separate process only so vLLM's output stays out of the printed table;
+inside it, the load generator and AsyncLLM share one process and one event loop.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from . import bench as B
+
+
+
+# ------------------------------------------------------------------ workloads (same for every path)
+def _system(cfg: Any) -> list[dict[str, str]]:
+    sp = cfg.warmup.system_prompt
+    return [{"role": "system", "content": sp}] if sp else []
+
+
+def ttft_messages(cfg: Any, args: Any) -> list[list[dict[str, str]]]:
+    """1 + after_ready chat prompts of the same length, no two sharing a prefix past the system prompt."""
+    rng = random.Random(args.seed)
+    return [_system(cfg) + [{"role": "user", "content": B.synthetic_text(args.prompt_words, f"first-{i}", rng)}]
+            for i in range(1 + args.after_ready)]
+
+
+def throughput_messages(cfg: Any, args: Any, rep: int = 0) -> list[list[dict[str, str]]]:
+    """The throughput workload; each repetition has its own prompts (no prefix-cache help)."""
+    rng = random.Random(args.seed + 1 + 1000 * rep)
+    return [_system(cfg) + [{"role": "user", "content": B.synthetic_text(args.prompt_words, f"tp{rep}-{i}", rng)}]
+            for i in range(args.throughput_requests)]
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repetition with the median requests/s, plus every repetition's req/s."""
+    ordered = sorted(runs, key=lambda r: r["requests_per_s"] or 0)
+    pick = dict(ordered[(len(ordered) - 1) // 2])
+    pick["requests_per_s_runs"] = [r["requests_per_s"] for r in runs]
+    pick["e2e_p50_s_runs"] = [r["e2e_s"]["p50"] for r in runs]
+    pick["repetitions"] = len(runs)
+    return pick
+
+
+def ttft_figures(ttfts: list[float | None]) -> dict[str, Any]:
+    first, rest = (ttfts[0] if ttfts else None), [t for t in ttfts[1:] if t is not None]
+    med = B.median(rest)
+    return {"first_ttft_s": first, "median_next_ttft_s": med, "first_over_median": B.ratio(first, med),
+            "next_n": len(rest), "ttfts_s": ttfts}
+
+
+async def _pool(items: list[Any], concurrency: int, fn) -> tuple[list[Any], float]:
+    """Run ``fn(item)`` over items with at most ``concurrency`` in flight; results in order, wall time."""
+    results: list[Any] = [None] * len(items)
+    it = iter(enumerate(items))
+
+    async def worker() -> None:
+        for i, item in it:
+            results[i] = await fn(item)
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(items))))))
+    return results, time.monotonic() - t0
+
+
+def throughput_figures(results: list[B.Result], wall_s: float) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    toks = sum(r.output_tokens for r in ok)
+    return {"requests": len(results), "ok": len(ok), "failures": len(results) - len(ok),
+            "wall_s": wall_s, "requests_per_s": len(ok) / wall_s if wall_s else None,
+            "output_tokens_per_s": toks / wall_s if wall_s else None,
+            "e2e_s": B.summary(r.e2e_s for r in ok), "ttft_s": B.summary(r.ttft_s for r in ok)}
+
+
+# ------------------------------------------------------------------ through an HTTP server
+def _body(model: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    return {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True}
+
+
+def ttft_ids(tag: str, n: int) -> list[str]:
+    return [f"bench-{tag}-{i}" for i in range(n)]
+
+
+async def http_ttft(sock: str, model: str, prompts: list, args: Any, ids: list[str] | None = None) -> dict[str, Any]:
+    async with B.unix_session(sock) as session:
+        results = []
+        for i, msgs in enumerate(prompts):   # one after another: the first one is THE first request
+            results.append(await B.stream_chat(session, _body(model, msgs, args.max_tokens), args.request_timeout,
+                                               request_id=ids[i] if ids else None))
+    fig = ttft_figures([r.ttft_s if r.ok else None for r in results])
+    fig["failures"] = [r.failure for r in results if not r.ok]
+    return fig
+
+
+def add_server_side(fig: dict[str, Any], log_path: Path, ids: list[str]) -> None:
+    """qwenbox logs its own TTFT per request: the same ratio without the client's share."""
+    s = ttft_figures(B.server_side(log_path, ids))
+    fig["server_side"] = {k: s[k] for k in ("first_ttft_s", "median_next_ttft_s", "first_over_median", "ttfts_s")}
+
+
+async def http_throughput(sock: str, model: str, prompts: list, args: Any, ids: list[str] | None = None
+                          ) -> dict[str, Any]:
+    rid = iter(ids or [])
+    async with B.unix_session(sock) as session:
+        results, wall = await _pool(prompts, args.throughput_concurrency,
+                                    lambda m: B.stream_chat(session, _body(model, m, args.max_tokens),
+                                                            args.request_timeout, request_id=next(rid, None)))
+    return throughput_figures(results, wall)
+
+
+# ------------------------------------------------------------------ in-process (the worker)
+async def _direct_one(engine: Any, messages: list[dict[str, str]], max_tokens: int) -> B.Result:
+    from .generation import GenerationRequest
+
+    r = B.Result()
+    t0 = r.started = time.monotonic()
+    last = None
+    try:
+        ids = engine.tokenizer.encode(engine.tokenizer.render_chat(messages))
+        req = GenerationRequest(request_id=f"bench-{uuid.uuid4().hex[:16]}", prompt_token_ids=ids,
+                                max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stream=True)
+        r.prompt_tokens = len(ids)
+        async for deltas in engine.generate(req):
+            now = time.monotonic()
+            n = sum(d.num_tokens for d in deltas)
+            if n:
+                if r.ttft_s is None:
+                    r.ttft_s = now - t0
+                elif last is not None:
+                    r.itl_s.append(now - last)
+                last = now
+                r.output_tokens += n
+        r.e2e_s = time.monotonic() - t0
+        r.ok, r.status = True, 200
+    except Exception as e:   # the worker reports, the parent decides
+        r.failure, r.error_code, r.e2e_s = "engine_error", f"{type(e).__name__}: {e}", time.monotonic() - t0
+    return r
+
+
+async def _direct(cfg: Any, args: Any) -> dict[str, Any]:
+    from . import warmup
+    from .engine import Engine
+
+    t0 = time.monotonic()
+    engine = await Engine.open(cfg)
+    try:
+        out: dict[str, Any] = {"open_s": time.monotonic() - t0, "cold_start": engine.cold_start.as_dict()}
+        report = await warmup.run(engine, cfg)
+        out["warmup_s"] = report.total_s
+        ttfts = []
+        for msgs in ttft_messages(cfg, args):
+            r = await _direct_one(engine, msgs, args.max_tokens)
+            ttfts.append(r.ttft_s if r.ok else None)
+        out["ttft"] = ttft_figures(ttfts)
+        runs, errors = [], set()
+        for rep in range(args.throughput_repeats):
+            results, wall = await _pool(throughput_messages(cfg, args, rep), args.throughput_concurrency,
+                                        lambda m: _direct_one(engine, m, args.max_tokens))
+            runs.append(throughput_figures(results, wall))
+            errors |= {r.error_code for r in results if r.error_code}
+        out["throughput"] = median_run(runs)
+        out["throughput"]["errors"] = sorted(errors)[:5]
+        return out
+    finally:
+        await engine.close()
+
+
+def _worker_main(argv: list[str]) -> int:
+    from . import eventlog
+    from .config import load
+
+    p = argparse.ArgumentParser(prog="python -m qwenbox.bench_startup direct")
+    p.add_argument("config")
+    p.add_argument("out")
+    for name, typ in (("seed", int), ("prompt_words", int), ("after_ready", int), ("max_tokens", int),
+                      ("throughput_requests", int), ("throughput_concurrency", int), ("throughput_repeats", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=typ, required=True)
+    a = p.parse_args(argv)
+    cfg = load(a.config)
+    eventlog.setup(cfg.logging.level, cfg.logging.format)
+    result = asyncio.run(_direct(cfg, a))
+    Path(a.out).write_text(json.dumps(result))
+    return 0
+
+
+def run_direct(args: Any, log_path: Path, json_path: Path) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "qwenbox.bench_startup", "direct", str(Path(args.config).resolve()), str(json_path)]
+    for name in ("seed", "prompt_words", "after_ready", "max_tokens", "throughput_requests", "throughput_concurrency",
+                 "throughput_repeats"):
+        argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=B._package_env(), process_group=0)
+        try:
+            rc = proc.wait(timeout=args.ready_timeout + 600)
+        except BaseException:
+            proc.kill()
+            proc.wait(10)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    if rc != 0 or not json_path.exists():
+        raise B.ServerError(f"in-process worker exited with {rc}; log: {log_path}")
+    return json.loads(json_path.read_text())
+
+
+# ------------------------------------------------------------------ vLLM's own server
+def vllm_argv(cfg: Any, sock: str) -> list[str]:
+    """vLLM's OpenAI server with the engine settings our config gives AsyncLLM."""
+    m, e = cfg.model, cfg.engine
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", m.path, "--uds", sock,
+            "--served-model-name", m.name, "--max-model-len", str(m.max_model_len), "--dtype", m.dtype,
+            "--block-size", str(e.block_size), "--max-num-seqs", str(e.max_num_seqs),
+            "--max-num-batched-tokens", str(e.max_num_batched_tokens), "--seed", str(e.seed),
+            "--gpu-memory-utilization", str(e.gpu_memory_utilization),
+            "--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching"]
+    if e.enforce_eager:
+        argv.append("--enforce-eager")
+    if e.kv_cache_memory_gib:
+        argv += ["--kv-cache-memory-bytes", str(int(e.kv_cache_memory_gib * (1 << 30)))]
+    if m.tokenizer:
+        argv += ["--tokenizer", m.tokenizer]
+    return argv
+
+
+def vllm_env(cfg: Any) -> dict[str, str]:
+    env = B._package_env()
+    env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
+                "VLLM_USE_FLASHINFER_SAMPLER": "0"})
+    if cfg.engine.cache_dir:       # the same compile cache our daemon uses: no unfair cold compile
+        env["VLLM_CACHE_ROOT"] = cfg.engine.cache_dir
+    return env
+
+
+# ------------------------------------------------------------------ the run
+def _launch(srv: B.Server) -> dict[str, Any]:
+    return {"launch_to_listen_s": srv.launch_to_listen_s, "launch_to_ready_s": srv.launch_to_ready_s}
+
+
+def main(args: Any) -> int:
+    from .config import load
+
+    cfg = load(args.config)
+    out = B.out_path(args, "startup")
+    logs = B.log_dir_for(out)
+    res: dict[str, Any] = {
+        "kind": "startup", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": B.machine(),
+        "config": str(Path(args.config).resolve()), "model": cfg.model.name, "model_path": cfg.model.path,
+        "params": {k: getattr(args, k) for k in ("seed", "prompt_words", "after_ready", "max_tokens",
+                                                 "throughput_requests", "throughput_concurrency",
+                                                 "throughput_repeats")},
+        "errors": {}}
+    print(f"qwenbox bench startup: config {args.config}, model {cfg.model.name}; logs in {logs}/", flush=True)
+    if B.busy_note():
+        print(B.busy_note(), flush=True)
+    ttft_prompts = ttft_messages(cfg, args)
+    with B.socket_dir() as sd:
+        # 1. qwenbox serve, warm-up as configured
+        _say("qwenbox serve (warm-up as configured)")
+        srv = B.Server.qwenbox("qwenbox", args.config, str(sd / "qb.sock"), logs / "qwenbox-serve.log")
+        with B.running(srv, args.ready_timeout):
+            res["qwenbox"] = {**_launch(srv), "warmup_enabled": cfg.warmup.enabled,
+                              "cold_start": (srv.health or {}).get("cold_start"),
+                              "warmup": (srv.health or {}).get("warmup")}
+            model, _ = B.served_model(srv.sock)
+            ids = ttft_ids("warm", len(ttft_prompts))
+            res["qwenbox"]["ttft"] = asyncio.run(http_ttft(srv.sock, model, ttft_prompts, args, ids))
+            _say("throughput through the API")
+            runs, tp_ids = [], []
+            for rep in range(args.throughput_repeats):
+                ids_rep = ttft_ids(f"tp{rep}", args.throughput_requests)
+                runs.append(asyncio.run(http_throughput(srv.sock, model, throughput_messages(cfg, args, rep),
+                                                        args, ids_rep)))
+                runs[-1]["_ids"] = ids_rep
+            res["qwenbox"]["throughput"] = median_run(runs)
+            tp_ids = res["qwenbox"]["throughput"].pop("_ids")
+            for r in runs:
+                r.pop("_ids", None)
+        add_server_side(res["qwenbox"]["ttft"], srv.log_path, ids)
+        # the server's own view of the same requests: its latency without the client's share
+        res["qwenbox"]["throughput"]["server_side_e2e_s"] = B.summary(B.server_side(srv.log_path, tp_ids, "latency_s"))
+
+        # 2. the same without warm-up
+        _say("qwenbox serve --no-warmup")
+        srv = B.Server.qwenbox("qwenbox --no-warmup", args.config, str(sd / "qbnw.sock"),
+                               logs / "qwenbox-serve-no-warmup.log", no_warmup=True)
+        with B.running(srv, args.ready_timeout):
+            res["qwenbox_no_warmup"] = {**_launch(srv), "cold_start": (srv.health or {}).get("cold_start")}
+            model, _ = B.served_model(srv.sock)
+            ids = ttft_ids("nowarm", len(ttft_prompts))
+            res["qwenbox_no_warmup"]["ttft"] = asyncio.run(http_ttft(srv.sock, model, ttft_prompts, args, ids))
+        add_server_side(res["qwenbox_no_warmup"]["ttft"], srv.log_path, ids)
+
+        # 3. vLLM's own OpenAI server
+        if not args.skip_vllm:
+            _say("vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server)")
+            sock = str(sd / "vllm.sock")
+            srv = B.Server("vllm", vllm_argv(cfg, sock), sock, logs / "vllm-api-server.log", env=vllm_env(cfg))
+            res["vllm_server"] = {"argv": srv.argv[1:]}
+            try:
+                with B.running(srv, args.ready_timeout):
+                    res["vllm_server"].update(_launch(srv))
+                    res["vllm_server"]["ttft"] = asyncio.run(http_ttft(sock, cfg.model.name, ttft_prompts, args))
+            except B.ServerError as e:
+                res["errors"]["vllm_server"] = str(e).splitlines()[0]
+                print(f"  vLLM's server failed: {res['errors']['vllm_server']}", flush=True)
+
+    # 4. AsyncLLM in-process, no HTTP
+    _say("AsyncLLM in-process (qwenbox.engine.Engine, no HTTP)")
+    try:
+        res["in_process"] = run_direct(args, logs / "in-process.log", logs / "in-process.json")
+    except B.ServerError as e:
+        res["errors"]["in_process"] = str(e)
+        print(f"  in-process run failed: {e}", flush=True)
+
+    res["ratios"] = ratios(res)
+    B.finish(res)
+    B.write_json(out, res)
+    print()
+    print(report(res))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+def _say(what: str) -> None:
+    print(f"  - {what} ...", flush=True)
+
+
+def ratios(res: dict[str, Any]) -> dict[str, Any]:
+    g = lambda *path: _get(res, *path)  # noqa: E731
+    return {
+        "first_ttft_over_median_warm": g("qwenbox", "ttft", "first_over_median"),
+        "first_ttft_over_median_no_warmup": g("qwenbox_no_warmup", "ttft", "first_over_median"),
+        "first_ttft_over_median_vllm_server": g("vllm_server", "ttft", "first_over_median"),
+        "first_ttft_over_median_warm_server_side": g("qwenbox", "ttft", "server_side", "first_over_median"),
+        "first_ttft_over_median_no_warmup_server_side": g("qwenbox_no_warmup", "ttft", "server_side",
+                                                          "first_over_median"),
+        "api_over_in_process_requests_per_s": B.ratio(g("qwenbox", "throughput", "requests_per_s"),
+                                                      g("in_process", "throughput", "requests_per_s")),
+        "api_over_in_process_p50": B.ratio(g("qwenbox", "throughput", "e2e_s", "p50"),
+                                           g("in_process", "throughput", "e2e_s", "p50")),
+        "api_over_in_process_p95": B.ratio(g("qwenbox", "throughput", "e2e_s", "p95"),
+                                           g("in_process", "throughput", "e2e_s", "p95")),
+        "api_server_side_over_in_process_p50": B.ratio(g("qwenbox", "throughput", "server_side_e2e_s", "p50"),
+                                                       g("in_process", "throughput", "e2e_s", "p50")),
+        "api_server_side_over_in_process_p95": B.ratio(g("qwenbox", "throughput", "server_side_e2e_s", "p95"),
+                                                       g("in_process", "throughput", "e2e_s", "p95")),
+        "launch_to_ready_qwenbox_over_vllm": B.ratio(g("qwenbox", "launch_to_ready_s"),
+                                                     g("vllm_server", "launch_to_ready_s")),
+        "launch_to_ready_qwenbox_no_warmup_over_vllm": B.ratio(g("qwenbox_no_warmup", "launch_to_ready_s"),
+                                                               g("vllm_server", "launch_to_ready_s")),
+    }
+
+
+def _get(d: Any, *path: str) -> Any:
+    for k in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def report(res: dict[str, Any]) -> str:
+    f, g = B.fmt, lambda *p: _get(res, *p)
+    parts = []
+    cs = g("qwenbox", "cold_start") or {}
+    rows = [[k, f(v, "" if k.endswith("tokens") else "s") if isinstance(v, (int, float)) else f(v)]
+            for k, v in cs.items()]
+    parts.append(B.table(["phase", "value"], rows, "Cold start of `qwenbox serve` (from /health cold_start)"))
+
+    rows = []
+    for key, label in (("qwenbox", "qwenbox serve (pre-warm)"), ("qwenbox_no_warmup", "qwenbox serve --no-warmup"),
+                       ("vllm_server", "vLLM OpenAI server"), ("in_process", "AsyncLLM in-process (after warm-up)")):
+        t = g(key, "ttft")
+        if t:
+            ss = t.get("server_side") or {}
+            rows.append([label, f(t["first_ttft_s"], "s"), f(t["median_next_ttft_s"], "s"),
+                         f(t["first_over_median"], "x"), f(ss.get("first_ttft_s"), "s"),
+                         f(ss.get("median_next_ttft_s"), "s"), f(ss.get("first_over_median"), "x")])
+    n = res["params"]["after_ready"]
+    parts.append(B.table(["server", "first TTFT", f"median of next {n}", "first / median",
+                          "server: first", "server: median", "server: ratio"], rows,
+                         "TTFT of the first request after ready vs the next ones (client-side; "
+                         "server: qwenbox's own request log)"))
+
+    rows = []
+    api, direct = g("qwenbox", "throughput"), g("in_process", "throughput")
+    for label, t in (("AsyncLLM in-process", direct), ("qwenbox API (unix socket, SSE)", api)):
+        if t:
+            rows.append([label, f(t["requests_per_s"]), f(t["output_tokens_per_s"]), f(t["e2e_s"]["p50"], "s"),
+                         f(t["e2e_s"]["p95"], "s"), f"{t['ok']}/{t['requests']}"])
+    r = res["ratios"]
+    rows.append(["ratio API / in-process", f(r["api_over_in_process_requests_per_s"], "x"), "",
+                 f(r["api_over_in_process_p50"], "x"), f(r["api_over_in_process_p95"], "x"), ""])
+    ss = (api or {}).get("server_side_e2e_s") or {}
+    if ss.get("n"):
+        rows.append(["qwenbox API, its own log (no client)", "", "", f(ss["p50"], "s"), f(ss["p95"], "s"),
+                     str(ss["n"])])
+        rows.append(["ratio API (own log) / in-process", "", "", f(r["api_server_side_over_in_process_p50"], "x"),
+                     f(r["api_server_side_over_in_process_p95"], "x"), ""])
+    p = res["params"]
+    parts.append(B.table(["path", "req/s", "tok/s", "p50 latency", "p95 latency", "ok"], rows,
+                         f"Throughput: {p['throughput_requests']} streamed requests, concurrency "
+                         f"{p['throughput_concurrency']}, {p['max_tokens']} tokens each; the median of "
+                         f"{p.get('throughput_repeats', 1)} repetitions by req/s (all: "
+                         + "; ".join(f"{lbl} " + ", ".join(B.fmt(x) for x in (t or {}).get("requests_per_s_runs", []))
+                                     for lbl, t in (("in-process", direct), ("API", api)) if t) + ")"))
+
+    rows = []
+    for key, label in (("qwenbox", "qwenbox serve (pre-warm)"), ("qwenbox_no_warmup", "qwenbox serve --no-warmup"),
+                       ("vllm_server", "vLLM OpenAI server")):
+        if g(key, "launch_to_ready_s") is not None:
+            rows.append([label, f(g(key, "launch_to_listen_s"), "s"), f(g(key, "launch_to_ready_s"), "s"),
+                         f(B.ratio(g(key, "launch_to_ready_s"), g("vllm_server", "launch_to_ready_s")), "x")])
+    parts.append(B.table(["server", "answers /health", "ready (/health 200)", "ready / vLLM's"], rows,
+                         "Launch to ready"))
+    if res.get("errors"):
+        parts.append("Errors: " + "; ".join(f"{k}: {v}" for k, v in res["errors"].items()))
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":   # vLLM's engine core is spawned: this guard is required
+    if len(sys.argv) > 1 and sys.argv[1] == "direct":
+        sys.exit(_worker_main(sys.argv[2:]))
+    print("usage: python -m qwenbox.bench_startup direct CONFIG OUT.json ... (use `qwenbox bench startup`)",
+          file=sys.stderr)
+    sys.exit(2)
