@@ -82,9 +82,13 @@ def _service_dropin() -> str:
     except KeyError:
         lines += ["# No static qwenbox user on this machine (the Debian package creates it).",
                   "User=root", "Group=root"]
-    if real.startswith(("/root/", "/home/")):
-        lines += [f"# The venv's interpreter lives in {os.path.dirname(real)}: ProtectHome=yes would hide it.",
-                  "ProtectHome=read-only"]
+    # The interpreter and the checkout (code, demo model) must be visible to the sandboxed
+    # service wherever this test runs from: CI clones into a folder of its own choosing.
+    places = {os.path.dirname(real), str(ROOT)}
+    if any(p.startswith(("/root/", "/home/")) or p in ("/root", "/home") for p in places):
+        lines += [f"# {', '.join(sorted(places))}: ProtectHome=yes would hide it.", "ProtectHome=read-only"]
+    if any(p.startswith(("/tmp/", "/var/tmp/")) for p in places):
+        lines += [f"# {', '.join(sorted(places))}: PrivateTmp=yes would hide it.", "PrivateTmp=no"]
     return "\n".join(lines) + "\n"
 
 
