@@ -271,7 +271,9 @@ def unix_session(sock: str, limit: int = 0) -> Any:
 
 
 # ------------------------------------------------------------------ plain HTTP (sync) over a unix socket
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix stream socket (also used by the test helpers)."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
@@ -284,7 +286,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def get_json(sock: str, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-    conn = _UnixHTTPConnection(sock, timeout)
+    conn = UnixHTTPConnection(sock, timeout)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()

@@ -5,28 +5,17 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from qwenbox.bench import UnixHTTPConnection
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / ".demo-model"
 DEMO_CONFIG = ROOT / "etc" / "qwenbox" / "demo.toml"
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 60.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.unix_path)
-        self.sock = s
 
 
 def request(sock: str, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
