@@ -6,7 +6,6 @@ gets the OpenAI error shape and the right status, and the daemon answers the nex
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import socket
 import time

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from helpers import Daemon, UnixHTTPConnection, jrequest, request, sse_events
+from helpers import Daemon, UnixHTTPConnection, request, sse_events
 from qwenbox.daemon import ListenerError, bind_unix
 from qwenbox.eventlog import parse_line
 
