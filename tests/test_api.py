@@ -293,6 +293,14 @@ def test_models(daemon, model, cfg):
     assert m["max_model_len"] == cfg.model.max_model_len
 
 
+def test_model_retrieve_with_the_openai_client(daemon, model):
+    client = daemon.openai()
+    assert client.models.retrieve(model).id == model
+    import openai
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no/such-model")
+
+
 def test_health_ready_with_cold_start(daemon):
     status, _, body = jrequest(daemon.sock, "GET", "/health")
     assert status == 200

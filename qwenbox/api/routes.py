@@ -187,11 +187,20 @@ def _finish(info: dict, acc: convert.Accumulator) -> None:
     info["finish"] = ",".join(sorted({f or "stop" for f in acc.finish}))
 
 
+def _model_card(ctx) -> dict:
+    return {"id": ctx.cfg.model.name, "object": "model", "created": int(ctx.started_wall), "owned_by": "qwenbox",
+            "root": ctx.cfg.model.path, "max_model_len": ctx.max_model_len}
+
+
 async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(request.app["ctx"])]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id} (the OpenAI client's models.retrieve); ids may contain '/'."""
     ctx = request.app["ctx"]
-    return web.json_response({"object": "list", "data": [
-        {"id": ctx.cfg.model.name, "object": "model", "created": int(ctx.started_wall), "owned_by": "qwenbox",
-         "root": ctx.cfg.model.path, "max_model_len": ctx.max_model_len}]})
+    _check_model(ctx, request.match_info["model"])
+    return web.json_response(_model_card(ctx))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -212,5 +221,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
