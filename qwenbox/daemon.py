@@ -38,18 +38,6 @@ EXIT_OK, EXIT_ENGINE_FAILED, EXIT_CONFIG = 0, 1, 78
 _ACCEPTED_GRACE_S = 0.5   # socket activation: time for just-accepted connections to send their request
 
 
-class _Context(ServiceContext):
-    """Under socket activation the daemon stops accepting when it drains, so new connections
-    wait in systemd's socket for the next instance. A request that still comes in arrived on
-    a connection this instance had accepted: finish it like any in-flight request, no 503."""
-    finish_accepted = False
-
-    def refusal(self) -> tuple[str, str] | None:
-        if self.finish_accepted and self.lifecycle.phase == Phase.DRAINING:
-            return None
-        return super().refusal()
-
-
 class ListenerError(RuntimeError):
     pass
 
@@ -111,7 +99,7 @@ class Daemon:
         self.cfg = cfg
         self.notifier = notifier or Notifier.from_environ()
         self.lifecycle = Lifecycle()
-        self.ctx = _Context(cfg, self.lifecycle)
+        self.ctx = ServiceContext(cfg, self.lifecycle)
         self.watchdog = Watchdog(self.ctx, self.notifier, settings=lambda: self.cfg.watchdog,
                                  on_fatal=self._watchdog_fatal)
         self.engine: Any = None
@@ -352,7 +340,7 @@ class Daemon:
         """Engine death is fatal: stop serving and exit non-zero so systemd restarts us."""
         while True:
             await asyncio.sleep(0.5)
-            gone = [p.pid for p in self.engine.core_processes() if not _alive(p)]
+            gone = self.engine.exited_core_pids()
             if self.engine.dead or gone:
                 self._fail(f"engine core died (pids {gone})" if gone else "engine reported a fatal error")
                 return
@@ -394,10 +382,3 @@ class Daemon:
             while self.ctx.in_flight and time.monotonic() < t:
                 await asyncio.sleep(0.05)
 
-
-def _alive(p: Any) -> bool:
-    import psutil
-    try:
-        return p.is_running() and p.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.Error:
-        return False

@@ -257,6 +257,10 @@ class Engine:
     def core_pids(self) -> list[int]:
         return [p.pid for p in self._children if _alive(p)]
 
+    def exited_core_pids(self) -> list[int]:
+        """Engine-core processes that are gone: any of them means the engine is dead."""
+        return [p.pid for p in self._children if not _alive(p)]
+
     def core_processes(self) -> list[psutil.Process]:
         return list(self._children)
 
@@ -339,7 +343,7 @@ def check_backend(cfg: Config) -> None:
 
 def _alive(p: psutil.Process) -> bool:
     try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        return p.is_running() and p.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     except psutil.Error:
         return False
 
