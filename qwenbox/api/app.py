@@ -57,6 +57,10 @@ class ServiceContext:
         self.active: set[str] = set()         # request ids admitted to the engine
         self.shutdown_aborted: set[str] = set()
         self.abort_reason = ""
+        # Socket activation: a draining instance has stopped accepting (new connections wait
+        # in systemd's socket for the next one), so a request that still arrives came on a
+        # connection it had accepted: serve it like any in-flight request, no 503.
+        self.finish_accepted = False
         self.model_names = {cfg.model.name, cfg.model.path}
         self.sessions = SessionTracker(cfg.sessions)
         self.admission = Admission(cfg.admission, cfg.sessions)
@@ -78,7 +82,7 @@ class ServiceContext:
     def refusal(self) -> tuple[str, str] | None:
         """(message, code) when requests must get 503 now, else None."""
         phase = self.lifecycle.phase
-        if phase.serves_requests:
+        if phase.serves_requests or (self.finish_accepted and phase == Phase.DRAINING):
             return None
         return _REFUSALS.get(phase, ("the server is not ready", "not_ready"))
 
