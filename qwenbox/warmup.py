@@ -127,9 +127,7 @@ async def run(engine: Any, cfg: Config, on_step: Callable[[int, int, str], None]
         # first real chat request 2.5x slower than the next ones.
         on_step(total, total, "a request on the cached system prompt")
         t0 = time.monotonic()
-        text = engine.tokenizer.render_chat([{"role": "system", "content": cfg.warmup.system_prompt},
-                                             {"role": "user", "content": _FILLER}])
-        ids = engine.tokenizer.encode(text)
+        ids = _after_system_prompt(engine, cfg, _FILLER)
         ttft, _ = await _one(engine, ids, cfg.warmup.decode_steps, serving_sampling(cfg))
         report.steps.append(StepResult("prefix hit", len(ids), 1, ttft_s=ttft, total_s=time.monotonic() - t0))
     report.total_s = time.monotonic() - t_all
@@ -145,8 +143,12 @@ async def prefill_system_prompt(engine: Any, cfg: Config) -> tuple[int, float]:
     """
     if not cfg.warmup.system_prompt:
         return 0, 0.0
-    text = engine.tokenizer.render_chat([{"role": "system", "content": cfg.warmup.system_prompt},
-                                         {"role": "user", "content": "hi"}])
-    ids = engine.tokenizer.encode(text)
+    ids = _after_system_prompt(engine, cfg, "hi")
     ttft, _ = await _one(engine, ids, 1)
     return len(ids), ttft
+
+
+def _after_system_prompt(engine: Any, cfg: Config, user: str) -> list[int]:
+    """Token ids of a chat of the configured system prompt and one user turn."""
+    return engine.tokenizer.encode(engine.tokenizer.render_chat(
+        [{"role": "system", "content": cfg.warmup.system_prompt}, {"role": "user", "content": user}]))
