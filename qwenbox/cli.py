@@ -74,13 +74,13 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .tools import bench
 
     return bench.run(args)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from . import logs
+    from .tools import logs
 
     return logs.main(args)
 
@@ -125,13 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="print versions").set_defaults(func=cmd_version)
     b = sub.add_parser("bench", help="benchmarks: cold start and API overhead (startup), cost under load (load)",
                        description="Benchmarks (not tests): print a table and write JSON. See docs/bench.md.")
-    from .bench import add_arguments as bench_arguments   # argparse setup only: no vllm, no aiohttp
+    from .tools.bench import add_arguments as bench_arguments   # argparse setup only: no vllm, no aiohttp
     bench_arguments(b)
     b.set_defaults(func=cmd_bench)
     lg = sub.add_parser("logs", help="analyze the daemon's structured log lines (files or the journal)",
                         description="Cold starts, latency percentiles, error classes and traffic from "
                                     "qwenbox's log lines (logfmt or JSON, bare or journald 'short').")
-    from .logs import add_arguments as logs_arguments
+    from .tools.logs import add_arguments as logs_arguments
     logs_arguments(lg)
     lg.set_defaults(func=cmd_logs)
     return p

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from qwenbox import bench as B
-from qwenbox import bench_load as L
-from qwenbox import bench_startup as S
 from qwenbox import cli
+from qwenbox.tools import bench as B
+from qwenbox.tools.bench import load as L
+from qwenbox.tools.bench import startup as S
 from qwenbox.config import load
 
 

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from helpers import Daemon, request
-from qwenbox import cli, eventlog, logs
+from qwenbox import cli, eventlog
+from qwenbox.tools import logs
 
 MODEL = "qwenbox-demo"
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import bench as B
+from .. import bench as B
 
 
 class LoadError(Exception):
@@ -247,7 +247,7 @@ async def run_load(sock: str, args: Any, levels: list[int], say=lambda s: None) 
 
 def server_log_summary(path: Path) -> dict[str, Any] | None:
     """What the daemon itself logged during the run (qwenbox logs' analyzer on its stdout)."""
-    from . import logs
+    from .. import logs
     try:
         rep = logs.analyze(logs.read_files([str(path)]))
     except OSError:
@@ -343,13 +343,12 @@ def compare_table(rows: list[dict[str, Any]], a: str, b: str) -> str:
 
 
 def main(args: Any) -> int:
-    from . import bench as _b
     try:
         levels = validate(args)
     except LoadError as e:
         print(f"qwenbox bench load: {e}", flush=True)
         return 2
-    out = _b.out_path(args, "load")
+    out = B.out_path(args, "load")
     logs_dir = B.log_dir_for(out)
     params = {k: getattr(args, k) for k in ("levels", "per_level", "sweep_words", "mix", "prompts", "mix_requests",
                                            "mix_concurrency", "burst", "max_tokens", "phase_time_limit",

@@ -39,7 +39,7 @@ import sys
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
-from .eventlog import parse_line
+from ..eventlog import parse_line
 
 OOM = re.compile(r"out of memory|OutOfMemoryError|Cannot allocate memory|std::bad_alloc|\bMemoryError\b",
                  re.IGNORECASE)

@@ -7,7 +7,7 @@ In one run, one server at a time, on the config given (the demo model in develop
   2. ``qwenbox serve --no-warmup``: launch-to-ready and the same first-vs-median TTFT;
   3. vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server --uds``) with
      the same engine settings: launch-to-ready and the same first-vs-median TTFT;
-  4. AsyncLLM in-process, without HTTP: a worker process (``python -m qwenbox.bench_startup
+  4. AsyncLLM in-process, without HTTP: a worker process (``python -m qwenbox.tools.bench.startup
      direct ...``) opens ``qwenbox.engine.Engine`` (AsyncLLM in that process), runs the same
      warm-up and then the same throughput workload, calling ``engine.generate`` directly.
      It renders the chat template and tokenizes per request, as the API does, so the ratio
@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import bench as B
+from .. import bench as B
 
 
 
@@ -134,7 +134,7 @@ async def http_throughput(sock: str, model: str, prompts: list, args: Any, ids: 
 
 # ------------------------------------------------------------------ in-process (the worker)
 async def _direct_one(engine: Any, messages: list[dict[str, str]], max_tokens: int) -> B.Result:
-    from .generation import GenerationRequest
+    from ...generation import GenerationRequest
 
     r = B.Result()
     t0 = r.started = time.monotonic()
@@ -162,8 +162,8 @@ async def _direct_one(engine: Any, messages: list[dict[str, str]], max_tokens: i
 
 
 async def _direct(cfg: Any, args: Any) -> dict[str, Any]:
-    from . import warmup
-    from .engine import Engine
+    from ... import warmup
+    from ...engine import Engine
 
     t0 = time.monotonic()
     engine = await Engine.open(cfg)
@@ -190,10 +190,10 @@ async def _direct(cfg: Any, args: Any) -> dict[str, Any]:
 
 
 def _worker_main(argv: list[str]) -> int:
-    from . import eventlog
-    from .config import load
+    from ... import eventlog
+    from ...config import load
 
-    p = argparse.ArgumentParser(prog="python -m qwenbox.bench_startup direct")
+    p = argparse.ArgumentParser(prog="python -m qwenbox.tools.bench.startup direct")
     p.add_argument("config")
     p.add_argument("out")
     for name, typ in (("seed", int), ("prompt_words", int), ("after_ready", int), ("max_tokens", int),
@@ -208,7 +208,7 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def run_direct(args: Any, log_path: Path, json_path: Path) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "qwenbox.bench_startup", "direct", str(Path(args.config).resolve()), str(json_path)]
+    argv = [sys.executable, "-m", "qwenbox.tools.bench.startup", "direct", str(Path(args.config).resolve()), str(json_path)]
     for name in ("seed", "prompt_words", "after_ready", "max_tokens", "throughput_requests", "throughput_concurrency",
                  "throughput_repeats"):
         argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
@@ -264,7 +264,7 @@ def _launch(srv: B.Server) -> dict[str, Any]:
 
 
 def main(args: Any) -> int:
-    from .config import load
+    from ...config import load
 
     cfg = load(args.config)
     out = B.out_path(args, "startup")
@@ -448,6 +448,6 @@ def report(res: dict[str, Any]) -> str:
 if __name__ == "__main__":   # vLLM's engine core is spawned: this guard is required
     if len(sys.argv) > 1 and sys.argv[1] == "direct":
         sys.exit(_worker_main(sys.argv[2:]))
-    print("usage: python -m qwenbox.bench_startup direct CONFIG OUT.json ... (use `qwenbox bench startup`)",
+    print("usage: python -m qwenbox.tools.bench.startup direct CONFIG OUT.json ... (use `qwenbox bench startup`)",
           file=sys.stderr)
     sys.exit(2)

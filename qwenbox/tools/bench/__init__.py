@@ -1,10 +1,10 @@
 """``qwenbox bench``: benchmarks that print a table and write JSON (they are not tests).
 
 Contract:
-- ``qwenbox bench startup`` (``bench_startup.py``): cold-start phases, first-request TTFT
+- ``qwenbox bench startup`` (``startup.py``): cold-start phases, first-request TTFT
   with and without pre-warm, our API's overhead over AsyncLLM called in-process, and
   launch-to-ready of ``qwenbox serve`` vs vLLM's own OpenAI server.
-- ``qwenbox bench load`` (``bench_load.py``): the cost benchmark - a concurrency sweep, a
+- ``qwenbox bench load`` (``load.py``): the cost benchmark - a concurrency sweep, a
   prompt-length mix and a burst against one daemon, or ``--compare A.toml B.toml``.
 - ``qwenbox bench`` with no mode runs both, one after the other.
 Every figure comes from runs made side by side in one invocation; ratios are only ever
@@ -307,7 +307,7 @@ class ServerError(RuntimeError):
 def _package_env() -> dict[str, str]:
     """Children must import this very qwenbox, installed or run from a checkout."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[3])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -428,8 +428,8 @@ def served_model(sock: str) -> tuple[str, int | None]:
 
 def server_side(log_path: Path, ids: Sequence[str], key: str = "ttft_s") -> list[float | None]:
     """``key`` of qwenbox's own ``request`` log lines for these request ids, in order."""
-    from .eventlog import parse_line
-    from .logs import normalize
+    from ...eventlog import parse_line
+    from ..logs import normalize
 
     found: dict[str, Any] = {}
     want = set(ids)
@@ -461,7 +461,7 @@ def out_path(args: Any, kind: str) -> Path:
 # ------------------------------------------------------------------ CLI
 def add_arguments(p: Any) -> None:
     """``qwenbox bench`` options (cli.py builds the parser, this fills it)."""
-    from .config import DEFAULT_CONFIG_PATH
+    from ...config import DEFAULT_CONFIG_PATH
 
     p.add_argument("mode", nargs="?", choices=("startup", "load", "all"), default="all",
                    help="startup: cold start, pre-warm, API overhead, launch-to-ready vs vLLM; "
@@ -510,9 +510,9 @@ def add_arguments(p: Any) -> None:
 
 def run(args: Any) -> int:
     if args.mode in ("startup", "all"):
-        from . import bench_startup
-        rc = bench_startup.main(args)
+        from . import startup
+        rc = startup.main(args)
         if rc or args.mode == "startup":
             return rc
-    from . import bench_load
-    return bench_load.main(args)
+    from . import load
+    return load.main(args)
