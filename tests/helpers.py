@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qwenbox.tools.bench import UnixHTTPConnection
+from qwenbox.tools.client import UnixHTTPConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / ".demo-model"

@@ -1,15 +1,16 @@
 """`qwenbox bench`: the load benchmark against the shared daemon with a tiny bounded load
 (the JSON has its fields and sane relations; no timing thresholds), and the pure parts
-(percentiles, prompt mixes, figures, the comparison table) on synthetic data."""
+(prompt mixes, figures, the comparison table) on synthetic data."""
 import json
 import math
 
 import pytest
 
 from qwenbox import cli
-from qwenbox.tools import bench as B
 from qwenbox.tools.bench import load as L
 from qwenbox.tools.bench import startup as S
+from qwenbox.tools.bench.workload import OptionError
+from qwenbox.tools.client import Result
 from qwenbox.config import load
 
 
@@ -84,18 +85,8 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     assert f"{bad}:2" in capsys.readouterr().out
 
 
-def test_percentiles_and_summary():
-    assert B.percentile([3, 1, 2], 50) == 2
-    assert B.percentile([1, 2, 3, 4], 50) == 2.5
-    assert B.percentile([5], 95) == 5
-    assert B.percentile([], 50) is None
-    s = B.summary([0.1, 0.2, None, 0.4])
-    assert s["n"] == 3 and s["min"] == 0.1 and s["max"] == 0.4
-    assert B.ratio(1, 0) is None and B.ratio(None, 2) is None and B.ratio(3, 2) == 1.5
-
-
 def _result(ok=True, failure=None, code=None, e2e=0.5, ttft=0.1, tag="t", tokens=4):
-    return B.Result(ok=ok, status=200 if ok else None, failure=failure, error_code=code, ttft_s=ttft if ok else None,
+    return Result(ok=ok, status=200 if ok else None, failure=failure, error_code=code, ttft_s=ttft if ok else None,
                     e2e_s=e2e, itl_s=[0.01, 0.02] if ok else [], prompt_tokens=10, output_tokens=tokens if ok else 0,
                     tag=tag)
 
@@ -145,7 +136,7 @@ def test_prompt_mix_is_deterministic_and_bounded():
     assert {x.tag for x in a} == {"s", "l"}
     assert max(len(x.messages[0]["content"].split()) for x in a) <= 21   # salt + capped words
     assert len({x.messages[0]["content"] for x in a}) == 50              # no shared prefixes
-    with pytest.raises(L.LoadError):
+    with pytest.raises(OptionError):
         L.parse_mix("a:0:1")
 
 

@@ -6,8 +6,10 @@ Contract:
   JSON, bare or behind a journald ``short`` prefix; lines that are not ours (vLLM's own
   output) are skipped, except that tracebacks there are still scanned for out-of-memory.
 - ``analyze(lines)`` returns one plain dict (what ``--json`` prints): cold starts and their
-  phases; the latency distribution of successful requests (p50/p95/p99, a histogram);
-  error classes with counts and first/last times; traffic per hour.
+  phases; the latency distribution of successful requests (``stats.summary``, a
+  histogram); error classes with counts and first/last times; traffic per hour.
+- ``request_values(path, ids, key)``: one field of chosen request lines, for the
+  benchmarks' server-side figures.
 - Tolerant by design: unknown events and fields are ignored, missing fields are fine, so
   newer daemons (admission control's 429 lines with a ``reason``/``rejected`` field, a
   ``session`` field) and older ones both read.
@@ -21,8 +23,9 @@ Error classes. Every request line lands in exactly one of them (or none when it 
   server_error_5xx  every other 5xx, by status (503 while loading/draining, mid-stream 500s)
   client_error_4xx  every other 4xx, by status (bad input; not the server's fault)
 Plus two classes of events that are not requests:
-  engine_death      ``engine_failed`` events, and restarts with no ``stopped`` line before
-                    them (the process was killed: OOM killer, SIGKILL)
+  engine_death      ``engine_failed`` events, a ``stopped`` with an exit code other than 0
+                    and 130 and no ``engine_failed`` before it, and restarts with no
+                    ``stopped`` line before them (the process was killed: OOM killer, SIGKILL)
   out_of_memory     also counts OOM messages in log lines and raw tracebacks; mentions in
                     the same second count once
 """
@@ -32,14 +35,17 @@ import datetime as dt
 import gzip
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
 import sys
 from collections import Counter
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..eventlog import parse_line
+from .report import fmt, table
+from .stats import percentiles, summary
 
 OOM = re.compile(r"out of memory|OutOfMemoryError|Cannot allocate memory|std::bad_alloc|\bMemoryError\b",
                  re.IGNORECASE)
@@ -114,25 +120,26 @@ def parse_ts(ts: Any) -> dt.datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
+def request_values(path: str | os.PathLike, ids: Sequence[str], key: str = "ttft_s") -> list[float | None]:
+    """``key`` of the daemon's ``request`` lines for these request ids, in the order of
+    ``ids``; None where the line or the number is missing or the file cannot be read."""
+    found: dict[str, Any] = {}
+    want = set(ids)
+    try:
+        for line in read_files([str(path)]):
+            rec = parse_line(line)
+            if rec and rec.get("event") == "request" and rec.get("id") in want:
+                found[rec["id"]] = normalize(rec).get(key)
+    except OSError:
+        pass
+    return [v if isinstance(v := found.get(i), (int, float)) else None for i in ids]
+
+
 def _iso(t: dt.datetime | None) -> str | None:
     return t.astimezone(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if t else None
 
 
-# ------------------------------------------------------------------ statistics (no numpy)
-def percentile(xs: list[float], p: float) -> float | None:
-    xs = sorted(xs)
-    if not xs:
-        return None
-    k = (len(xs) - 1) * p / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def dist(xs: list[float]) -> dict[str, Any]:
-    return {"n": len(xs), "p50": percentile(xs, 50), "p95": percentile(xs, 95), "p99": percentile(xs, 99),
-            "mean": (sum(xs) / len(xs)) if xs else None, "max": max(xs) if xs else None}
-
-
+# ------------------------------------------------------------------ histogram
 def histogram(xs: list[float], per_decade: int = 4) -> list[dict[str, Any]]:
     """Log-spaced bins (``per_decade`` per factor of 10) covering every value."""
     pos = [x for x in xs if x > 0]
@@ -316,7 +323,8 @@ def analyze(lines: Iterable[str]) -> dict[str, Any]:
     for h in sorted(hours):
         b = hours[h]
         lat = b.pop("_lat")
-        b["p50_s"], b["p95_s"] = percentile(lat, 50), percentile(lat, 95)
+        p = percentiles(lat, (50, 95))
+        b["p50_s"], b["p95_s"] = p[50], p[95]
         traffic.append(b)
     return {
         "lines": {"total": n_lines, "structured": n_parsed, "events": dict(sorted(events.items()))},
@@ -324,7 +332,7 @@ def analyze(lines: Iterable[str]) -> dict[str, Any]:
         "cold_starts": cold,
         "requests": {"total": n_requests, "by_status": dict(sorted(by_status.items())),
                      "by_path": dict(sorted(by_path.items())), "sessions": len(sessions)},
-        "latency": {"ok": dist(ok_lat), "all": dist(all_lat), "ttft_ok": dist(ok_ttft),
+        "latency": {"ok": summary(ok_lat), "all": summary(all_lat), "ttft_ok": summary(ok_ttft),
                     "histogram": histogram(ok_lat), "histogram_fine": histogram(ok_lat, per_decade=12)},
         "errors": {c: classes[c].as_dict(_BY_NAME[c]) for c in ERROR_CLASSES},
         "traffic_per_hour": traffic,
@@ -362,12 +370,6 @@ def _classify_request(rec: dict[str, Any], status: int | None, t: dt.datetime | 
 
 
 # ------------------------------------------------------------------ text output
-def _dur(v: Any) -> str:
-    if not isinstance(v, (int, float)):
-        return "-"
-    return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
-
-
 def _short(ts: str | None) -> str:
     return ts.replace("T", " ") if ts else "-"
 
@@ -382,37 +384,35 @@ def render(rep: dict[str, Any], source: str = "") -> str:
     for c in rep["cold_starts"]:
         ph = c["phases"]
         total = ph.get("total_s")
-        parts = [f"{k[:-2]} {_dur(v)}" for k, v in ph.items() if k.endswith("_s") and k != "total_s"]
+        parts = [f"{k[:-2]} {fmt(v, 's')}" for k, v in ph.items() if k.endswith("_s") and k != "total_s"]
         parts += [f"{k} {v}" for k, v in ph.items() if not k.endswith("_s")]
-        out.append(f"  {_short(c['ts'])}  {c.get('model') or '-'}  total {_dur(total)}: " + ", ".join(parts))
+        out.append(f"  {_short(c['ts'])}  {c.get('model') or '-'}  total {fmt(total, 's')}: " + ", ".join(parts))
 
     r = rep["requests"]
     statuses = ", ".join(f"{k}: {v}" for k, v in r["by_status"].items())
     out.append(f"\nRequests: {r['total']}" + (f" ({statuses})" if statuses else "")
                + (f"; {r['sessions']} sessions" if r["sessions"] else ""))
     lat, ttft = rep["latency"]["ok"], rep["latency"]["ttft_ok"]
-    out.append(f"Latency of successful requests (n={lat['n']}): p50 {_dur(lat['p50'])}  p95 {_dur(lat['p95'])}  "
-               f"p99 {_dur(lat['p99'])}  max {_dur(lat['max'])}")
+    out.append(f"Latency of successful requests (n={lat['n']}): p50 {fmt(lat['p50'], 's')}  p95 {fmt(lat['p95'], 's')}  "
+               f"p99 {fmt(lat['p99'], 's')}  max {fmt(lat['max'], 's')}")
     if ttft["n"]:
-        out.append(f"Time to first token (n={ttft['n']}): p50 {_dur(ttft['p50'])}  p95 {_dur(ttft['p95'])}  "
-                   f"p99 {_dur(ttft['p99'])}")
+        out.append(f"Time to first token (n={ttft['n']}): p50 {fmt(ttft['p50'], 's')}  p95 {fmt(ttft['p95'], 's')}  "
+                   f"p99 {fmt(ttft['p99'], 's')}")
     hist = rep["latency"]["histogram"]
     if hist:
         peak = max(b["count"] for b in hist) or 1
         for b in hist:
             bar = "#" * max(1 if b["count"] else 0, round(40 * b["count"] / peak))
-            out.append(f"  {_dur(b['lo']):>9} - {_dur(b['hi']):<9} {bar:<40} {b['count']}")
+            out.append(f"  {fmt(b['lo'], 's'):>9} - {fmt(b['hi'], 's'):<9} {bar:<40} {b['count']}")
 
     out.append("\nErrors")
-    rows = [["class", "count", "first", "last", "detail"]]
+    rows = []
     for c in ERROR_CLASSES:
         e = rep["errors"][c]
         by = e.get(_BY_NAME[c]) or {}
         detail = ", ".join(f"{k} x{v}" for k, v in by.items())
-        rows.append([CLASS_TITLES[c], str(e["count"]), _short(e["first"]), _short(e["last"]), detail[:70]])
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        out.append("  " + "  ".join(v.ljust(w) if i != 1 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+        rows.append([CLASS_TITLES[c], e["count"], _short(e["first"]), _short(e["last"]), detail[:70]])
+    out.append(table(["class", "count", "first", "last", "detail"], rows, left=(0, 2, 3, 4), indent="  "))
 
     out.append("\nTraffic per hour (UTC)")
     tr = rep["traffic_per_hour"]
@@ -422,7 +422,7 @@ def render(rep: dict[str, Any], source: str = "") -> str:
     for b in tr:
         bar = "#" * max(1, round(30 * b["requests"] / peak))
         out.append(f"  {b['hour'].replace('T', ' ')}  {b['requests']:>7} req  {b['4xx']:>5} 4xx  {b['5xx']:>5} 5xx  "
-                   f"p95 {_dur(b['p95_s']):>9}  {bar}")
+                   f"p95 {fmt(b['p95_s'], 's'):>9}  {bar}")
     return "\n".join(out)
 
 
@@ -457,13 +457,13 @@ def plot(rep: dict[str, Any], path: str) -> None:
 
         def minor(v: float, _pos: Any) -> str:   # label 1x, 2x and 5x powers of ten
             lead = round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
-            return _dur(v) if lead in (1, 2, 5) else ""
-        ax1.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _dur(v)))
+            return fmt(v, 's') if lead in (1, 2, 5) else ""
+        ax1.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt(v, 's')))
         ax1.xaxis.set_minor_formatter(FuncFormatter(minor))
     lat = rep["latency"]["ok"]
     for key, style in (("p50", "--"), ("p95", ":"), ("p99", "-.")):
         if lat[key]:
-            ax1.axvline(lat[key], linestyle=style, color="red", label=f"{key} {_dur(lat[key])}")
+            ax1.axvline(lat[key], linestyle=style, color="red", label=f"{key} {fmt(lat[key], 's')}")
     if lat["n"]:
         ax1.legend()
     ax1.set_xlabel("latency of successful requests (log scale)")
@@ -473,9 +473,9 @@ def plot(rep: dict[str, Any], path: str) -> None:
     hours = rep["traffic_per_hour"]
     use_minutes = len(hours) < 3
     series = rep["traffic_per_minute"] if use_minutes else hours
-    key, fmt, step = (("minute", "%Y-%m-%dT%H:%MZ", dt.timedelta(minutes=1)) if use_minutes
-                      else ("hour", "%Y-%m-%dT%H:00Z", dt.timedelta(hours=1)))
-    counts = {dt.datetime.strptime(b[key], fmt): b["requests"] for b in series}
+    key, stamp, step = (("minute", "%Y-%m-%dT%H:%MZ", dt.timedelta(minutes=1)) if use_minutes
+                        else ("hour", "%Y-%m-%dT%H:00Z", dt.timedelta(hours=1)))
+    counts = {dt.datetime.strptime(b[key], stamp): b["requests"] for b in series}
     xs: list[dt.datetime] = []
     if counts:                                   # empty buckets are zero traffic, not gaps
         t, end = min(counts), max(counts)

@@ -8,6 +8,8 @@ starts (``--phase-time-limit``) and a per-request client timeout:
      NAME:WORDS:WEIGHT classes) or from ``--prompts FILE.jsonl``, at ``--mix-concurrency``
      (default: the sweep level with the highest throughput and no failures);
   3. burst: ``--burst`` requests sent at the same instant.
+Request counts are at most ``workload.MAX_REQUESTS`` per phase and concurrency at most
+``workload.MAX_CONCURRENCY``; ``validate`` refuses anything else before a server starts.
 Every request streams (SSE) so TTFT and inter-token gaps are measured client-side; every
 request asks for ``--max-tokens`` tokens with ``ignore_eos`` so the work per request is fixed.
 Capacity (requests/day) and cost come from the mix phase's sustained throughput:
@@ -27,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import bench as B
-
-
-class LoadError(Exception):
-    """A bad option or prompt file: one clear line for the user."""
+from .. import logs
+from ..client import Result, Server, running, served_model, socket_dir, stream_chat, unix_session
+from ..report import dig, fmt, table, write_json
+from ..stats import ratio, summary
+from .results import busy_note, finish, log_dir_for, machine, out_path
+from .workload import MAX_CONCURRENCY, MAX_REQUESTS, OptionError, check_range, synthetic_text
 
 
 @dataclass
@@ -47,16 +50,16 @@ def parse_mix(text: str) -> list[tuple[str, int, float]]:
     for part in text.split(","):
         bits = part.strip().split(":")
         if len(bits) != 3:
-            raise LoadError(f"--mix: expected NAME:WORDS:WEIGHT, got {part!r}")
+            raise OptionError(f"--mix: expected NAME:WORDS:WEIGHT, got {part!r}")
         try:
             name, words, weight = bits[0], int(bits[1]), float(bits[2])
         except ValueError:
-            raise LoadError(f"--mix: WORDS must be an integer and WEIGHT a number in {part!r}") from None
+            raise OptionError(f"--mix: WORDS must be an integer and WEIGHT a number in {part!r}") from None
         if words < 1 or weight <= 0:
-            raise LoadError(f"--mix: WORDS must be >= 1 and WEIGHT > 0 in {part!r}")
+            raise OptionError(f"--mix: WORDS must be >= 1 and WEIGHT > 0 in {part!r}")
         out.append((name, words, weight))
     if not out:
-        raise LoadError("--mix is empty")
+        raise OptionError("--mix is empty")
     return out
 
 
@@ -66,28 +69,28 @@ def load_prompts(path: str, default_max_tokens: int) -> list[Spec]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise LoadError(f"--prompts: cannot read {path}: {e.strerror}") from None
+        raise OptionError(f"--prompts: cannot read {path}: {e.strerror}") from None
     for no, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
             obj = json.loads(line)
         except ValueError as e:
-            raise LoadError(f"{path}:{no}: not JSON: {e}") from None
+            raise OptionError(f"{path}:{no}: not JSON: {e}") from None
         if not isinstance(obj, dict):
-            raise LoadError(f"{path}:{no}: expected an object")
+            raise OptionError(f"{path}:{no}: expected an object")
         if isinstance(obj.get("messages"), list) and obj["messages"]:
             msgs = obj["messages"]
         elif isinstance(obj.get("prompt"), str) and obj["prompt"]:
             msgs = [{"role": "user", "content": obj["prompt"]}]
         else:
-            raise LoadError(f"{path}:{no}: needs a non-empty \"prompt\" string or \"messages\" list")
+            raise OptionError(f"{path}:{no}: needs a non-empty \"prompt\" string or \"messages\" list")
         mt = obj.get("max_tokens", default_max_tokens)
         if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
-            raise LoadError(f"{path}:{no}: \"max_tokens\" must be a positive integer")
+            raise OptionError(f"{path}:{no}: \"max_tokens\" must be a positive integer")
         specs.append(Spec(msgs, mt, str(obj.get("tag", "file"))))
     if not specs:
-        raise LoadError(f"--prompts: {path} holds no prompts")
+        raise OptionError(f"--prompts: {path} holds no prompts")
     return specs
 
 
@@ -101,7 +104,7 @@ def _words_cap(max_model_len: int | None, max_tokens: int) -> int | None:
 def sweep_specs(args: Any, level: int, n: int, cap: int | None) -> list[Spec]:
     rng = random.Random(f"{args.seed}-sweep-{level}")
     words = min(args.sweep_words, cap) if cap else args.sweep_words
-    return [Spec([{"role": "user", "content": B.synthetic_text(words, f"c{level}-r{i}", rng)}],
+    return [Spec([{"role": "user", "content": synthetic_text(words, f"c{level}-r{i}", rng)}],
                  args.max_tokens, f"sweep-c{level}") for i in range(n)]
 
 
@@ -116,7 +119,7 @@ def mix_specs(args: Any, n: int, cap: int | None, salt: str = "mix") -> list[Spe
     names = [c[0] for c in classes]
     words = {c[0]: (min(c[1], cap) if cap else c[1]) for c in classes}
     picks = rng.choices(names, weights=[c[2] for c in classes], k=n)
-    return [Spec([{"role": "user", "content": B.synthetic_text(words[t], f"{salt}-{i}", rng)}],
+    return [Spec([{"role": "user", "content": synthetic_text(words[t], f"{salt}-{i}", rng)}],
                  args.max_tokens, t) for i, t in enumerate(picks)]
 
 
@@ -124,7 +127,7 @@ def mix_specs(args: Any, n: int, cap: int | None, salt: str = "mix") -> list[Spe
 async def run_phase(session: Any, model: str, name: str, specs: list[Spec], concurrency: int,
                     time_limit: float, request_timeout: float) -> dict[str, Any]:
     """Closed loop: ``concurrency`` workers take the next spec until none is left or time is up."""
-    results: list[B.Result] = []
+    results: list[Result] = []
     queue = list(reversed(specs))
     t0 = time.monotonic()
     deadline = t0 + time_limit
@@ -134,7 +137,7 @@ async def run_phase(session: Any, model: str, name: str, specs: list[Spec], conc
             s = queue.pop()
             body = {"model": model, "messages": s.messages, "max_tokens": s.max_tokens,
                     "temperature": 0.0, "ignore_eos": True}
-            results.append(await B.stream_chat(session, body, request_timeout, tag=s.tag))
+            results.append(await stream_chat(session, body, request_timeout, tag=s.tag))
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(specs))))))
     fig = phase_figures(results, time.monotonic() - t0)
@@ -142,7 +145,7 @@ async def run_phase(session: Any, model: str, name: str, specs: list[Spec], conc
     return fig
 
 
-def phase_figures(results: list[B.Result], wall_s: float) -> dict[str, Any]:
+def phase_figures(results: list[Result], wall_s: float) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     fails = Counter(r.failure for r in results if not r.ok)
     rejected = Counter((r.error_code or "unspecified") for r in results if r.failure == "429")
@@ -151,8 +154,8 @@ def phase_figures(results: list[B.Result], wall_s: float) -> dict[str, Any]:
     for tag in sorted({r.tag for r in results}):
         rs = [r for r in results if r.tag == tag]
         oks = [r for r in rs if r.ok]
-        by_tag[tag] = {"sent": len(rs), "ok": len(oks), "prompt_tokens": B.summary(r.prompt_tokens for r in oks),
-                       "ttft_s": B.summary(r.ttft_s for r in oks), "e2e_s": B.summary(r.e2e_s for r in oks)}
+        by_tag[tag] = {"sent": len(rs), "ok": len(oks), "prompt_tokens": summary(r.prompt_tokens for r in oks),
+                       "ttft_s": summary(r.ttft_s for r in oks), "e2e_s": summary(r.e2e_s for r in oks)}
     return {
         "sent": len(results), "ok": len(ok), "failed": len(results) - len(ok),
         "failure_rate": (len(results) - len(ok)) / len(results) if results else None,
@@ -161,10 +164,10 @@ def phase_figures(results: list[B.Result], wall_s: float) -> dict[str, Any]:
         "requests_per_s": len(ok) / wall_s if wall_s > 0 else None,
         "output_tokens_per_s": out_tokens / wall_s if wall_s > 0 else None,
         "output_tokens": out_tokens,
-        "ttft_s": B.summary(r.ttft_s for r in ok),
-        "itl_s": B.summary(g for r in ok for g in r.itl_s),
-        "e2e_s": B.summary(r.e2e_s for r in ok),
-        "prompt_tokens": B.summary(r.prompt_tokens for r in ok),
+        "ttft_s": summary(r.ttft_s for r in ok),
+        "itl_s": summary(g for r in ok for g in r.itl_s),
+        "e2e_s": summary(r.e2e_s for r in ok),
+        "prompt_tokens": summary(r.prompt_tokens for r in ok),
         "by_tag": by_tag,
     }
 
@@ -190,26 +193,24 @@ def economics(mix: dict[str, Any], gpu_hour_cost: float) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ a whole run against one socket
 def validate(args: Any) -> list[int]:
+    """Every option of this mode in range and the prompt source readable, else OptionError;
+    the sweep levels."""
     try:
         levels = [int(x) for x in str(args.levels).split(",") if x.strip()]
     except ValueError:
-        raise LoadError(f"--levels: expected comma-separated integers, got {args.levels!r}") from None
-    if not levels or any(c < 1 or c > B.HARD_MAX_CONCURRENCY for c in levels):
-        raise LoadError(f"--levels: each level must be 1..{B.HARD_MAX_CONCURRENCY}")
-    for name in ("per_level", "mix_requests"):
-        v = getattr(args, name)
-        if v < 1 or v > B.HARD_MAX_REQUESTS:
-            raise LoadError(f"--{name.replace('_', '-')} must be 1..{B.HARD_MAX_REQUESTS}")
-    if args.burst < 0 or args.burst > B.HARD_MAX_CONCURRENCY:
-        raise LoadError(f"--burst must be 0..{B.HARD_MAX_CONCURRENCY}")
-    if args.mix_concurrency < 0 or args.mix_concurrency > B.HARD_MAX_CONCURRENCY:
-        raise LoadError(f"--mix-concurrency must be 0..{B.HARD_MAX_CONCURRENCY}")
-    if args.max_tokens < 1:
-        raise LoadError("--max-tokens must be >= 1")
+        raise OptionError(f"--levels: expected comma-separated integers, got {args.levels!r}") from None
+    if not levels:
+        raise OptionError("--levels: give at least one level")
+    for c in levels:
+        check_range("--levels: each level", c, 1, MAX_CONCURRENCY)
+    check_range("--per-level", args.per_level, 1, MAX_REQUESTS)
+    check_range("--mix-requests", args.mix_requests, 1, MAX_REQUESTS)
+    check_range("--burst", args.burst, 0, MAX_CONCURRENCY)
+    check_range("--mix-concurrency", args.mix_concurrency, 0, MAX_CONCURRENCY)
+    check_range("--max-tokens", args.max_tokens, 1)
     if args.phase_time_limit <= 0 or args.request_timeout <= 0:
-        raise LoadError("--phase-time-limit and --request-timeout must be > 0")
-    if args.gpu_hour_cost < 0:
-        raise LoadError("--gpu-hour-cost must be >= 0")
+        raise OptionError("--phase-time-limit and --request-timeout must be > 0")
+    check_range("--gpu-hour-cost", args.gpu_hour_cost, 0)
     if args.prompts:
         load_prompts(args.prompts, args.max_tokens)
     else:
@@ -218,11 +219,11 @@ def validate(args: Any) -> list[int]:
 
 
 async def run_load(sock: str, args: Any, levels: list[int], say=lambda s: None) -> dict[str, Any]:
-    model, max_len = B.served_model(sock)
+    model, max_len = served_model(sock)
     cap = _words_cap(max_len, args.max_tokens)
     limit = max([*levels, args.burst, args.mix_concurrency, 1])
     out: dict[str, Any] = {"model": model, "max_model_len": max_len}
-    async with B.unix_session(sock, limit=limit) as session:
+    async with unix_session(sock, limit=limit) as session:
         sweep = []
         for c in levels:
             say(f"sweep: concurrency {c}, {args.per_level} requests")
@@ -247,7 +248,6 @@ async def run_load(sock: str, args: Any, levels: list[int], say=lambda s: None) 
 
 def server_log_summary(path: Path) -> dict[str, Any] | None:
     """What the daemon itself logged during the run (qwenbox logs' analyzer on its stdout)."""
-    from .. import logs
     try:
         rep = logs.analyze(logs.read_files([str(path)]))
     except OSError:
@@ -261,10 +261,10 @@ def server_log_summary(path: Path) -> dict[str, Any] | None:
 
 def run_with_daemon(config: str, label: str, sock_dir: Path, log_path: Path, args: Any, levels: list[int],
                     say) -> dict[str, Any]:
-    srv = B.Server.qwenbox(label, config, str(sock_dir / f"{label}.sock"), log_path)
+    srv = Server.qwenbox(label, config, str(sock_dir / f"{label}.sock"), log_path)
     say(f"[{label}] starting qwenbox serve --config {config}")
     entry: dict[str, Any] = {"label": label, "config": str(Path(config).resolve()), "log": str(log_path)}
-    with B.running(srv, args.ready_timeout):
+    with running(srv, args.ready_timeout):
         entry["launch_to_ready_s"] = srv.launch_to_ready_s
         entry["cold_start"] = (srv.health or {}).get("cold_start")
         entry["load"] = asyncio.run(run_load(srv.sock, args, levels, lambda s: say(f"[{label}] {s}")))
@@ -288,26 +288,18 @@ COMPARE_ROWS = (  # label, path into a run entry, unit, lower is better
 )
 
 
-def _dig(d: Any, path: tuple) -> Any:
-    for k in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
 def comparison(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for label, path, unit, lower in COMPARE_ROWS:
-        va, vb = _dig(a, path), _dig(b, path)
-        rows.append({"metric": label, "a": va, "b": vb, "b_over_a": B.ratio(vb, va), "unit": unit,
+        va, vb = dig(a, *path), dig(b, *path)
+        rows.append({"metric": label, "a": va, "b": vb, "b_over_a": ratio(vb, va), "unit": unit,
                      "lower_is_better": lower})
     return rows
 
 
 # ------------------------------------------------------------------ printing
 def phase_table(load: dict[str, Any], title: str) -> str:
-    f = B.fmt
+    f = fmt
     rows = []
     for p in [*load["sweep"], load["mix"], *( [load["burst"]] if load.get("burst") else [])]:
         rows.append([p["name"], p["concurrency"], f"{p['ok']}/{p['sent']}", f(p["failure_rate"], "%"),
@@ -316,12 +308,12 @@ def phase_table(load: dict[str, Any], title: str) -> str:
                      f(p["itl_s"]["p50"], "s"), f(p["itl_s"]["p95"], "s"),
                      f(p["e2e_s"]["p50"], "s"), f(p["e2e_s"]["p95"], "s"),
                      " ".join(f"{k}:{v}" for k, v in p["failures_by_status"].items()) or "-"])
-    return B.table(["phase", "conc", "ok/sent", "fail", "req/s", "tok/s", "TTFT p50", "TTFT p95",
+    return table(["phase", "conc", "ok/sent", "fail", "req/s", "tok/s", "TTFT p50", "TTFT p95",
                     "ITL p50", "ITL p95", "E2E p50", "E2E p95", "failures"], rows, title)
 
 
 def economics_lines(load: dict[str, Any]) -> str:
-    e, f = load["economics"], B.fmt
+    e, f = load["economics"], fmt
     lines = [f"capacity: {f(e['requests_per_s'])} req/s on the prompt mix at concurrency "
              f"{load['mix']['concurrency']} -> {f(e['requests_per_day'])} requests/day",
              f"cost at {f(e['gpu_hour_cost'], '$')}/hour: {f(e['cost_per_1k_requests'], '$')} per 1k requests "
@@ -336,8 +328,8 @@ def economics_lines(load: dict[str, Any]) -> str:
 
 
 def compare_table(rows: list[dict[str, Any]], a: str, b: str) -> str:
-    f = B.fmt
-    return B.table(["metric", f"A: {a}", f"B: {b}", "B / A"],
+    f = fmt
+    return table(["metric", f"A: {a}", f"B: {b}", "B / A"],
                    [[r["metric"], f(r["a"], r["unit"]), f(r["b"], r["unit"]), f(r["b_over_a"], "x")] for r in rows],
                    "Side by side (A then B, one run; B / A below 1 is better where lower is better)")
 
@@ -345,22 +337,23 @@ def compare_table(rows: list[dict[str, Any]], a: str, b: str) -> str:
 def main(args: Any) -> int:
     try:
         levels = validate(args)
-    except LoadError as e:
+    except OptionError as e:
         print(f"qwenbox bench load: {e}", flush=True)
         return 2
-    out = B.out_path(args, "load")
-    logs_dir = B.log_dir_for(out)
+    out = out_path(args, "load")
+    logs_dir = log_dir_for(out)
     params = {k: getattr(args, k) for k in ("levels", "per_level", "sweep_words", "mix", "prompts", "mix_requests",
                                            "mix_concurrency", "burst", "max_tokens", "phase_time_limit",
                                            "request_timeout", "gpu_hour_cost", "seed")}
-    res: dict[str, Any] = {"kind": "load", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": B.machine(),
+    res: dict[str, Any] = {"kind": "load", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
                            "params": params, "runs": []}
     say = lambda s: print(f"  - {s}", flush=True)  # noqa: E731
-    if B.busy_note():
-        print(B.busy_note(), flush=True)
+    note = busy_note()
+    if note:
+        print(note, flush=True)
     if args.compare:
         print(f"qwenbox bench load --compare: A={args.compare[0]} B={args.compare[1]}; logs in {logs_dir}/", flush=True)
-        with B.socket_dir() as sd:
+        with socket_dir() as sd:
             for label, cfg in zip(("A", "B"), args.compare):
                 res["runs"].append(run_with_daemon(cfg, label, sd, logs_dir / f"daemon-{label}.log", args, levels, say))
         res["comparison"] = comparison(res["runs"][0], res["runs"][1])
@@ -371,17 +364,17 @@ def main(args: Any) -> int:
         res["runs"].append(entry)
     else:
         print(f"qwenbox bench load: config {args.config}; logs in {logs_dir}/", flush=True)
-        with B.socket_dir() as sd:
+        with socket_dir() as sd:
             res["runs"].append(run_with_daemon(args.config, "daemon", sd, logs_dir / "daemon.log", args, levels, say))
-    B.finish(res)
-    B.write_json(out, res)
+    finish(res)
+    write_json(out, res)
     print()
     for run in res["runs"]:
         title = f"{run['label']}: {run.get('config') or run.get('socket')}"
         print(phase_table(run["load"], title))
         print(economics_lines(run["load"]))
         if run.get("launch_to_ready_s") is not None:
-            print(f"launch to ready: {B.fmt(run['launch_to_ready_s'], 's')}")
+            print(f"launch to ready: {fmt(run['launch_to_ready_s'], 's')}")
         print()
     if args.compare:
         print(compare_table(res["comparison"], Path(args.compare[0]).name, Path(args.compare[1]).name))

@@ -2,18 +2,22 @@
 
 In one run, one server at a time, on the config given (the demo model in development):
   1. ``qwenbox serve`` (warm-up as configured): launch-to-ready, the cold-start phases from
-     /health, the TTFT of the first request after ready vs the median of the next N, then
-     a fixed throughput workload through the API (streaming, client-side timing);
+     /health, the TTFT of the first request after ready vs the median of the next
+     ``--after-ready``, then the throughput workload through the API (streaming,
+     client-side timing) ``--throughput-repeats`` times, the median repetition reported;
   2. ``qwenbox serve --no-warmup``: launch-to-ready and the same first-vs-median TTFT;
   3. vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server --uds``) with
      the same engine settings: launch-to-ready and the same first-vs-median TTFT;
   4. AsyncLLM in-process, without HTTP: a worker process (``python -m qwenbox.tools.bench.startup
      direct ...``) opens ``qwenbox.engine.Engine`` (AsyncLLM in that process), runs the same
-     warm-up and then the same throughput workload, calling ``engine.generate`` directly.
-     It renders the chat template and tokenizes per request, as the API does, so the ratio
-     API / in-process is what HTTP, JSON, SSE and our handlers add.
+     warm-up, the same TTFT sequence and the same throughput workload, calling
+     ``engine.generate`` directly. It renders the chat template and tokenizes per request,
+     as the API does, so the ratio API / in-process is what HTTP, JSON, SSE and our
+     handlers add.
 The worker is a separate process only so vLLM's output stays out of the printed table;
 inside it, the load generator and AsyncLLM share one process and one event loop.
+Requests go one after another (TTFT) or at ``--throughput-concurrency``; over HTTP each
+has the client timeout ``--request-timeout``.
 """
 from __future__ import annotations
 
@@ -31,8 +35,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .. import bench as B
-
+from ..client import (Result, Server, ServerError, package_env, running, served_model, socket_dir, stream_chat,
+                      unix_session)
+from ..logs import request_values
+from ..report import dig, fmt, table, write_json
+from ..stats import median, ratio, summary
+from .results import busy_note, finish, log_dir_for, machine, out_path
+from .workload import synthetic_text
 
 
 # ------------------------------------------------------------------ workloads (same for every path)
@@ -44,14 +53,14 @@ def _system(cfg: Any) -> list[dict[str, str]]:
 def ttft_messages(cfg: Any, args: Any) -> list[list[dict[str, str]]]:
     """1 + after_ready chat prompts of the same length, no two sharing a prefix past the system prompt."""
     rng = random.Random(args.seed)
-    return [_system(cfg) + [{"role": "user", "content": B.synthetic_text(args.prompt_words, f"first-{i}", rng)}]
+    return [_system(cfg) + [{"role": "user", "content": synthetic_text(args.prompt_words, f"first-{i}", rng)}]
             for i in range(1 + args.after_ready)]
 
 
 def throughput_messages(cfg: Any, args: Any, rep: int = 0) -> list[list[dict[str, str]]]:
     """The throughput workload; each repetition has its own prompts (no prefix-cache help)."""
     rng = random.Random(args.seed + 1 + 1000 * rep)
-    return [_system(cfg) + [{"role": "user", "content": B.synthetic_text(args.prompt_words, f"tp{rep}-{i}", rng)}]
+    return [_system(cfg) + [{"role": "user", "content": synthetic_text(args.prompt_words, f"tp{rep}-{i}", rng)}]
             for i in range(args.throughput_requests)]
 
 
@@ -67,8 +76,8 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def ttft_figures(ttfts: list[float | None]) -> dict[str, Any]:
     first, rest = (ttfts[0] if ttfts else None), [t for t in ttfts[1:] if t is not None]
-    med = B.median(rest)
-    return {"first_ttft_s": first, "median_next_ttft_s": med, "first_over_median": B.ratio(first, med),
+    med = median(rest)
+    return {"first_ttft_s": first, "median_next_ttft_s": med, "first_over_median": ratio(first, med),
             "next_n": len(rest), "ttfts_s": ttfts}
 
 
@@ -86,13 +95,13 @@ async def _pool(items: list[Any], concurrency: int, fn) -> tuple[list[Any], floa
     return results, time.monotonic() - t0
 
 
-def throughput_figures(results: list[B.Result], wall_s: float) -> dict[str, Any]:
+def throughput_figures(results: list[Result], wall_s: float) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     toks = sum(r.output_tokens for r in ok)
     return {"requests": len(results), "ok": len(ok), "failures": len(results) - len(ok),
             "wall_s": wall_s, "requests_per_s": len(ok) / wall_s if wall_s else None,
             "output_tokens_per_s": toks / wall_s if wall_s else None,
-            "e2e_s": B.summary(r.e2e_s for r in ok), "ttft_s": B.summary(r.ttft_s for r in ok)}
+            "e2e_s": summary(r.e2e_s for r in ok), "ttft_s": summary(r.ttft_s for r in ok)}
 
 
 # ------------------------------------------------------------------ through an HTTP server
@@ -106,10 +115,10 @@ def ttft_ids(tag: str, n: int) -> list[str]:
 
 
 async def http_ttft(sock: str, model: str, prompts: list, args: Any, ids: list[str] | None = None) -> dict[str, Any]:
-    async with B.unix_session(sock) as session:
+    async with unix_session(sock) as session:
         results = []
         for i, msgs in enumerate(prompts):   # one after another: the first one is THE first request
-            results.append(await B.stream_chat(session, _body(model, msgs, args.max_tokens), args.request_timeout,
+            results.append(await stream_chat(session, _body(model, msgs, args.max_tokens), args.request_timeout,
                                                request_id=ids[i] if ids else None))
     fig = ttft_figures([r.ttft_s if r.ok else None for r in results])
     fig["failures"] = [r.failure for r in results if not r.ok]
@@ -118,27 +127,26 @@ async def http_ttft(sock: str, model: str, prompts: list, args: Any, ids: list[s
 
 def add_server_side(fig: dict[str, Any], log_path: Path, ids: list[str]) -> None:
     """qwenbox logs its own TTFT per request: the same ratio without the client's share."""
-    s = ttft_figures(B.server_side(log_path, ids))
+    s = ttft_figures(request_values(log_path, ids))
     fig["server_side"] = {k: s[k] for k in ("first_ttft_s", "median_next_ttft_s", "first_over_median", "ttfts_s")}
 
 
 async def http_throughput(sock: str, model: str, prompts: list, args: Any, ids: list[str] | None = None
                           ) -> dict[str, Any]:
     rid = iter(ids or [])
-    async with B.unix_session(sock) as session:
+    async with unix_session(sock) as session:
         results, wall = await _pool(prompts, args.throughput_concurrency,
-                                    lambda m: B.stream_chat(session, _body(model, m, args.max_tokens),
+                                    lambda m: stream_chat(session, _body(model, m, args.max_tokens),
                                                             args.request_timeout, request_id=next(rid, None)))
     return throughput_figures(results, wall)
 
 
 # ------------------------------------------------------------------ in-process (the worker)
-async def _direct_one(engine: Any, messages: list[dict[str, str]], max_tokens: int) -> B.Result:
+async def _direct_one(engine: Any, messages: list[dict[str, str]], max_tokens: int) -> Result:
     from ...generation import GenerationRequest
 
-    r = B.Result()
+    r = Result()
     t0 = r.started = time.monotonic()
-    last = None
     try:
         ids = engine.tokenizer.encode(engine.tokenizer.render_chat(messages))
         req = GenerationRequest(request_id=f"bench-{uuid.uuid4().hex[:16]}", prompt_token_ids=ids,
@@ -148,11 +156,7 @@ async def _direct_one(engine: Any, messages: list[dict[str, str]], max_tokens: i
             now = time.monotonic()
             n = sum(d.num_tokens for d in deltas)
             if n:
-                if r.ttft_s is None:
-                    r.ttft_s = now - t0
-                elif last is not None:
-                    r.itl_s.append(now - last)
-                last = now
+                r.output_at(now)
                 r.output_tokens += n
         r.e2e_s = time.monotonic() - t0
         r.ok, r.status = True, 200
@@ -215,7 +219,7 @@ def run_direct(args: Any, log_path: Path, json_path: Path) -> dict[str, Any]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=B._package_env(), process_group=0)
+                                env=package_env(), process_group=0)
         try:
             rc = proc.wait(timeout=args.ready_timeout + 600)
         except BaseException:
@@ -226,7 +230,7 @@ def run_direct(args: Any, log_path: Path, json_path: Path) -> dict[str, Any]:
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
     if rc != 0 or not json_path.exists():
-        raise B.ServerError(f"in-process worker exited with {rc}; log: {log_path}")
+        raise ServerError(f"in-process worker exited with {rc}; log: {log_path}")
     return json.loads(json_path.read_text())
 
 
@@ -250,16 +254,16 @@ def vllm_argv(cfg: Any, sock: str) -> list[str]:
 
 
 def vllm_env(cfg: Any) -> dict[str, str]:
-    env = B._package_env()
-    env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
-                "VLLM_USE_FLASHINFER_SAMPLER": "0"})
+    """What vLLM's server gets on top of our environment."""
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_USE_FLASHINFER_SAMPLER": "0"}
     if cfg.engine.cache_dir:       # the same compile cache our daemon uses: no unfair cold compile
         env["VLLM_CACHE_ROOT"] = cfg.engine.cache_dir
     return env
 
 
 # ------------------------------------------------------------------ the run
-def _launch(srv: B.Server) -> dict[str, Any]:
+def _launch(srv: Server) -> dict[str, Any]:
     return {"launch_to_listen_s": srv.launch_to_listen_s, "launch_to_ready_s": srv.launch_to_ready_s}
 
 
@@ -267,28 +271,29 @@ def main(args: Any) -> int:
     from ...config import load
 
     cfg = load(args.config)
-    out = B.out_path(args, "startup")
-    logs = B.log_dir_for(out)
+    out = out_path(args, "startup")
+    logs = log_dir_for(out)
     res: dict[str, Any] = {
-        "kind": "startup", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": B.machine(),
+        "kind": "startup", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
         "config": str(Path(args.config).resolve()), "model": cfg.model.name, "model_path": cfg.model.path,
         "params": {k: getattr(args, k) for k in ("seed", "prompt_words", "after_ready", "max_tokens",
                                                  "throughput_requests", "throughput_concurrency",
                                                  "throughput_repeats")},
         "errors": {}}
     print(f"qwenbox bench startup: config {args.config}, model {cfg.model.name}; logs in {logs}/", flush=True)
-    if B.busy_note():
-        print(B.busy_note(), flush=True)
+    note = busy_note()
+    if note:
+        print(note, flush=True)
     ttft_prompts = ttft_messages(cfg, args)
-    with B.socket_dir() as sd:
+    with socket_dir() as sd:
         # 1. qwenbox serve, warm-up as configured
         _say("qwenbox serve (warm-up as configured)")
-        srv = B.Server.qwenbox("qwenbox", args.config, str(sd / "qb.sock"), logs / "qwenbox-serve.log")
-        with B.running(srv, args.ready_timeout):
+        srv = Server.qwenbox("qwenbox", args.config, str(sd / "qb.sock"), logs / "qwenbox-serve.log")
+        with running(srv, args.ready_timeout):
             res["qwenbox"] = {**_launch(srv), "warmup_enabled": cfg.warmup.enabled,
-                              "cold_start": (srv.health or {}).get("cold_start"),
-                              "warmup": (srv.health or {}).get("warmup")}
-            model, _ = B.served_model(srv.sock)
+                              "cold_start": (srv.ready_health or {}).get("cold_start"),
+                              "warmup": (srv.ready_health or {}).get("warmup")}
+            model, _ = served_model(srv.sock)
             ids = ttft_ids("warm", len(ttft_prompts))
             res["qwenbox"]["ttft"] = asyncio.run(http_ttft(srv.sock, model, ttft_prompts, args, ids))
             _say("throughput through the API")
@@ -304,15 +309,15 @@ def main(args: Any) -> int:
                 r.pop("_ids", None)
         add_server_side(res["qwenbox"]["ttft"], srv.log_path, ids)
         # the server's own view of the same requests: its latency without the client's share
-        res["qwenbox"]["throughput"]["server_side_e2e_s"] = B.summary(B.server_side(srv.log_path, tp_ids, "latency_s"))
+        res["qwenbox"]["throughput"]["server_side_e2e_s"] = summary(request_values(srv.log_path, tp_ids, "latency_s"))
 
         # 2. the same without warm-up
         _say("qwenbox serve --no-warmup")
-        srv = B.Server.qwenbox("qwenbox --no-warmup", args.config, str(sd / "qbnw.sock"),
-                               logs / "qwenbox-serve-no-warmup.log", no_warmup=True)
-        with B.running(srv, args.ready_timeout):
-            res["qwenbox_no_warmup"] = {**_launch(srv), "cold_start": (srv.health or {}).get("cold_start")}
-            model, _ = B.served_model(srv.sock)
+        srv = Server.qwenbox("qwenbox --no-warmup", args.config, str(sd / "qbnw.sock"),
+                               logs / "qwenbox-serve-no-warmup.log", extra_args=["--no-warmup"])
+        with running(srv, args.ready_timeout):
+            res["qwenbox_no_warmup"] = {**_launch(srv), "cold_start": (srv.ready_health or {}).get("cold_start")}
+            model, _ = served_model(srv.sock)
             ids = ttft_ids("nowarm", len(ttft_prompts))
             res["qwenbox_no_warmup"]["ttft"] = asyncio.run(http_ttft(srv.sock, model, ttft_prompts, args, ids))
         add_server_side(res["qwenbox_no_warmup"]["ttft"], srv.log_path, ids)
@@ -321,13 +326,13 @@ def main(args: Any) -> int:
         if not args.skip_vllm:
             _say("vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server)")
             sock = str(sd / "vllm.sock")
-            srv = B.Server("vllm", vllm_argv(cfg, sock), sock, logs / "vllm-api-server.log", env=vllm_env(cfg))
+            srv = Server("vllm", vllm_argv(cfg, sock), sock, logs / "vllm-api-server.log", env=vllm_env(cfg))
             res["vllm_server"] = {"argv": srv.argv[1:]}
             try:
-                with B.running(srv, args.ready_timeout):
+                with running(srv, args.ready_timeout):
                     res["vllm_server"].update(_launch(srv))
                     res["vllm_server"]["ttft"] = asyncio.run(http_ttft(sock, cfg.model.name, ttft_prompts, args))
-            except B.ServerError as e:
+            except ServerError as e:
                 res["errors"]["vllm_server"] = str(e).splitlines()[0]
                 print(f"  vLLM's server failed: {res['errors']['vllm_server']}", flush=True)
 
@@ -335,13 +340,13 @@ def main(args: Any) -> int:
     _say("AsyncLLM in-process (qwenbox.engine.Engine, no HTTP)")
     try:
         res["in_process"] = run_direct(args, logs / "in-process.log", logs / "in-process.json")
-    except B.ServerError as e:
+    except ServerError as e:
         res["errors"]["in_process"] = str(e)
         print(f"  in-process run failed: {e}", flush=True)
 
     res["ratios"] = ratios(res)
-    B.finish(res)
-    B.write_json(out, res)
+    finish(res)
+    write_json(out, res)
     print()
     print(report(res))
     print(f"\nJSON: {out}")
@@ -353,7 +358,7 @@ def _say(what: str) -> None:
 
 
 def ratios(res: dict[str, Any]) -> dict[str, Any]:
-    g = lambda *path: _get(res, *path)  # noqa: E731
+    g = lambda *path: dig(res, *path)  # noqa: E731
     return {
         "first_ttft_over_median_warm": g("qwenbox", "ttft", "first_over_median"),
         "first_ttft_over_median_no_warmup": g("qwenbox_no_warmup", "ttft", "first_over_median"),
@@ -361,38 +366,30 @@ def ratios(res: dict[str, Any]) -> dict[str, Any]:
         "first_ttft_over_median_warm_server_side": g("qwenbox", "ttft", "server_side", "first_over_median"),
         "first_ttft_over_median_no_warmup_server_side": g("qwenbox_no_warmup", "ttft", "server_side",
                                                           "first_over_median"),
-        "api_over_in_process_requests_per_s": B.ratio(g("qwenbox", "throughput", "requests_per_s"),
+        "api_over_in_process_requests_per_s": ratio(g("qwenbox", "throughput", "requests_per_s"),
                                                       g("in_process", "throughput", "requests_per_s")),
-        "api_over_in_process_p50": B.ratio(g("qwenbox", "throughput", "e2e_s", "p50"),
+        "api_over_in_process_p50": ratio(g("qwenbox", "throughput", "e2e_s", "p50"),
                                            g("in_process", "throughput", "e2e_s", "p50")),
-        "api_over_in_process_p95": B.ratio(g("qwenbox", "throughput", "e2e_s", "p95"),
+        "api_over_in_process_p95": ratio(g("qwenbox", "throughput", "e2e_s", "p95"),
                                            g("in_process", "throughput", "e2e_s", "p95")),
-        "api_server_side_over_in_process_p50": B.ratio(g("qwenbox", "throughput", "server_side_e2e_s", "p50"),
+        "api_server_side_over_in_process_p50": ratio(g("qwenbox", "throughput", "server_side_e2e_s", "p50"),
                                                        g("in_process", "throughput", "e2e_s", "p50")),
-        "api_server_side_over_in_process_p95": B.ratio(g("qwenbox", "throughput", "server_side_e2e_s", "p95"),
+        "api_server_side_over_in_process_p95": ratio(g("qwenbox", "throughput", "server_side_e2e_s", "p95"),
                                                        g("in_process", "throughput", "e2e_s", "p95")),
-        "launch_to_ready_qwenbox_over_vllm": B.ratio(g("qwenbox", "launch_to_ready_s"),
+        "launch_to_ready_qwenbox_over_vllm": ratio(g("qwenbox", "launch_to_ready_s"),
                                                      g("vllm_server", "launch_to_ready_s")),
-        "launch_to_ready_qwenbox_no_warmup_over_vllm": B.ratio(g("qwenbox_no_warmup", "launch_to_ready_s"),
+        "launch_to_ready_qwenbox_no_warmup_over_vllm": ratio(g("qwenbox_no_warmup", "launch_to_ready_s"),
                                                                g("vllm_server", "launch_to_ready_s")),
     }
 
 
-def _get(d: Any, *path: str) -> Any:
-    for k in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
 def report(res: dict[str, Any]) -> str:
-    f, g = B.fmt, lambda *p: _get(res, *p)
+    f, g = fmt, lambda *p: dig(res, *p)
     parts = []
     cs = g("qwenbox", "cold_start") or {}
     rows = [[k, f(v, "" if k.endswith("tokens") else "s") if isinstance(v, (int, float)) else f(v)]
             for k, v in cs.items()]
-    parts.append(B.table(["phase", "value"], rows, "Cold start of `qwenbox serve` (from /health cold_start)"))
+    parts.append(table(["phase", "value"], rows, "Cold start of `qwenbox serve` (from /health cold_start)"))
 
     rows = []
     for key, label in (("qwenbox", "qwenbox serve (pre-warm)"), ("qwenbox_no_warmup", "qwenbox serve --no-warmup"),
@@ -404,7 +401,7 @@ def report(res: dict[str, Any]) -> str:
                          f(t["first_over_median"], "x"), f(ss.get("first_ttft_s"), "s"),
                          f(ss.get("median_next_ttft_s"), "s"), f(ss.get("first_over_median"), "x")])
     n = res["params"]["after_ready"]
-    parts.append(B.table(["server", "first TTFT", f"median of next {n}", "first / median",
+    parts.append(table(["server", "first TTFT", f"median of next {n}", "first / median",
                           "server: first", "server: median", "server: ratio"], rows,
                          "TTFT of the first request after ready vs the next ones (client-side; "
                          "server: qwenbox's own request log)"))
@@ -425,11 +422,11 @@ def report(res: dict[str, Any]) -> str:
         rows.append(["ratio API (own log) / in-process", "", "", f(r["api_server_side_over_in_process_p50"], "x"),
                      f(r["api_server_side_over_in_process_p95"], "x"), ""])
     p = res["params"]
-    parts.append(B.table(["path", "req/s", "tok/s", "p50 latency", "p95 latency", "ok"], rows,
+    parts.append(table(["path", "req/s", "tok/s", "p50 latency", "p95 latency", "ok"], rows,
                          f"Throughput: {p['throughput_requests']} streamed requests, concurrency "
                          f"{p['throughput_concurrency']}, {p['max_tokens']} tokens each; the median of "
                          f"{p.get('throughput_repeats', 1)} repetitions by req/s (all: "
-                         + "; ".join(f"{lbl} " + ", ".join(B.fmt(x) for x in (t or {}).get("requests_per_s_runs", []))
+                         + "; ".join(f"{lbl} " + ", ".join(fmt(x) for x in (t or {}).get("requests_per_s_runs", []))
                                      for lbl, t in (("in-process", direct), ("API", api)) if t) + ")"))
 
     rows = []
@@ -437,8 +434,8 @@ def report(res: dict[str, Any]) -> str:
                        ("vllm_server", "vLLM OpenAI server")):
         if g(key, "launch_to_ready_s") is not None:
             rows.append([label, f(g(key, "launch_to_listen_s"), "s"), f(g(key, "launch_to_ready_s"), "s"),
-                         f(B.ratio(g(key, "launch_to_ready_s"), g("vllm_server", "launch_to_ready_s")), "x")])
-    parts.append(B.table(["server", "answers /health", "ready (/health 200)", "ready / vLLM's"], rows,
+                         f(ratio(g(key, "launch_to_ready_s"), g("vllm_server", "launch_to_ready_s")), "x")])
+    parts.append(table(["server", "answers /health", "ready (/health 200)", "ready / vLLM's"], rows,
                          "Launch to ready"))
     if res.get("errors"):
         parts.append("Errors: " + "; ".join(f"{k}: {v}" for k, v in res["errors"].items()))
