@@ -1,38 +1,22 @@
-"""Test helpers: run a real `qwenbox serve` process and talk to it over its unix socket."""
+"""Test helpers: run a real `qwenbox serve` process and talk to it over its unix socket.
+
+The process runner and the HTTP client are the benchmarks' (``qwenbox.tools.client``);
+what is here is only what tests add: the demo-model config and the OpenAI clients."""
 from __future__ import annotations
 
-import http.client
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from qwenbox.tools.client import UnixHTTPConnection
+from qwenbox.tools.client import Server, UnixHTTPConnection, request, serve_argv  # noqa: F401 (tests import them here)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / ".demo-model"
 DEMO_CONFIG = ROOT / "etc" / "qwenbox" / "demo.toml"
 
 
-def request(sock: str, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
-            headers: dict[str, str] | None = None, timeout: float = 120.0) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP request over the unix socket -> (status, headers, body bytes)."""
-    conn = UnixHTTPConnection(sock, timeout=timeout)
-    try:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        hdrs = {"Content-Type": "application/json", **(headers or {})}
-        conn.request(method, path, body=data, headers=hdrs)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-
-
 def jrequest(sock: str, method: str, path: str, body: Any = None, **kw) -> tuple[int, dict[str, str], Any]:
+    """``request`` with the answer's body decoded as JSON (None when empty)."""
     status, headers, data = request(sock, method, path, body, **kw)
     return status, headers, json.loads(data) if data else None
 
@@ -68,67 +52,23 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]] | None = None,
     return path
 
 
-class Daemon:
-    """A real `qwenbox serve` subprocess on the demo model."""
+class Daemon(Server):
+    """A real `qwenbox serve` subprocess on the demo model, with its config, socket and log
+    in ``workdir`` (also its working directory); ``env`` is added to the environment.
+    ``start``, ``health``, ``tail``, ``log_text`` and ``stop(sig, timeout)`` are Server's."""
 
     def __init__(self, workdir: Path, sections: dict[str, dict[str, Any]] | None = None,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
-        self.sock = str(workdir / "qwenbox.sock")
         self.config = write_config(workdir / "qwenbox.toml", sections)
-        self.log_path = workdir / "daemon.log"
-        self.extra_args = extra_args or []
-        self.env = env
-        self.proc: subprocess.Popen | None = None
+        sock = str(workdir / "qwenbox.sock")
+        super().__init__("qwenbox serve", serve_argv(self.config, sock, extra_args or ()), sock,
+                         workdir / "daemon.log", env=env, cwd=workdir)
 
-    def start(self) -> "Daemon":
-        self._log = open(self.log_path, "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "qwenbox", "serve", "--config", str(self.config),
-                                      "--socket", self.sock, *self.extra_args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir))
-        return self
-
-    def health(self) -> tuple[int, Any] | None:
-        try:
-            status, _, body = jrequest(self.sock, "GET", "/health", timeout=5)
-            return status, body
-        except (OSError, http.client.HTTPException, ValueError):
-            return None
-
-    def wait_ready(self, timeout: float = 240.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.tail()}")
-            h = self.health()
-            if h and h[0] == 200:
-                return h[1]
-            time.sleep(0.25)
-        raise TimeoutError(f"daemon not ready after {timeout}s:\n{self.tail()}")
-
-    def tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
+    def wait_ready(self, timeout: float = 240.0, poll: float = 0.1) -> Any:
+        """The /health body once it answers 200 (a demo-model cold start takes ~30 s)."""
+        return super().wait_ready(timeout, poll)
 
     def openai(self, **kw):
         import httpx
