@@ -1,6 +1,6 @@
 """`qwenbox bench`: the load benchmark against the shared daemon with a tiny bounded load
-(the JSON has its fields and sane relations; no timing thresholds), and the pure parts
-(prompt mixes, figures, the comparison table) on synthetic data."""
+(the JSON has its fields and sane relations; no timing thresholds), option checks, and the
+pure parts (prompt mixes, figures, the comparison table) on synthetic data."""
 import json
 import math
 
@@ -83,6 +83,18 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
         assert out.startswith("qwenbox bench load: ") and len(out.splitlines()) == 1
     assert cli.main(["bench", "load", "--socket", "/x", "--prompts", str(bad)]) == 2
     assert f"{bad}:2" in capsys.readouterr().out
+
+
+def test_every_mode_is_checked_before_anything_starts(capsys):
+    # a missing config would end a run that got past the checks with 78, not 2
+    missing = ["--config", "/nonexistent/qwenbox.toml"]
+    for argv, mode in ((["startup", "--throughput-concurrency", "100000"], "startup"),
+                       (["startup", "--throughput-repeats", "0"], "startup"),
+                       (["all", "--burst", "100000"], "load"),
+                       (["--after-ready", "-1"], "startup")):
+        assert cli.main(["bench", *argv, *missing]) == 2
+        out = capsys.readouterr().out.strip()
+        assert out.startswith(f"qwenbox bench {mode}: ") and len(out.splitlines()) == 1, out
 
 
 def _result(ok=True, failure=None, code=None, e2e=0.5, ttft=0.1, tag="t", tokens=4):

@@ -6,11 +6,13 @@ Contract:
   launch-to-ready of ``qwenbox serve`` vs vLLM's own OpenAI server.
 - ``qwenbox bench load`` (``load.py``): the cost benchmark - a concurrency sweep, a
   prompt-length mix and a burst against one daemon, or ``--compare A.toml B.toml``.
-- ``qwenbox bench`` with no mode runs both, one after the other.
+- ``qwenbox bench`` with no mode runs both, one after the other; the options of both are
+  checked before either starts.
 Every figure comes from runs made side by side in one invocation; ratios are only ever
 taken between such runs. Each run sends a fixed number of requests, each with a client
-timeout, and only to a unix socket: one it started, or ``--socket``. Servers are started
-one at a time and always stopped, also on Ctrl-C.
+timeout, at a concurrency capped by ``workload.MAX_CONCURRENCY``, and only to a unix
+socket: one it started, or ``--socket``. Servers are started one at a time and always
+stopped, also on Ctrl-C.
 
 This module holds the command line only; ``startup`` and ``load`` are imported when they
 run (never by ``qwenbox serve``), and neither imports this one.
@@ -72,10 +74,20 @@ def add_arguments(p: Any) -> None:
 
 
 def run(args: Any) -> int:
-    if args.mode in ("startup", "all"):
-        from . import startup
-        rc = startup.main(args)
-        if rc or args.mode == "startup":
+    """Check the options of every mode that will run (exit status 2 and one line when one
+    is bad), then run the modes in order; the first non-zero exit status ends the run."""
+    from . import load, startup
+    from .workload import OptionError
+
+    modes = [(name, m) for name, m in (("startup", startup), ("load", load)) if args.mode in (name, "all")]
+    for name, m in modes:
+        try:
+            m.validate(args)
+        except OptionError as e:
+            print(f"qwenbox bench {name}: {e}", flush=True)
+            return 2
+    for _, m in modes:
+        rc = m.main(args)
+        if rc:
             return rc
-    from . import load
-    return load.main(args)
+    return 0

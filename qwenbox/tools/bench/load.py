@@ -335,11 +335,8 @@ def compare_table(rows: list[dict[str, Any]], a: str, b: str) -> str:
 
 
 def main(args: Any) -> int:
-    try:
-        levels = validate(args)
-    except OptionError as e:
-        print(f"qwenbox bench load: {e}", flush=True)
-        return 2
+    """The whole ``bench load`` run; ``bench.run`` has validated ``args``."""
+    levels = validate(args)
     out = out_path(args, "load")
     logs_dir = log_dir_for(out)
     params = {k: getattr(args, k) for k in ("levels", "per_level", "sweep_words", "mix", "prompts", "mix_requests",

@@ -16,8 +16,9 @@ In one run, one server at a time, on the config given (the demo model in develop
      handlers add.
 The worker is a separate process only so vLLM's output stays out of the printed table;
 inside it, the load generator and AsyncLLM share one process and one event loop.
-Requests go one after another (TTFT) or at ``--throughput-concurrency``; over HTTP each
-has the client timeout ``--request-timeout``.
+Requests go one after another (TTFT) or at ``--throughput-concurrency`` (at most
+``workload.MAX_CONCURRENCY``); over HTTP each has the client timeout ``--request-timeout``.
+``validate`` refuses options out of range before a server starts.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from ..logs import request_values
 from ..report import dig, fmt, table, write_json
 from ..stats import median, ratio, summary
 from .results import busy_note, finish, log_dir_for, machine, out_path
-from .workload import synthetic_text
+from .workload import MAX_CONCURRENCY, MAX_REQUESTS, OptionError, check_range, synthetic_text
 
 
 # ------------------------------------------------------------------ workloads (same for every path)
@@ -263,11 +264,24 @@ def vllm_env(cfg: Any) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ the run
+def validate(args: Any) -> None:
+    """Every option of this mode in range, else OptionError (before any server starts)."""
+    check_range("--after-ready", args.after_ready, 0, MAX_REQUESTS)
+    check_range("--throughput-requests", args.throughput_requests, 1, MAX_REQUESTS)
+    check_range("--throughput-concurrency", args.throughput_concurrency, 1, MAX_CONCURRENCY)
+    check_range("--throughput-repeats", args.throughput_repeats, 1)
+    check_range("--prompt-words", args.prompt_words, 1)
+    check_range("--max-tokens", args.max_tokens, 1)
+    if args.request_timeout <= 0 or args.ready_timeout <= 0:
+        raise OptionError("--request-timeout and --ready-timeout must be > 0")
+
+
 def _launch(srv: Server) -> dict[str, Any]:
     return {"launch_to_listen_s": srv.launch_to_listen_s, "launch_to_ready_s": srv.launch_to_ready_s}
 
 
 def main(args: Any) -> int:
+    """The whole ``bench startup`` run; ``bench.run`` has validated ``args``."""
     from ...config import load
 
     cfg = load(args.config)

@@ -2,7 +2,8 @@
 
 Contract: ``synthetic_text`` is deterministic for a given ``rng`` state and starts with its
 ``salt``, so no two prompts share a cached prefix beyond the chat template. ``check_range``
-raises ``OptionError`` (one line for the user) for an option outside its range.
+raises ``OptionError`` (one line for the user) for an option outside its range; each
+benchmark checks all of its options before it starts a server or sends a request.
 """
 from __future__ import annotations
 
