@@ -11,6 +11,7 @@ import asyncio
 import os
 import sys
 from importlib import metadata
+from typing import Any, Callable
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, ConfigError, load
@@ -79,10 +80,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def bench_options(p: argparse.ArgumentParser) -> None:
+    from .tools.bench import add_arguments
+
+    add_arguments(p)
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from .tools import logs
 
     return logs.main(args)
+
+
+def logs_options(p: argparse.ArgumentParser) -> None:
+    from .tools.logs import add_arguments
+
+    add_arguments(p)
 
 
 def _dist_version(*names: str) -> str | None:
@@ -101,9 +114,26 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser whose options may be added only when it parses (``add_options``):
+    ``bench`` and ``logs`` keep theirs beside their code in ``qwenbox.tools``, which
+    ``qwenbox serve`` must not import. (Its ``format_help`` before parsing lacks them.)"""
+
+    def __init__(self, *args: Any, add_options: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_options = add_options
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._add_options is not None:
+            add, self._add_options = self._add_options, None
+            add(self)
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwenbox", description="Serve one open LLM on one box, predictably.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--config", "-c", default=os.environ.get("QWENBOX_CONFIG", DEFAULT_CONFIG_PATH),
@@ -123,17 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="rebuild even if a demo model is there")
     d.set_defaults(func=cmd_demo_model)
     sub.add_parser("version", help="print versions").set_defaults(func=cmd_version)
-    b = sub.add_parser("bench", help="benchmarks: cold start and API overhead (startup), cost under load (load)",
-                       description="Benchmarks (not tests): print a table and write JSON. See docs/bench.md.")
-    from .tools.bench import add_arguments as bench_arguments   # argparse setup only: no vllm, no aiohttp
-    bench_arguments(b)
-    b.set_defaults(func=cmd_bench)
-    lg = sub.add_parser("logs", help="analyze the daemon's structured log lines (files or the journal)",
-                        description="Cold starts, latency percentiles, error classes and traffic from "
-                                    "qwenbox's log lines (logfmt or JSON, bare or journald 'short').")
-    from .tools.logs import add_arguments as logs_arguments
-    logs_arguments(lg)
-    lg.set_defaults(func=cmd_logs)
+    sub.add_parser("bench", help="benchmarks: cold start and API overhead (startup), cost under load (load)",
+                   description="Benchmarks (not tests): print a table and write JSON. See docs/bench.md.",
+                   add_options=bench_options).set_defaults(func=cmd_bench)
+    sub.add_parser("logs", help="analyze the daemon's structured log lines (files or the journal)",
+                   description="Cold starts, latency percentiles, error classes and traffic from "
+                               "qwenbox's log lines (logfmt or JSON, bare or journald 'short').",
+                   add_options=logs_options).set_defaults(func=cmd_logs)
     return p
 
 

@@ -1,7 +1,38 @@
-"""qwenbox.tools: the statistics and tables the benchmarks and the log analyzer share."""
+"""qwenbox.tools: `qwenbox serve` imports none of it; the statistics and tables the
+benchmarks and the log analyzer share."""
+import json
+import subprocess
+import sys
+
 import pytest
 
+from helpers import ROOT
 from qwenbox.tools import report, stats
+
+
+def test_serve_imports_nothing_from_tools(tmp_path):
+    # A fresh interpreter: the command line parsed and `serve` run up to its config error
+    # (a missing file), then everything the daemon itself imports.
+    code = f"""
+import json, sys
+from qwenbox import cli
+cli.main(["serve", "--config", {str(tmp_path / "missing.toml")!r}])
+import qwenbox.daemon
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("qwenbox"))))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout.splitlines()[-1])
+    assert "qwenbox.cli" in loaded and "qwenbox.daemon" in loaded
+    assert [m for m in loaded if m == "qwenbox.tools" or m.startswith("qwenbox.tools.")] == []
+
+
+def test_bench_and_logs_options_are_there_when_asked_for():
+    from qwenbox import cli
+    args = cli.build_parser().parse_args(["bench", "load", "--levels", "1,2", "--burst", "0"])
+    assert (args.mode, args.levels, args.burst, args.max_tokens) == ("load", "1,2", 0, 32)
+    args = cli.build_parser().parse_args(["logs", "--journal", "-u", "other"])
+    assert args.journal and args.unit == "other" and args.files == []
 
 
 def test_percentiles_interpolate_between_order_statistics():
