@@ -165,21 +165,19 @@ exec env -i container=qwenbox-test PATH={PATH} LANG=C.UTF-8 \\
                 self.proc.wait(10)
         self._kill_cgroup()
         for top in self._cgroups:
+            # innermost first: a cgroup can be removed once it has no children and no processes
             for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]:
                 try:
                     d.rmdir()
                 except FileNotFoundError:
                     pass
                 except OSError:
-                    time.sleep(0.2)
-                    try:
-                        d.rmdir()
-                    except OSError:
-                        pass
+                    pass        # still busy after the kill: leftover_processes() and the caller's checks say so
         self.pid = None
 
-    def _kill_cgroup(self) -> None:
-        """SIGKILL whatever still runs in the manager's cgroups (nothing, after a clean poweroff)."""
+    def _kill_cgroup(self, timeout: float = 30.0) -> None:
+        """SIGKILL whatever still runs in the manager's cgroups (nothing, after a clean poweroff),
+        and wait until the kernel has reaped it all: only empty cgroups can be removed."""
         for top in self._cgroups:
             if not top.exists():
                 continue
@@ -198,7 +196,9 @@ exec env -i container=qwenbox-test PATH={PATH} LANG=C.UTF-8 \\
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-        time.sleep(0.2)
+        deadline = time.monotonic() + timeout
+        while self.leftover_processes() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def leftover_processes(self) -> list[int]:
         pids = []
@@ -248,15 +248,6 @@ exec env -i container=qwenbox-test PATH={PATH} LANG=C.UTF-8 \\
     def show(self, unit: str, *props: str) -> dict[str, str]:
         out = self.systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-    def wait_for(self, unit: str, timeout: float, **want: str) -> dict[str, str]:
-        """Poll ``show`` until every property has the wanted value; the last values on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.show(unit, *want)
-            if all(got.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
-                return got
-            time.sleep(0.1)
 
     def journal(self, unit: str | None = None, *args: str, output: str = "short-monotonic") -> str:
         cmd = ["journalctl", "--no-pager", "-o", output, *args]
