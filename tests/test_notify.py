@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
 from helpers import Daemon, jrequest, write_config
 from qwenbox.eventlog import parse_line
 from qwenbox.systemd import Notifier, take_listen_fds
@@ -123,9 +124,12 @@ def test_notifier_abstract_socket(monkeypatch):
     try:
         monkeypatch.setenv("NOTIFY_SOCKET", name)
         n = Notifier.from_environ()
-        assert n.enabled and n.status("abstract ✓")
-        ns.wait_for(lambda t: True, 5)
-        assert ns.texts() == ["STATUS=abstract ✓"]
+        try:
+            assert n.enabled and n.status("abstract ✓")
+            ns.wait_for(lambda t: True, 5)
+            assert ns.texts() == ["STATUS=abstract ✓"]
+        finally:
+            n.close()
     finally:
         ns.close()
 
@@ -292,8 +296,12 @@ def test_daemon_notify_sequence(tmp_path, demo_model):
                          r"expected an integer, got 'many'$", reload_msgs[1]), reload_msgs[1]
         assert jrequest(d.sock, "POST", "/v1/completions", body)[0] == 400          # max_n is still 1
         assert jrequest(d.sock, "POST", "/v1/completions", {**body, "n": 1})[0] == 200
-        time.sleep(0.3)
-        log = [e for e in map(parse_line, d.log_text().splitlines()) if e and e.get("event") == "reload"]
+
+        def reload_events():
+            return [e for e in map(parse_line, d.log_text().splitlines()) if e and e.get("event") == "reload"]
+        # the log line and the datagram are written separately: wait for the line, do not assume it is there
+        log = wait_for(lambda: (lambda evs: len(evs) >= 2 and evs)(reload_events()), 30,
+                       lambda: f"two reload events in the log: {reload_events()}")
         assert [e["ok"] for e in log] == ["true", "false"], log
         assert "limits.max_n" in log[0]["applied"] and "engine.max_num_seqs" in log[0]["needs_restart"]
         assert "expected an integer" in log[1]["error"]
@@ -302,7 +310,9 @@ def test_daemon_notify_sequence(tmp_path, demo_model):
         mark = len(ns.texts())
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(120) == 0, d.tail()
-        time.sleep(0.3)
+        # every datagram was sent before the exit, but our reader thread may not have taken the
+        # last ones off the socket yet: wait until it has the final one
+        ns.wait_for(lambda t: t.startswith("STATUS=stopped"), 30, mark)
         stop_msgs = [t for t in ns.texts()[mark:] if t != "WATCHDOG=1"]
         print("notify: SIGTERM ->", stop_msgs)
         assert stop_msgs == ["STOPPING=1\nSTATUS=draining: finishing 0 request(s)", "STATUS=stopped: exit 0"]
