@@ -3,12 +3,14 @@ for active sessions. Past the limits a request is refused at once (429), never l
 pile up into an OOM or a hang.
 
 Contract:
-- ``await Admission.acquire(prompt_tokens, session_active)`` returns a ``Slot`` when the
-  request may go to the engine, or raises ``Rejected(reason)``: ``queue_full``,
-  ``queued_tokens_full`` (at once) or ``queue_timeout`` (waited ``queue_timeout_s``).
-  A cancelled waiter (client gone) leaves the queue cleanly.
-- ``release(slot)`` frees the slot and hands it to the best waiter: active sessions
-  first, then arrival order.
+- ``async with admission.admit(prompt_tokens, session) as ticket:`` is how a request gets
+  to the engine: it yields a ``Ticket`` (engine priority, whether its session is active,
+  time queued) and frees the slot on exit, or raises ``Rejected(reason)`` (a 429 for the
+  client): ``queue_full``, ``queued_tokens_full`` (at once) or ``queue_timeout`` (waited
+  ``queue_timeout_s``). It keeps the session table and the queue metrics up to date.
+- Underneath, ``await acquire(prompt_tokens, session_active)`` returns a ``Ticket`` and
+  ``release()`` frees one slot and hands it to the best waiter: active sessions first,
+  then arrival order. A cancelled waiter (client gone) leaves the queue cleanly.
 - A share ``sessions.reserved_share`` of in-flight slots and of queue places is kept for
   active sessions: anonymous traffic is refused earlier, so a returning user still gets in
   when the anonymous queue is full.
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
 
 from .config import AdmissionConfig, SessionsConfig
 
@@ -41,11 +45,15 @@ class _Waiter:
     future: asyncio.Future = field(compare=False)
 
 
-@dataclass
-class Slot:
-    prompt_tokens: int
+@dataclass(frozen=True)
+class Ticket:
+    """A granted slot: the engine priority to run with and how long the request queued."""
     session_active: bool
     queued_s: float
+
+    @property
+    def priority(self) -> int:
+        return 0 if self.session_active else 1     # vLLM runs lower values first
 
 
 class SessionTracker:
@@ -90,7 +98,9 @@ class SessionTracker:
 
 
 class Admission:
-    def __init__(self, cfg: AdmissionConfig, sessions: SessionsConfig) -> None:
+    def __init__(self, cfg: AdmissionConfig, sessions: SessionsConfig, metrics: Any = None) -> None:
+        self.sessions = SessionTracker(sessions)
+        self.metrics = metrics
         self.configure(cfg, sessions)
         self.in_flight = 0
         self.queued_tokens = 0
@@ -100,6 +110,7 @@ class Admission:
     def configure(self, cfg: AdmissionConfig, sessions: SessionsConfig) -> None:
         """(Re)read the limits; safe while serving (a SIGHUP reload calls this)."""
         self.cfg = cfg
+        self.sessions.cfg = sessions
         share = sessions.reserved_share if sessions.keepalive_s > 0 else 0.0
         self.anon_in_flight = max(1, cfg.max_in_flight - math.ceil(cfg.max_in_flight * share))
         self.anon_queued = cfg.max_queued - math.ceil(cfg.max_queued * share)
@@ -109,15 +120,48 @@ class Admission:
     def queued(self) -> int:
         return len(self._queue)
 
+    @contextlib.asynccontextmanager
+    async def admit(self, prompt_tokens: int, session: str | None) -> AsyncIterator[Ticket]:
+        active = self.sessions.is_active(session)
+        try:
+            ticket = await self.acquire(prompt_tokens, active)
+        except Rejected as r:
+            if self.metrics is not None:
+                self.metrics.rejections.labels(r.reason).inc()
+            raise
+        finally:
+            self.export_metrics()
+        self.sessions.turn_started(session)
+        try:
+            yield ticket
+        finally:
+            self.sessions.turn_ended(session)
+            self.release()
+            self.export_metrics()
+
+    def export_metrics(self) -> None:
+        m = self.metrics
+        if m is not None:
+            m.in_flight.set(self.in_flight)
+            m.queued.set(self.queued)
+            m.queued_tokens.set(self.queued_tokens)
+            m.active_sessions.set(self.sessions.active_count())
+
+    def health(self) -> dict[str, Any]:
+        return {"admission": {"in_flight": self.in_flight, "queued": self.queued,
+                              "queued_prompt_tokens": self.queued_tokens,
+                              "max_in_flight": self.cfg.max_in_flight, "max_queued": self.cfg.max_queued},
+                "active_sessions": self.sessions.active_count()}
+
     def _may_run(self, session_active: bool) -> bool:
         return self.in_flight < (self.cfg.max_in_flight if session_active else self.anon_in_flight)
 
-    async def acquire(self, prompt_tokens: int, session_active: bool) -> Slot:
+    async def acquire(self, prompt_tokens: int, session_active: bool) -> Ticket:
         t0 = time.monotonic()
         rank = 0 if session_active else 1
         if self._may_run(session_active) and not any(w.rank <= rank for w in self._queue):
             self.in_flight += 1
-            return Slot(prompt_tokens, session_active, 0.0)
+            return Ticket(session_active, 0.0)
         max_q = self.cfg.max_queued if session_active else self.anon_queued
         max_t = self.cfg.max_queued_prompt_tokens if session_active else self.anon_queued_tokens
         if len(self._queue) >= max_q:
@@ -135,14 +179,14 @@ class Admission:
             await asyncio.wait_for(asyncio.shield(w.future), timeout=self.cfg.queue_timeout_s)
         except asyncio.TimeoutError:
             if not self._withdraw(w):   # granted in the same instant: keep the slot
-                return Slot(prompt_tokens, session_active, time.monotonic() - t0)
+                return Ticket(session_active, time.monotonic() - t0)
             raise Rejected("queue_timeout", f"waited {self.cfg.queue_timeout_s:g}s in the queue without a free "
                                             f"slot; retry later") from None
         except asyncio.CancelledError:
             if not self._withdraw(w):
                 self.release()          # granted, but the client left: hand the slot on
             raise
-        return Slot(prompt_tokens, session_active, time.monotonic() - t0)
+        return Ticket(session_active, time.monotonic() - t0)
 
     def _withdraw(self, w: _Waiter) -> bool:
         """Remove a waiter that was not granted; False if it had already been granted."""
@@ -153,7 +197,7 @@ class Admission:
         w.future.cancel()
         return True
 
-    def release(self, slot: Slot | None = None) -> None:
+    def release(self) -> None:
         self.in_flight -= 1
         self._dispatch()
 

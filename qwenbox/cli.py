@@ -1,8 +1,8 @@
 """``qwenbox`` entry points; maps failures to exit codes.
 
-Exit codes: 0 ok; 1 engine failed or died; 2 bad command line (argparse);
-69 (EX_UNAVAILABLE) the listener cannot be bound; 78 (EX_CONFIG) bad configuration
-(systemd's RestartPreventExitStatus=78 keeps a broken config from restart-looping).
+Exit codes: ``exitcode.ExitCode`` (0 ok; 1 engine failed or died; 2 bad command line;
+69 the listener cannot be bound; 78 bad configuration, which systemd's
+RestartPreventExitStatus=78 keeps from restart-looping).
 """
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, ConfigError, load
-
-EX_UNAVAILABLE, EX_CONFIG = 69, 78
+from .exitcode import ExitCode
 
 
 def _abs(p: str | None) -> str | None:
@@ -43,7 +42,8 @@ def _load(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import eventlog
-    from .daemon import Daemon, ListenerError
+    from .daemon import Daemon
+    from .listeners import ListenerError
 
     cfg = _load(args)
     eventlog.setup(cfg.logging.level, cfg.logging.format, cfg.logging.file)
@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return asyncio.run(Daemon(cfg).run())
     except ListenerError as e:
         print(f"qwenbox: {e}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return ExitCode.UNAVAILABLE
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"qwenbox: config error: {e}", file=sys.stderr)
-        return EX_CONFIG
+        return ExitCode.CONFIG
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
+from .generation import RULES, Rule
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - setup.cfg requires tomli there
@@ -99,6 +101,9 @@ class ServerConfig:
     start_step_timeout_s: float = _opt(300.0, min=1.0)
     access_log: bool = True
     queue_while_loading_s: float = _opt(60.0, min=0.0)
+    idle_timeout_s: float = _opt(30.0, min=1.0)
+    body_timeout_s: float = _opt(15.0, min=1.0)
+    max_connections: int = _opt(4096, min=1)
 
 
 @dataclass(frozen=True)
@@ -150,12 +155,12 @@ class ShapingConfig:
     long_prompt_chars: int = _opt(500, min=0)
     max_tokens_long_prompt: int = _opt(1024, min=1)
     max_tokens_short_prompt: int = _opt(2048, min=1)
-    temperature: float = _opt(0.7, min=0.0, max=2.0)
-    temperature_summarize: float = _opt(0.3, min=0.0, max=2.0)
+    temperature: float = _opt(0.7, **RULES["temperature"].as_config_bounds())
+    temperature_summarize: float = _opt(0.3, **RULES["temperature"].as_config_bounds())
     summarize_keywords: list = _opt(["summarize", "summarise", "summary", "tl;dr", "tldr",
                                      "总结", "概括", "摘要"])
-    top_p: float = _opt(0.95, min=0.0, max=1.0, min_exclusive=True)
-    presence_penalty: float = _opt(0.1, min=-2.0, max=2.0)
+    top_p: float = _opt(0.95, **RULES["top_p"].as_config_bounds())
+    presence_penalty: float = _opt(0.1, **RULES["presence_penalty"].as_config_bounds())
     on_overlong: str = _opt("reject", choices=("reject", "truncate"))
     pad_prompt_to: int = _opt(0, min=0)
 
@@ -247,14 +252,13 @@ def _check_value(tp: Any, value: Any, meta: dict, err) -> Any:
             err(f"expected a list of {'strings' if item is str else 'integers'}, got {value!r}")
     if meta.get("choices") is not None and value not in meta["choices"]:
         err(f"must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}")
-    lo, hi = meta.get("min"), meta.get("max")
+    rule = Rule(meta.get("min"), meta.get("max"), bool(meta.get("min_exclusive")))
     items = value if isinstance(value, list) else [value]
     for v in items:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if lo is not None and (v <= lo if meta.get("min_exclusive") else v < lo):
-                err(f"must be {'>' if meta.get('min_exclusive') else '>='} {lo}, got {v!r}")
-            if hi is not None and v > hi:
-                err(f"must be <= {hi}, got {v!r}")
+            problem = rule.check(v)
+            if problem:
+                err(problem)
     return value
 
 

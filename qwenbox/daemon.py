@@ -8,7 +8,12 @@ The listener is bound before the engine loads, so clients get 503 + Retry-After 
 "connection refused") while the model loads. With systemd's socket (socket activation) new
 connections rather wait in the socket's queue, up to ``server.queue_while_loading_s`` after
 start, and the daemon stops accepting as soon as it drains: a restart costs clients
-latency, not errors. The watchdog (``watchdog.py``) pings systemd only while healthy.
+latency, not errors. The watchdog (``watchdog.py``) pings systemd only while healthy and
+is the one place that notices an engine death (the daemon then fails and exits 1).
+
+The daemon wires the owners together and owns none of their state: ``Gate`` (refusal,
+in-flight, drain-abort), ``Admission`` (slots, sessions), ``Listeners`` (sockets,
+connection cap), ``Watchdog``, ``Standby``, ``Metrics``; /health is their parts assembled.
 """
 from __future__ import annotations
 
@@ -16,82 +21,28 @@ import asyncio
 import logging
 import os
 import signal
-import socket
-import stat
 import time
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from . import eventlog, warmup
-from .api.app import ServiceContext, make_app
+from .admission import Admission
+from .api.app import make_app
 from .config import Config, ConfigError, load as load_config, reloaded
+from .exitcode import ExitCode
+from .gate import Gate
 from .lifecycle import Lifecycle, Phase
+from .listeners import Listeners, limit_accept_errors, limit_server_errors, raise_fd_limit
+from .metrics import Metrics
 from .standby import Standby
-from .systemd import Notifier, take_listen_fds
+from .systemd import Notifier
 from .watchdog import Watchdog
 
 log = logging.getLogger("qwenbox.daemon")
 
-EXIT_OK, EXIT_ENGINE_FAILED, EXIT_CONFIG = 0, 1, 78
 _ACCEPTED_GRACE_S = 0.5   # socket activation: time for just-accepted connections to send their request
-
-
-class ListenerError(RuntimeError):
-    pass
-
-
-def bind_unix(path: str, mode: int, backlog: int = 1024) -> socket.socket:
-    """Bind a unix stream socket at ``path`` with ``mode``, replacing only a STALE socket.
-
-    A live socket (another server answers) or a non-socket file at the path is an error:
-    we never unlink something we do not own.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        st = os.lstat(p)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ListenerError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(p))
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale socket %s", path)
-            p.unlink(missing_ok=True)
-        except OSError as e:
-            raise ListenerError(f"cannot probe existing socket {path}: {e}") from e
-        else:
-            raise ListenerError(f"another server is already listening on {path}")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o777 & ~mode)  # the socket is never, even briefly, more open than `mode`
-    try:
-        sock.bind(str(p))
-    finally:
-        os.umask(old)
-    os.chmod(p, mode)
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
-
-
-def bind_tcp(hostport: str, backlog: int = 1024) -> socket.socket:
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, int(port)))
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
+_ABORTED_GRACE_S = 5.0    # after drain-abort: time for the aborted requests to answer their clients
 
 
 class Daemon:
@@ -99,23 +50,26 @@ class Daemon:
         self.cfg = cfg
         self.notifier = notifier or Notifier.from_environ()
         self.lifecycle = Lifecycle()
-        self.ctx = ServiceContext(cfg, self.lifecycle)
-        self.watchdog = Watchdog(self.ctx, self.notifier, settings=lambda: self.cfg.watchdog,
-                                 on_fatal=self._watchdog_fatal)
+        self.metrics = Metrics()
+        self.gate = Gate(self.lifecycle)
+        self.admission = Admission(cfg.admission, cfg.sessions, self.metrics)
+        self.listeners = Listeners(cfg.server, cfg.socket_mode_int, cfg.server.retry_after_s)
+        self.watchdog = Watchdog(self.gate, self.notifier, settings=lambda: self.cfg.watchdog,
+                                 on_fatal=self._watchdog_fatal,
+                                 on_engine_dead=lambda why: self._fail(f"engine died: {why}"))
         self.engine: Any = None
         self.standby: Standby | None = None
-        self.exit_code = EXIT_OK
+        self.cold_start: dict[str, Any] = {}
+        self.warmup: dict[str, Any] = {}
+        self.exit_code = ExitCode.OK
         self._stop = asyncio.Event()
         self._fatal: str | None = None
         self._signals = 0
-        self._own_socket: str | None = None
-        self._handover = False      # serving on sockets systemd passed (LISTEN_FDS)
-        self._sites: list[web.SockSite] = []
-        self._sites_open = False
         self._opener: asyncio.Task | None = None
-        self._closing = False       # shutting down: accept nothing new, close connections after use
         self._t0 = time.monotonic()
         self.lifecycle.observe(self._on_phase)
+        self.lifecycle.observe(lambda old, new, detail: self.metrics.set_phase(new))
+        self.metrics.set_phase(self.lifecycle.phase)
 
     # ---------------------------------------------------------------- observers
     def _on_phase(self, old: Phase, new: Phase, detail: str) -> None:
@@ -156,9 +110,9 @@ class Daemon:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-        self._remove_own_socket()
+        self.listeners.remove_own_socket()
         logging.shutdown()
-        os._exit(EXIT_ENGINE_FAILED if self._fatal else 130)
+        os._exit(ExitCode.ENGINE_FAILED if self._fatal else ExitCode.INTERRUPTED)
 
     def _watchdog_fatal(self, why: str) -> None:
         """Frozen or stalled for exit_after_s and no systemd watchdog killed us: exit 1 now
@@ -187,59 +141,30 @@ class Daemon:
             note = f"reload failed, running config kept: {e}"
         else:
             self.cfg = cfg
-            self.ctx.reconfigure(cfg)
+            self.admission.configure(cfg.admission, cfg.sessions)
             eventlog.event("reload", ok=True, applied=applied, needs_restart=ignored)
             note = f"reloaded {len(applied)} setting(s)" + (
                 f"; needs a restart: {', '.join(ignored)}" if ignored else "")
         if announce:
             self.notifier.ready(f"{self.lifecycle.phase.value}: {self.lifecycle.detail}; {note}")
 
-    # ---------------------------------------------------------------- listeners
-    def _listeners(self) -> list[socket.socket]:
-        inherited = take_listen_fds()
-        if inherited:
-            log.info("serving on %d socket(s) from systemd", len(inherited))
-            self._handover = True
-            for s in inherited:
-                s.setblocking(False)
-            return inherited
-        socks = []
-        if self.cfg.server.socket:
-            socks.append(bind_unix(self.cfg.server.socket, self.cfg.socket_mode_int))
-            self._own_socket = self.cfg.server.socket
-        if self.cfg.server.tcp:
-            socks.append(bind_tcp(self.cfg.server.tcp))
-        return socks
-
-    async def _open_sites(self, after: float = 0.0) -> None:
-        """Start accepting (at once, or ``after`` seconds of queueing in systemd's socket)."""
-        if after:
-            await asyncio.sleep(after)
-            if not self._sites_open and not self._closing:
-                log.info("still starting after %.0fs: accepting connections, 503 until ready", after)
-        if self._sites_open or self._closing:
-            return
-        self._sites_open = True
-        for site in self._sites:
-            await site.start()
-
-    async def _stop_accepting(self, runner: web.AppRunner) -> None:
-        """Socket activation: close our copy of the listener; systemd keeps the socket and its
-        queue, and the next instance accepts what arrives from now on."""
-        for site in list(runner.sites):
-            await site.stop()
-
-    async def _close_after_response(self, request: web.Request, response: web.StreamResponse) -> None:
-        if self._closing:        # no keep-alive reuse of a connection to a draining instance
-            response.force_close()
-
-    def _remove_own_socket(self) -> None:
-        if self._own_socket:
-            try:
-                os.unlink(self._own_socket)
-            except OSError:
-                pass
-            self._own_socket = None
+    # ---------------------------------------------------------------- /health
+    def health(self) -> dict[str, Any]:
+        """/health, assembled from what each owner reports about itself."""
+        phase = self.lifecycle.phase
+        body: dict[str, Any] = {"status": phase.value, "ready": phase.serves_requests,
+                                "detail": self.lifecycle.detail, "model": self.cfg.model.name,
+                                "uptime_s": round(time.monotonic() - self._t0, 3)}
+        body.update(self.gate.health())
+        body.update(self.admission.health())
+        body.update(cold_start=self.cold_start, warmup=self.warmup)
+        if self.standby is not None:
+            body.update(self.standby.health())
+        if self.engine is not None:
+            body.update(self.engine.health())
+        if self.watchdog.started:
+            body.update(self.watchdog.health())
+        return body
 
     # ---------------------------------------------------------------- start
     async def _start_engine(self) -> None:
@@ -247,32 +172,32 @@ class Daemon:
 
         self.lifecycle.to(Phase.LOADING, "importing vLLM")
         self.engine = await Engine.open(self.cfg, on_step=self._step)
-        self.ctx.engine = self.engine
-        self.ctx.cold_start = self.engine.cold_start.as_dict()
+        self.cold_start = self.engine.cold_start.as_dict()
         eventlog.event("engine_loaded", vllm=self.engine.version, device=self.engine.device,
-                       core_pids=self.engine.core_pids(), **self.ctx.cold_start)
+                       core_pids=self.engine.core_pids(), **self.cold_start)
 
         self.lifecycle.to(Phase.WARMING, "warm-up")
         report = await warmup.run(self.engine, self.cfg,
                                   on_step=lambda i, n, name: self._step(f"warming {i}/{n}: {name}"))
-        self.ctx.warmup = report.as_dict()
+        self.warmup = report.as_dict()
         self.engine.cold_start.phases["warmup_s"] = report.total_s
         first = next((s for s in report.steps), None)
         if first is not None:
             self.engine.cold_start.phases["first_token_s"] = first.ttft_s
         self.engine.cold_start.phases["total_s"] = time.monotonic() - self._t0
-        self.ctx.cold_start = self.engine.cold_start.as_dict()
-        self.ctx.metrics.set_cold_start(self.ctx.cold_start)
-        eventlog.event("cold_start", model=self.cfg.model.name, **self.ctx.cold_start,
+        self.cold_start = self.engine.cold_start.as_dict()
+        self.metrics.set_cold_start(self.cold_start)
+        eventlog.event("cold_start", model=self.cfg.model.name, **self.cold_start,
                        warmup_steps=len(report.steps))
-        self.ctx.standby = self.standby = Standby(
-            self.cfg.standby, self.lifecycle, self.engine, busy=lambda: self.ctx.in_flight,
-            rewarm=lambda: warmup.prefill_system_prompt(self.engine, self.ctx.cfg),
-            on_sleep=lambda s: self.ctx.metrics.sleeps.inc(), on_wake=self._on_wake)
+        self.standby = Standby(
+            self.cfg.standby, self.lifecycle, self.engine, busy=lambda: self.gate.in_flight,
+            rewarm=lambda: warmup.prefill_system_prompt(self.engine, self.cfg),
+            on_sleep=lambda s: self.metrics.sleeps.inc(), on_wake=self._on_wake)
+        self.gate.attach(self.engine, self.standby)
 
     def _on_wake(self, seconds: float) -> None:
-        self.ctx.metrics.wake.observe(seconds)
-        self.ctx.metrics.last_wake.set(seconds)
+        self.metrics.wake.observe(seconds)
+        self.metrics.last_wake.set(seconds)
 
     def _ready_status(self) -> str:
         p = self.engine.cold_start.phases
@@ -283,39 +208,43 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
-        socks = self._listeners()
-        app = make_app(self.ctx)
+        limit_accept_errors(loop)
+        limit_server_errors()
+        fd_limit = raise_fd_limit()
+        self.listeners.bind()
+        app = make_app(lambda: self.cfg, self.gate, self.admission, self.metrics, self.health)
         app.on_response_prepare.append(self._close_after_response)
+        server = self.cfg.server
         runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=self.cfg.server.drain_timeout_s + 5)
+                               shutdown_timeout=server.drain_timeout_s + _ABORTED_GRACE_S,
+                               keepalive_timeout=server.idle_timeout_s)
         await runner.setup()
-        self._sites = [web.SockSite(runner, s, backlog=socket.SOMAXCONN,
-                                    shutdown_timeout=self.cfg.server.drain_timeout_s + 5) for s in socks]
-        hold = self.cfg.server.queue_while_loading_s if self._handover else 0.0
-        self._opener = asyncio.create_task(self._open_sites(after=hold))
+        self.listeners.sites(runner, fd_limit)
+        hold = server.queue_while_loading_s if self.listeners.handover else 0.0
+        self._opener = asyncio.create_task(self.listeners.start(after=hold))
         if not hold:
             await self._opener
-        eventlog.event("listening", sockets=[str(s.getsockname()) for s in socks], pid=os.getpid(),
-                       socket_activation=self._handover, queue_while_loading_s=hold)
+        eventlog.event("listening", sockets=self.listeners.describe(), pid=os.getpid(),
+                       socket_activation=self.listeners.handover, queue_while_loading_s=hold,
+                       max_connections=self.listeners.cap, open_files_limit=fd_limit)
 
         startup = asyncio.create_task(self._start_engine())
         stop_wait = asyncio.create_task(self._stop.wait())
         try:
             await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if startup.done() and startup.exception() is None:
-                await self._open_sites()      # queued connections are served from READY=1 on
+            if startup.done() and startup.exception() is None and not self._stop.is_set():
+                await self.listeners.start()      # queued connections are served from READY=1 on
                 self.lifecycle.to(Phase.READY, self._ready_status())
                 self.watchdog.start()
-                tasks = [asyncio.create_task(self._monitor_engine()), asyncio.create_task(self.standby.run())]
+                standby = asyncio.create_task(self.standby.run())
                 await stop_wait
-                for t in tasks:
-                    t.cancel()
-            elif startup.done():
+                standby.cancel()
+            elif startup.done() and startup.exception() is not None:
                 exc = startup.exception()
                 self._fail("engine failed to start", exc)
                 if isinstance(exc, ConfigError):   # e.g. a setting this engine build refuses
-                    self.exit_code = EXIT_CONFIG
-            else:  # stopped while loading: let the load thread finish, then close cleanly
+                    self.exit_code = ExitCode.CONFIG
+            elif not startup.done():  # stopped while loading: let the load thread finish, then close cleanly
                 self.lifecycle.to(Phase.DRAINING, "stop requested during start-up")
                 try:
                     await startup
@@ -323,11 +252,13 @@ class Daemon:
                     log.info("start-up ended during stop: %r", e)
         finally:
             await self._shutdown(runner)
-        return self.exit_code
+        return int(self.exit_code)
 
     def _fail(self, why: str, exc: BaseException | None = None) -> None:
+        if self._fatal is not None:
+            return
         self._fatal = why
-        self.exit_code = EXIT_ENGINE_FAILED
+        self.exit_code = ExitCode.ENGINE_FAILED
         eventlog.event("engine_failed", level=logging.ERROR, reason=why,
                        error=f"{type(exc).__name__}: {exc}" if exc else None)
         if exc is not None:
@@ -336,49 +267,53 @@ class Daemon:
             self.lifecycle.to(Phase.FAILED, why)
         self._stop.set()
 
-    async def _monitor_engine(self) -> None:
-        """Engine death is fatal: stop serving and exit non-zero so systemd restarts us."""
-        while True:
-            await asyncio.sleep(0.5)
-            gone = self.engine.exited_core_pids()
-            if self.engine.dead or gone:
-                self._fail(f"engine core died (pids {gone})" if gone else "engine reported a fatal error")
-                return
+    async def _close_after_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.listeners.closing:      # no keep-alive reuse of a connection to a draining instance
+            response.force_close()
 
     async def _shutdown(self, runner: web.AppRunner) -> None:
-        self._closing = True
+        """Drain, then aiohttp's own shutdown steps (stop the sites, close idle connections,
+        wait for handlers), then the engine, then what is left on disk. After an engine
+        failure the engine goes first and the listeners last."""
+        self.listeners.closing = True
         if self._opener is not None:
             self._opener.cancel()
-        if self._handover:
-            await self._stop_accepting(runner)
+        if self.listeners.handover:
+            await self.listeners.stop_accepting()
         if self.lifecycle.can(Phase.DRAINING) and self.lifecycle.phase != Phase.DRAINING:
-            self.ctx.finish_accepted = self._handover and self.lifecycle.phase == Phase.READY
-            self.lifecycle.to(Phase.DRAINING, f"finishing {self.ctx.in_flight} request(s)")
+            self.gate.finish_accepted = self.listeners.handover and self.lifecycle.phase == Phase.READY
+            self.lifecycle.to(Phase.DRAINING, f"finishing {self.gate.in_flight} request(s)")
         if self._fatal is None:
             await self._drain()
-        await runner.cleanup()
+            await runner.cleanup()
+            await self._close_engine()
+        else:
+            # Nothing to drain; close the dead engine first, so that /health keeps answering
+            # "failed" (and requests a 503) until the moment the process exits.
+            await self._close_engine()
+            await runner.cleanup()
+        self.watchdog.stop(final_ping=True)
+        self.listeners.remove_own_socket()
+        if self.lifecycle.can(Phase.STOPPED):
+            self.lifecycle.to(Phase.STOPPED, "exit %d" % self.exit_code)
+        eventlog.event("stopped", exit_code=int(self.exit_code), uptime_s=round(time.monotonic() - self._t0, 3))
+
+    async def _close_engine(self) -> None:
         self.watchdog.closing()     # systemd still enforces WatchdogSec while we stop
         if self.engine is not None:
             try:
                 await asyncio.wait_for(self.engine.close(), timeout=30)
             except Exception as e:
                 log.warning("engine shutdown: %r", e)
-        self.watchdog.stop(final_ping=True)
-        self._remove_own_socket()
-        if self.lifecycle.can(Phase.STOPPED):
-            self.lifecycle.to(Phase.STOPPED, "exit %d" % self.exit_code)
-        eventlog.event("stopped", exit_code=self.exit_code, uptime_s=round(time.monotonic() - self._t0, 3))
 
     async def _drain(self) -> None:
-        deadline = time.monotonic() + self.cfg.server.drain_timeout_s
-        if self.ctx.finish_accepted:
+        """In-flight requests finish up to drain_timeout_s; the rest are aborted (503)."""
+        if self.gate.finish_accepted:
+            # Connections accepted just before we stopped accepting may not have sent their
+            # request yet: give them a moment to become in-flight requests.
             await asyncio.sleep(_ACCEPTED_GRACE_S)
-        while self.ctx.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        if self.ctx.in_flight:
-            n = await self.ctx.abort_all("the server is shutting down; drain_timeout passed")
-            log.warning("drain timeout: aborted %d request(s)", n)
-            t = time.monotonic() + 5
-            while self.ctx.in_flight and time.monotonic() < t:
-                await asyncio.sleep(0.05)
-
+        if await self.gate.wait_idle(self.cfg.server.drain_timeout_s):
+            return
+        n = await self.gate.abort_all("the server is shutting down; drain_timeout passed")
+        log.warning("drain timeout: aborted %d request(s)", n)
+        await self.gate.wait_idle(_ABORTED_GRACE_S)

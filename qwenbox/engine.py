@@ -143,6 +143,10 @@ class _ChildLogTap:
                 self.sink[key] = int(value) if key == "kv_cache_tokens" else float(value)
 
 
+PROBE_CHARS_PER_TOKEN = 8   # typical text has 3-5 characters per token
+_PREFIX_SLACK = 16          # a cut can split a token: a prefix may count a few tokens more
+
+
 class ChatTokenizer:
     """The model's tokenizer and chat template, as the API needs them."""
 
@@ -152,6 +156,27 @@ class ChatTokenizer:
         pad = getattr(tok, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
         self.vocab_size = len(tok)
+        # The longest token's text, in characters: a text longer than limit x this has more
+        # than ``limit`` tokens whatever it says (byte-level token strings are never shorter
+        # than the text they stand for, so this is a safe upper bound).
+        vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+        self.max_token_chars = max((len(t) for t in vocab), default=0) or 1 << 20
+
+    def encode_within(self, text: str, limit: int) -> list[int] | None:
+        """The token ids of ``text``, or None when it certainly has more than ``limit``.
+
+        Refusing costs O(limit), not O(len(text)): a text longer than ``limit`` tokens of
+        the longest kind is refused unread, and a long text whose first
+        ``PROBE_CHARS_PER_TOKEN x limit`` characters already exceed ``limit`` tokens is
+        refused after encoding only those. Only unusually dense text (more than that many
+        characters per token) is encoded in full before the verdict.
+        """
+        if len(text) > limit * self.max_token_chars:
+            return None
+        probe = limit * PROBE_CHARS_PER_TOKEN
+        if len(text) > probe and len(self.encode(text[:probe])) > limit + _PREFIX_SLACK:
+            return None
+        return self.encode(text)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """Apply the model's chat template with the assistant turn opened."""
@@ -257,9 +282,11 @@ class Engine:
     def core_pids(self) -> list[int]:
         return [p.pid for p in self._children if _alive(p)]
 
-    def exited_core_pids(self) -> list[int]:
-        """Engine-core processes that are gone: any of them means the engine is dead."""
-        return [p.pid for p in self._children if not _alive(p)]
+    def health(self) -> dict[str, Any]:
+        p = self.progress
+        return {"engine": {"running": p.running, "waiting": p.waiting, "kv_cache_usage": round(p.kv_cache_usage, 4),
+                           "generated_tokens": p.generated_tokens, "core_pids": self.core_pids(),
+                           "vllm": self.version, "device": self.device}}
 
     def core_processes(self) -> list[psutil.Process]:
         return list(self._children)
@@ -271,12 +298,8 @@ class Engine:
     # ------------------------------------------------------------ requests
     def _sampling_params(self, r: GenerationRequest) -> Any:
         v = self._v
-        return v.SamplingParams(
-            n=r.n, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            min_p=r.min_p, presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
-            repetition_penalty=r.repetition_penalty, stop=r.stop or None, seed=r.seed,
-            ignore_eos=r.ignore_eos,
-            output_kind=v.RequestOutputKind.DELTA if r.stream else v.RequestOutputKind.FINAL_ONLY)
+        return v.SamplingParams(**r.sampling.engine_kwargs(),
+                                output_kind=v.RequestOutputKind.DELTA if r.stream else v.RequestOutputKind.FINAL_ONLY)
 
     async def generate(self, r: GenerationRequest) -> AsyncIterator[list[Delta]]:
         if self._llm is None:

@@ -1,9 +1,12 @@
 """Structured log lines: one per lifecycle event and per finished request.
 
 Contract:
-- ``setup(cfg.logging)`` installs one handler on stdout (journald reads it) and, if
-  ``logging.file`` is set, one on that file; lines are ``logfmt`` or ``json`` by config.
+- ``setup(level, fmt, file)`` installs one handler on stdout (journald reads it) and, if
+  ``file`` is set, one on that file; lines are ``logfmt`` or ``json`` (``fmt``).
 - ``event(kind, **fields)`` writes one line with ``event=kind`` and the fields, in order.
+  Every line is written whatever the fields hold: a string field is cut to
+  ``MAX_FIELD_CHARS``, and text UTF-8 cannot encode (a lone surrogate) is escaped, so a
+  client's bytes can neither lose a line nor make one large.
   Plain ``logging`` calls from any module come out in the same format with ``event=log``.
 - ``parse_line(text)`` reads back one line of either format into a dict (or None): the
   log analyzer and the tests use it, so writer and reader cannot drift apart.
@@ -18,6 +21,7 @@ import sys
 from typing import Any
 
 EVENTS = logging.getLogger("qwenbox.events")
+MAX_FIELD_CHARS = 1024
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -30,7 +34,7 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "qb_fields", None)
     if fields is not None:
         out["event"] = record.getMessage()
-        out.update(fields)
+        out.update((k, _bounded(v)) for k, v in fields.items())
     else:
         out["event"] = "log"
         out["logger"] = record.name
@@ -38,6 +42,23 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     if record.exc_info:
         out["exc"] = logging.Formatter().formatException(record.exc_info)
     return out
+
+
+def _bounded(v: Any) -> Any:
+    if isinstance(v, str) and len(v) > MAX_FIELD_CHARS:
+        return f"{v[:MAX_FIELD_CHARS]}...({len(v)} chars)"
+    return v
+
+
+def _encodable(line: str) -> str:
+    """The line as UTF-8 can carry it: lone surrogates become backslash escapes."""
+    if line.isascii():
+        return line
+    try:
+        line.encode("utf-8")
+        return line
+    except UnicodeEncodeError:
+        return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _BARE = re.compile(r"^[A-Za-z0-9_.:/@+\-]+$")
@@ -60,12 +81,12 @@ def _logfmt_value(v: Any) -> str:
 
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return " ".join(f"{k}={_logfmt_value(v)}" for k, v in _fields(record).items())
+        return _encodable(" ".join(f"{k}={_logfmt_value(v)}" for k, v in _fields(record).items()))
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(_fields(record), ensure_ascii=False, default=str)
+        return _encodable(json.dumps(_fields(record), ensure_ascii=False, default=str))
 
 
 def setup(level: str = "info", fmt: str = "logfmt", file: str = "") -> None:

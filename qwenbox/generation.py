@@ -1,31 +1,91 @@
 """Plain data that crosses the border between the API and the engine (no vllm types).
 
-``GenerationRequest`` is what ``api/convert.py`` builds from an OpenAI request and what
-``engine.py`` turns into vLLM's SamplingParams; ``Delta`` is what the engine yields back.
+Contract:
+- ``Sampling`` is the one sampling type: its field names are vLLM's ``SamplingParams``
+  keywords, so ``engine.py`` passes them through without spelling them out again. A field
+  left ``None`` means "not given"; ``merged_over(defaults)`` fills those from another
+  ``Sampling`` and is the only place client values and server defaults meet.
+- ``RULES`` are the legal ranges of the numeric sampling fields: the API validates client
+  values with them and the config validates its shaping defaults with the same rules.
+- ``GenerationRequest`` is what ``api/convert.py`` builds and ``engine.py`` runs;
+  ``Delta`` is what the engine yields back; ``Progress`` is what the watchdog reads.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 
-@dataclass
-class GenerationRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    max_tokens: int
-    temperature: float = 0.7
-    top_p: float = 1.0
+@dataclass(frozen=True)
+class Rule:
+    """A numeric field's legal range; ``lo_open`` makes the lower bound exclusive."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    integer: bool = False
+
+    def check(self, v: float) -> str | None:
+        """None when ``v`` is legal, else what is wrong with it (for an error message)."""
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return f"must be {'>' if self.lo_open else '>='} {self.lo}, got {v!r}"
+        if self.hi is not None and v > self.hi:
+            return f"must be <= {self.hi}, got {v!r}"
+        return None
+
+    def as_config_bounds(self) -> dict:
+        return {"min": self.lo, "max": self.hi, "min_exclusive": self.lo_open}
+
+
+# OpenAI's documented ranges, and vLLM's where OpenAI has none. A seed must fit the
+# 64-bit range torch's generator takes (signed or unsigned).
+RULES: dict[str, Rule] = {
+    "temperature": Rule(0.0, 2.0),
+    "top_p": Rule(0.0, 1.0, lo_open=True),
+    "min_p": Rule(0.0, 1.0),
+    "presence_penalty": Rule(-2.0, 2.0),
+    "frequency_penalty": Rule(-2.0, 2.0),
+    "repetition_penalty": Rule(0.0, 2.0, lo_open=True),
+    "seed": Rule(-(1 << 63), (1 << 64) - 1, integer=True),
+}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample, by vLLM's ``SamplingParams`` names; ``None`` = not given."""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
     top_k: int = -1
     min_p: float = 0.0
-    presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
+    stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
     ignore_eos: bool = False
-    priority: int = 0          # lower runs first (vLLM priority scheduling)
-    stream: bool = False       # deltas as they come, else one final output per choice
+
+    def merged_over(self, defaults: "Sampling") -> "Sampling":
+        """This sampling with every field it left ``None`` taken from ``defaults``."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(defaults, f.name) for f in dataclasses.fields(self)
+            if getattr(self, f.name) is None and getattr(defaults, f.name) is not None})
+
+    def engine_kwargs(self) -> dict:
+        """Keywords for vLLM's ``SamplingParams``: the fields that are set (vLLM's own
+        defaults apply to the rest), ``stop`` as a list."""
+        kw = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        kw["stop"] = list(self.stop) or None
+        return kw
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: Sampling          # resolved: max_tokens and the shaped fields are set
+    priority: int = 0           # lower runs first (vLLM priority scheduling)
+    stream: bool = False        # deltas as they come, else one final output per choice
 
 
 @dataclass

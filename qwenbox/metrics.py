@@ -59,5 +59,11 @@ class Metrics:
         if "warmup_s" in figures:
             self.warmup.set(figures["warmup_s"])
 
+    def observe_request(self, route: str | None, status: int, seconds: float) -> None:
+        """One finished HTTP request; ``route`` is the matched pattern (bounded label set)."""
+        self.requests.labels(route or "unmatched", str(status)).inc()
+        if route is not None and route.startswith("/v1/"):
+            self.latency.labels(route).observe(seconds)
+
     def payload(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

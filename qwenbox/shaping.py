@@ -3,14 +3,15 @@
 Shared by the server and the chat UI. Pure functions, no I/O.
 
 Contract:
-- ``defaults(cfg, text)`` -> ``Defaults``: ``max_tokens`` is ``max_tokens_long_prompt`` when
+- ``defaults(cfg, text)`` -> ``Defaults``: a ``Sampling`` whose ``max_tokens`` is ``max_tokens_long_prompt`` when
   the prompt text is longer than ``long_prompt_chars`` characters, else
   ``max_tokens_short_prompt``, never above ``limits.max_tokens_cap``; temperature is
   ``temperature_summarize`` when the LAST user turn asks for a summary (any of
   ``summarize_keywords``, case-insensitive), else ``temperature``; plus ``top_p`` and
-  ``presence_penalty``. Client values always win (within the caps checked at the edge).
-- ``fit_messages(messages, count, budget)`` drops the oldest non-system turns until
-  ``count(messages) <= budget``; the system prompt(s) and the last turn always stay.
+  ``presence_penalty``; and the ``intent`` it saw. Client values always win (within the
+  caps checked at the edge): ``Sampling.merged_over`` fills only what the client left out.
+- ``fit_messages(messages, count, budget)`` drops the fewest oldest non-system turns so
+  that ``count(messages) <= budget``; the system prompt(s) and the last turn always stay.
   Returns the kept messages and how many were dropped, or raises ``Overlong``.
 - ``pad(ids, to, pad_id)`` left-pads a short prompt to ``to`` tokens (an experiment behind
   ``shaping.pad_prompt_to``; off by default, see docs/cost.md for the measurement).
@@ -21,14 +22,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import Config
+from .generation import Sampling
 
 
-@dataclass
+@dataclass(frozen=True)
 class Defaults:
-    max_tokens: int
-    temperature: float = 0.7
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
+    """What the server would choose for the fields a client leaves out, and why."""
+    sampling: Sampling
     intent: str = "chat"
 
 
@@ -62,26 +62,39 @@ def defaults(cfg: Config, text: str, intent_text: str | None = None) -> Defaults
     s = cfg.shaping
     mt = s.max_tokens_long_prompt if len(text) > s.long_prompt_chars else s.max_tokens_short_prompt
     summarize = is_summarize(intent_text if intent_text is not None else text, s.summarize_keywords)
-    return Defaults(max_tokens=min(mt, cfg.limits.max_tokens_cap),
-                    temperature=s.temperature_summarize if summarize else s.temperature,
-                    top_p=s.top_p, presence_penalty=s.presence_penalty,
+    return Defaults(Sampling(max_tokens=min(mt, cfg.limits.max_tokens_cap),
+                             temperature=s.temperature_summarize if summarize else s.temperature,
+                             top_p=s.top_p, presence_penalty=s.presence_penalty),
                     intent="summarize" if summarize else "chat")
 
 
 def fit_messages(messages: list[dict[str, str]], count: Callable[[list[dict[str, str]]], int],
                  budget: int) -> tuple[list[dict[str, str]], int]:
-    kept = list(messages)
-    dropped = 0
-    n = count(kept)
-    while n > budget:
-        # oldest turn that is neither a system prompt nor the final turn
-        idx = next((i for i, m in enumerate(kept[:-1]) if m["role"] != "system"), None)
-        if idx is None:
-            raise Overlong(n, budget)
-        del kept[idx]
-        dropped += 1
-        n = count(kept)
-    return kept, dropped
+    """Drop the fewest oldest droppable turns so that ``count(kept) <= budget``.
+
+    Binary search over how many to drop (``count`` shrinks as turns go), so a long history
+    costs O(log n) counts, not one count per dropped turn.
+    """
+    droppable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
+
+    def without(k: int) -> list[dict[str, str]]:
+        gone = set(droppable[:k])
+        return [m for i, m in enumerate(messages) if i not in gone]
+
+    n = count(messages)
+    if n <= budget:
+        return list(messages), 0
+    least = count(without(len(droppable)))
+    if least > budget:
+        raise Overlong(least, budget)
+    lo, hi = 1, len(droppable)           # dropping hi turns fits; find the fewest that do
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count(without(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return without(lo), lo
 
 
 def pad(ids: list[int], to: int, pad_id: int) -> list[int]:

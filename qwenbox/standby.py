@@ -43,6 +43,12 @@ class Standby:
     def enabled(self) -> bool:
         return self.cfg.idle_sleep_after_s > 0
 
+    def health(self) -> dict:
+        if not self.enabled:
+            return {}
+        return {"standby": {"idle_s": round(self.idle_for(), 1), "sleep_after_s": self.cfg.idle_sleep_after_s,
+                            "last_wake_s": self.last_wake_s}}
+
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 
@@ -68,7 +74,8 @@ class Standby:
             await self.engine.sleep(self.cfg.sleep_level)
             took = time.monotonic() - t0
             self.lifecycle.to(Phase.SLEEPING, f"idle for {self.idle_for():.0f}s; wakes on the next request")
-            eventlog.event("sleep", level=self.cfg.sleep_level, sleep_s=round(took, 3))
+            # sleep_level, not level: ``level`` is event()'s own logging-level argument
+            eventlog.event("sleep", sleep_level=self.cfg.sleep_level, sleep_s=round(took, 3))
             self.on_sleep(took)
 
     async def ensure_awake(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 
 import sdnotify
 
@@ -36,7 +37,11 @@ class Notifier:
             # it reads the variable itself, so hand it over for the call only.
             os.environ["NOTIFY_SOCKET"] = notify_socket
             try:
-                self._sock = sdnotify.SystemdNotifier(debug=True).socket
+                # When connect fails, sdnotify drops its socket without closing it; CPython
+                # frees it on the spot with a ResourceWarning that is sdnotify's, not ours.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ResourceWarning)
+                    self._sock = sdnotify.SystemdNotifier(debug=True).socket
             except OSError as e:
                 log.warning("cannot connect to NOTIFY_SOCKET %s: %s", notify_socket, e)
             finally:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import Config
-from .generation import GenerationRequest
+from .generation import GenerationRequest, Sampling
 
 _FILLER = ("The quick brown fox jumps over the lazy dog while the scheduler batches prefill "
            "and decode steps, and the cache keeps every block it has seen. ")
@@ -86,8 +86,8 @@ def serving_sampling(cfg: Config) -> dict[str, float]:
 async def _one(engine: Any, prompt: list[int], max_tokens: int,
                sampling: dict[str, float] | None = None) -> tuple[float, float]:
     req = GenerationRequest(request_id=f"warmup-{uuid.uuid4().hex[:12]}", prompt_token_ids=prompt,
-                            max_tokens=max_tokens, ignore_eos=True, stream=True,
-                            **(sampling or {"temperature": 0.0}))
+                            sampling=Sampling(max_tokens=max_tokens, ignore_eos=True,
+                                              **(sampling or {"temperature": 0.0})), stream=True)
     t0 = time.monotonic()
     ttft = None
     async for _ in engine.generate(req):

@@ -1,22 +1,26 @@
 """The watchdog: ``WATCHDOG=1`` only while the daemon is really healthy.
 
 Contract:
-- ``Watchdog(ctx, notifier, settings, on_fatal)``; ``start()`` runs the check loop as a task
-  on the running event loop, ``stop()`` cancels it. ``settings()`` returns the current
-  ``WatchdogConfig`` (so a SIGHUP reload applies at the next check).
-- About once a second the loop judges the evidence (``evaluate``), publishes the verdict as
-  ``ctx.health_checks["watchdog"]`` (so /health shows it), logs every change of verdict as
-  ``event=watchdog``, and, while healthy, sends ``WATCHDOG=1`` every WatchdogSec/2. The ping
+- ``Watchdog(gate, notifier, settings, on_fatal, on_engine_dead)``; ``start()`` runs the
+  check loop as a task on the running event loop, ``stop()`` cancels it. ``settings()``
+  returns the current ``WatchdogConfig`` (so a SIGHUP reload applies at the next check).
+  It reads the engine and the requests handed to it from the gate (``gate.engine``,
+  ``gate.running_ids``).
+- Twice a second the loop judges the evidence (``evaluate``), keeps the verdict for
+  /health (``health()``), logs every change of verdict as ``event=watchdog``, and, while
+  healthy, sends ``WATCHDOG=1`` every WatchdogSec/2. The ping
   is sent by the event loop itself: a blocked loop sends nothing and systemd's WatchdogSec
   fires. There is no other thread that could ping for a daemon that does not answer.
 - Unhealthy means any of: the engine reports a fatal error; an engine-core process has
   exited or is stopped (SIGSTOP, a debugger); work is pending and the engine has not
   stepped for ``stall_timeout_s``. Work is pending when the engine's last step reported
-  running or waiting requests, or when a request was handed to the engine (``ctx.active``)
-  after its last step. A request that the engine has finished but whose client reads
+  running or waiting requests, or when a request was handed to the engine
+  (``gate.running_ids``) after its last step. A request that the engine has finished but whose client reads
   slowly is not pending: a slow client can never make the watchdog kill the service.
-- A dead engine is also caught by the daemon's own monitor, which exits 1 at once. For a
-  frozen or stalled engine the watchdog only stops pinging and systemd kills us
+- This loop is the one place that polls the engine's liveness. A dead engine (a fatal
+  error, or a core process gone) is reported once through ``on_engine_dead(reason)``: the
+  daemon fails and exits 1 at once. For a frozen or stalled engine the watchdog only
+  stops pinging and systemd kills us
   (``Result=watchdog``, then ``Restart=on-failure``). If the verdict stays unhealthy for
   ``exit_after_s`` (never less than 2 x WatchdogSec, so systemd acts first when it
   watches), ``on_fatal(reason)`` is called once: the way out when nobody watches.
@@ -48,6 +52,7 @@ _GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 class Verdict:
     healthy: bool = True
     reasons: list[str] = field(default_factory=list)
+    engine_dead: bool = False       # a fatal error or a core process gone: no recovery here
     pending: bool = False
     stalled_for_s: float = 0.0
     steps: int = 0
@@ -59,14 +64,17 @@ class Verdict:
 
 
 class Watchdog:
-    def __init__(self, ctx: Any, notifier: Any, settings: Callable[[], WatchdogConfig],
-                 on_fatal: Callable[[str], None] = lambda why: None) -> None:
-        self.ctx = ctx
+    def __init__(self, gate: Any, notifier: Any, settings: Callable[[], WatchdogConfig],
+                 on_fatal: Callable[[str], None] = lambda why: None,
+                 on_engine_dead: Callable[[str], None] = lambda why: None) -> None:
+        self.gate = gate
         self.notifier = notifier
         self.settings = settings
         self.on_fatal = on_fatal
+        self.on_engine_dead = on_engine_dead
         self.ping_interval = notifier.watchdog_interval_s      # WatchdogSec/2, None without one
-        self.tick = min(1.0, self.ping_interval / 2) if self.ping_interval else 1.0
+        # Twice a second: an engine death is noticed (and answered) within half a second.
+        self.tick = min(0.5, self.ping_interval / 2) if self.ping_interval else 0.5
         self.pings = 0
         self.last_ping: float | None = None
         self.verdict = Verdict()
@@ -75,11 +83,18 @@ class Watchdog:
         self._seen: dict[str, float] = {}       # request id -> earliest time it may have been admitted
         self._prev_tick = time.monotonic()
         self._fatal_called = False
+        self._dead_reported = False
+        self._started = False
         self._closing = False
         self._task: asyncio.Task | None = None
 
     # ------------------------------------------------------------ the loop
+    @property
+    def started(self) -> bool:
+        return self._started
+
     def start(self) -> asyncio.Task:
+        self._started = True
         self._prev_tick = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="qwenbox-watchdog")
         return self._task
@@ -116,6 +131,9 @@ class Watchdog:
             eventlog.event("watchdog", level=logging.INFO if v.healthy else logging.ERROR,
                            healthy=v.healthy, reason=v.reason or None, pings=self.pings,
                            watchdog_sec=self.watchdog_sec)
+        if v.engine_dead and not self._dead_reported:
+            self._dead_reported = True
+            self.on_engine_dead(v.reason)
         if v.healthy:
             self.unhealthy_since = None
             if self.ping_interval and (self.last_ping is None or now - self.last_ping >= self.ping_interval):
@@ -131,7 +149,6 @@ class Watchdog:
                 why = f"unhealthy for {now - self.unhealthy_since:.0f}s: {v.reason}"
                 eventlog.event("watchdog", level=logging.ERROR, healthy=False, action="exit", reason=why)
                 self.on_fatal(why)
-        self.ctx.health_checks["watchdog"] = self.as_dict(now)
         return v
 
     # ------------------------------------------------------------ the evidence
@@ -147,12 +164,13 @@ class Watchdog:
         return limit
 
     def evaluate(self, now: float) -> Verdict:
-        engine = self.ctx.engine
+        engine = self.gate.engine
         v = Verdict()
         if engine is None or self._closing:
             self._prev_tick = now
             return v
         if engine.dead:
+            v.engine_dead = True
             v.reasons.append("the engine reported a fatal error")
         for p in engine.core_processes():
             try:
@@ -163,6 +181,7 @@ class Watchdog:
                 log.debug("cannot read engine process %s: %r", p.pid, e)
                 continue
             if status in _GONE:
+                v.engine_dead = True
                 v.reasons.append(f"engine core process {p.pid} has exited")
             elif status in _FROZEN:
                 v.reasons.append(f"engine core process {p.pid} is stopped ({status})")
@@ -173,7 +192,7 @@ class Watchdog:
         v.last_step_age_s = round(now - last_step, 3) if last_step else None
         # Requests handed to the engine since the last step: a new id might have arrived at any
         # time since the previous tick, so date it then (a step after that may have served it).
-        active = set(getattr(self.ctx, "active", ()))
+        active = set(self.gate.running_ids)
         for rid in active - self._seen.keys():
             self._seen[rid] = self._prev_tick
         for rid in self._seen.keys() - active:
@@ -192,6 +211,10 @@ class Watchdog:
         v.stalled_for_s = round(v.stalled_for_s, 3)
         v.healthy = not v.reasons
         return v
+
+    def health(self, now: float | None = None) -> dict[str, Any]:
+        """The verdict as /health shows it (``{"watchdog": {...}}``)."""
+        return {"watchdog": self.as_dict(now)}
 
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now

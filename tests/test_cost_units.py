@@ -5,6 +5,7 @@ standby, a stand-in engine that only records calls (the real engine's sleep is c
 by test_cost_control.py where the backend can sleep)."""
 import asyncio
 import dataclasses
+import logging
 
 import pytest
 
@@ -39,12 +40,12 @@ def test_admits_up_to_anonymous_share_then_queues_then_rejects():
         # an active session still runs at once, from the reserved slot
         s = await a.acquire(10, True)
         assert a.in_flight == 4
-        for sl in slots + [s]:
-            a.release(sl)
+        for _ in slots + [s]:
+            a.release()
         got = await asyncio.gather(*waiters)
         assert len(got) == 3 and a.queued == 0 and a.in_flight == 3
-        for sl in got:
-            a.release(sl)
+        for _ in got:
+            a.release()
         assert a.in_flight == 0 and a.queued_tokens == 0
     run(main())
 
@@ -63,9 +64,11 @@ def test_sessions_jump_the_queue():
         await asyncio.sleep(0)
         sess = asyncio.create_task(go("session", True))
         await asyncio.sleep(0)
-        a.release(first)
-        a.release(await sess)
-        a.release(await anon)
+        a.release()
+        await sess
+        a.release()
+        await anon
+        a.release()
         assert order == ["session", "anon"]
     run(main())
 
@@ -87,7 +90,7 @@ def test_queued_token_budget_and_timeout_and_cancel():
         with pytest.raises(asyncio.CancelledError):
             await t
         assert a.queued == 0 and a.queued_tokens == 0
-        a.release(s)
+        a.release()
         assert a.in_flight == 0
     run(main())
 
@@ -111,15 +114,15 @@ def test_session_tracker_keepalive_and_bound():
 
 def test_shaping_defaults():
     cfg = Config()
-    short = shaping.defaults(cfg, "hello")
+    short = shaping.defaults(cfg, "hello").sampling
     assert (short.max_tokens, short.temperature, short.top_p, short.presence_penalty) == (2048, 0.7, 0.95, 0.1)
-    long = shaping.defaults(cfg, "x" * 501)
+    long = shaping.defaults(cfg, "x" * 501).sampling
     assert long.max_tokens == 1024
     for text in ("Please SUMMARIZE this", "tl;dr?", "请总结一下", "给个摘要"):
         d = shaping.defaults(cfg, "some text", text)
-        assert d.temperature == 0.3 and d.intent == "summarize", text
+        assert d.sampling.temperature == 0.3 and d.intent == "summarize", text
     capped = dataclasses.replace(cfg, limits=dataclasses.replace(cfg.limits, max_tokens_cap=500))
-    assert shaping.defaults(capped, "hi").max_tokens == 500
+    assert shaping.defaults(capped, "hi").sampling.max_tokens == 500
 
 
 def test_fit_messages_drops_oldest_keeps_system_and_last():
@@ -144,7 +147,9 @@ class RecordingEngine:
         self.calls.append(("wake",))
 
 
-def test_standby_sleeps_when_idle_and_wakes_once_for_many():
+def test_standby_sleeps_when_idle_and_wakes_once_for_many(caplog):
+    caplog.set_level(logging.INFO, logger="qwenbox.events")
+
     async def main():
         lc = Lifecycle()
         for p in (Phase.LOADING, Phase.WARMING, Phase.READY):
@@ -172,6 +177,10 @@ def test_standby_sleeps_when_idle_and_wakes_once_for_many():
         assert sb.last_wake_s is not None
         task.cancel()
     run(main())
+    # the sleep is logged at INFO with its level as a field (it once went out at level 1, unseen)
+    sleeps = [r for r in caplog.records if r.getMessage() == "sleep"]
+    assert len(sleeps) == 1 and sleeps[0].levelno == logging.INFO
+    assert sleeps[0].qb_fields["sleep_level"] == 1
 
 
 def test_standby_disabled_never_sleeps():

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from helpers import Daemon, UnixHTTPConnection, request, sse_events
-from qwenbox.daemon import ListenerError, bind_unix
+from qwenbox.listeners import ListenerError, bind_unix
 from qwenbox.eventlog import parse_line
 
 CHAT = "/v1/chat/completions"

@@ -8,7 +8,8 @@ import pytest
 from qwenbox.api import convert, protocol
 from qwenbox.api.errors import ApiError
 from qwenbox.config import LimitsConfig
-from qwenbox.generation import Delta
+from qwenbox.generation import Delta, Sampling
+from qwenbox.shaping import Defaults
 
 LIMITS = LimitsConfig(max_tokens_cap=1024, max_n=4, max_stop_sequences=2)
 MSGS = [{"role": "user", "content": "hi"}]
@@ -124,7 +125,7 @@ def test_parse_chat_good():
     assert r.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"},
                           {"role": "assistant", "content": ""}]
     s = r.sampling
-    assert (s.max_tokens, s.temperature, s.top_p, s.n, s.stop) == (1024, 0, 1, 4, ["END"])
+    assert (s.max_tokens, s.temperature, s.top_p, s.n, s.stop) == (1024, 0, 1, 4, ("END",))
     assert r.stream is True and r.include_usage is True
 
 
@@ -162,11 +163,11 @@ def test_parse_completion_good():
 
 
 # ---------------------------------------------------------------- convert.to_generation
-DEFAULTS = convert.Defaults(max_tokens=100)
+DEFAULTS = Defaults(Sampling(max_tokens=100))
 
 
 def gen(sampling=None, n_prompt=10, max_model_len=64, defaults=DEFAULTS, **kw):
-    return convert.to_generation(sampling or protocol.Sampling(), list(range(n_prompt)), request_id="r1",
+    return convert.to_generation(sampling or Sampling(), list(range(n_prompt)), request_id="r1",
                                  max_model_len=max_model_len, defaults=defaults, stream=False, **kw)
 
 
@@ -182,13 +183,13 @@ def test_prompt_exactly_the_context_is_rejected():
 
 
 def test_prompt_plus_max_tokens_over_context():
-    e = bad(gen, protocol.Sampling(max_tokens=60), 10, 64)
+    e = bad(gen, Sampling(max_tokens=60), 10, 64)
     assert e.param == "max_tokens" and e.code == "context_length_exceeded"
     assert "70" in e.message and "64" in e.message
 
 
 def test_prompt_plus_max_tokens_exactly_the_context_is_fine():
-    assert gen(protocol.Sampling(max_tokens=54), 10, 64).max_tokens == 54
+    assert gen(Sampling(max_tokens=54), 10, 64).sampling.max_tokens == 54
 
 
 def test_empty_prompt_is_rejected():
@@ -197,21 +198,23 @@ def test_empty_prompt_is_rejected():
 
 def test_max_tokens_default_is_the_room_left():
     # defaults.max_tokens is 100 but only 64 - 10 = 54 tokens fit
-    assert gen(None, 10, 64).max_tokens == 54
+    assert gen(None, 10, 64).sampling.max_tokens == 54
 
 
 def test_max_tokens_default_from_defaults_when_room():
-    assert gen(None, 10, 4096).max_tokens == 100
+    assert gen(None, 10, 4096).sampling.max_tokens == 100
 
 
 def test_sampling_defaults_and_client_values():
-    g = gen(None, 5, 64, defaults=convert.Defaults(max_tokens=8, temperature=0.3, top_p=0.9,
-                                                   presence_penalty=0.1))
+    g = gen(None, 5, 64, defaults=Defaults(Sampling(max_tokens=8, temperature=0.3, top_p=0.9,
+                                                    presence_penalty=0.1))).sampling
     assert (g.temperature, g.top_p, g.presence_penalty) == (0.3, 0.9, 0.1)
-    g = gen(protocol.Sampling(temperature=0.0, top_p=0.5, presence_penalty=0.0, n=2, ignore_eos=True,
-                              stop=["x"], seed=3), 5, 64, priority=2)
+    r = gen(Sampling(temperature=0.0, top_p=0.5, presence_penalty=0.0, n=2, ignore_eos=True,
+                     stop=("x",), seed=3), 5, 64, priority=2)
+    g = r.sampling
     assert (g.temperature, g.top_p, g.presence_penalty) == (0.0, 0.5, 0.0)
-    assert (g.n, g.ignore_eos, g.stop, g.seed, g.priority, g.request_id) == (2, True, ["x"], 3, 2, "r1")
+    assert (g.n, g.ignore_eos, g.stop, g.seed, r.priority, r.request_id) == (2, True, ("x",), 3, 2, "r1")
+    g = r
     assert g.prompt_token_ids == list(range(5))
 
 

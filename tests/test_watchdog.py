@@ -49,52 +49,71 @@ def child():
 
 
 def make(engine, watchdog_sec=6.0, stall=10.0, exit_after=100.0, active=()):
-    ctx = SimpleNamespace(engine=engine, active=set(active), health_checks={})
+    gate = SimpleNamespace(engine=engine, running_ids=set(active), deaths=[])
     fatal: list[str] = []
-    wd = Watchdog(ctx, FakeNotifier(watchdog_sec), settings=lambda: WatchdogConfig(stall, exit_after),
-                  on_fatal=fatal.append)
-    return wd, ctx, fatal
+    wd = Watchdog(gate, FakeNotifier(watchdog_sec), settings=lambda: WatchdogConfig(stall, exit_after),
+                  on_fatal=fatal.append, on_engine_dead=gate.deaths.append)
+    return wd, gate, fatal
+
+
+def wait_status(proc: psutil.Process, want, timeout: float = 10.0) -> None:
+    """Wait until the process is (or is no longer, with want=("not", status)) in a state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = proc.status()
+        if (st != want[1]) if isinstance(want, tuple) else (st == want):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {proc.pid} still {proc.status()} after {timeout}s (wanted {want})")
 
 
 def test_healthy_idle_engine_pings_every_half_watchdogsec(child):
-    wd, ctx, _ = make(FakeEngine([child]))
+    wd, gate, _ = make(FakeEngine([child]))
     t = time.monotonic()
     for dt in (0, 1, 2, 3, 4, 5, 6, 7):
         assert wd.check(now=t + dt).healthy
     assert wd.pings == 3                           # at 0, 3 and 6 s: WatchdogSec/2
-    h = ctx.health_checks["watchdog"]
+    h = wd.health()["watchdog"]
     assert h["healthy"] and h["pinging"] and h["watchdog_sec"] == 6.0 and h["pending"] is False
 
 
 def test_stopped_engine_process_is_unhealthy_until_continued(child):
-    wd, ctx, _ = make(FakeEngine([child]))
+    wd, gate, _ = make(FakeEngine([child]))
     t = time.monotonic()
     assert wd.check(now=t).healthy and wd.pings == 1
     child.send_signal(signal.SIGSTOP)
-    for _ in range(50):
-        if child.status() == psutil.STATUS_STOPPED:
-            break
-        time.sleep(0.02)
+    wait_status(child, psutil.STATUS_STOPPED)
     v = wd.check(now=t + 3.5)
     assert not v.healthy and f"{child.pid} is stopped" in v.reason
     assert wd.pings == 1, "pinged for a frozen engine"
-    assert ctx.health_checks["watchdog"]["healthy"] is False
-    assert "stopped" in ctx.health_checks["watchdog"]["reason"]
+    assert wd.health()["watchdog"]["healthy"] is False
+    assert "stopped" in wd.health()["watchdog"]["reason"]
     child.send_signal(signal.SIGCONT)
-    time.sleep(0.1)
+    wait_status(child, ("not", psutil.STATUS_STOPPED))
     assert wd.check(now=t + 4).healthy and wd.pings == 2
 
 
 def test_exited_engine_process_and_engine_error_are_unhealthy(child):
     eng = FakeEngine([child])
-    wd, _, _ = make(eng)
+    wd, gate, _ = make(eng)
     eng.dead = True
     assert "fatal error" in wd.check().reason
+    assert gate.deaths == ["the engine reported a fatal error"]   # reported at once
     eng.dead = False
     child.kill()
     child.wait(5)
     assert "has exited" in wd.check().reason
     assert wd.pings == 0
+    assert len(gate.deaths) == 1, "an engine death is reported once"
+
+
+def test_frozen_engine_is_not_reported_dead(child):
+    wd, gate, _ = make(FakeEngine([child]))
+    child.send_signal(signal.SIGSTOP)
+    wait_status(child, psutil.STATUS_STOPPED)
+    assert not wd.check().healthy
+    assert gate.deaths == [], "a stopped engine is the watchdog's (systemd's) case, not a death"
+    child.send_signal(signal.SIGCONT)
 
 
 def test_running_requests_without_steps_is_a_stall():
@@ -113,9 +132,9 @@ def test_request_admitted_to_a_silent_engine_is_a_stall():
     """An idle engine that hangs shows no running requests: a new request it never steps on counts."""
     eng = FakeEngine()
     eng.progress.last_step_monotonic = t = time.monotonic()
-    wd, ctx, _ = make(eng, stall=10.0)
+    wd, gate, _ = make(eng, stall=10.0)
     assert wd.check(now=t + 60).healthy                 # idle for a minute: nothing pending
-    ctx.active.add("req-1")
+    gate.running_ids.add("req-1")
     assert wd.check(now=t + 61).healthy
     v = wd.check(now=t + 72)
     assert not v.healthy and v.pending, v
@@ -126,9 +145,9 @@ def test_slow_client_after_the_engine_finished_is_not_a_stall():
     reads its stream slowly keeps the request open, but the engine is fine."""
     eng = FakeEngine()
     t = time.monotonic()
-    wd, ctx, _ = make(eng, stall=10.0)
+    wd, gate, _ = make(eng, stall=10.0)
     wd.check(now=t)
-    ctx.active.add("req-slow")
+    gate.running_ids.add("req-slow")
     eng.progress.steps, eng.progress.last_step_monotonic = 5, t + 0.5   # stepped after admission
     for dt in (1, 30, 300):
         v = wd.check(now=t + dt)
@@ -153,7 +172,7 @@ def test_closing_the_engine_on_purpose_keeps_the_pings(child):
     """systemd enforces WatchdogSec while the unit stops: once the daemon closes its engine
     deliberately, only the event loop counts, and a last ping goes out before exit."""
     eng = FakeEngine([child])
-    wd, ctx, _ = make(eng)
+    wd, gate, _ = make(eng)
     t = time.monotonic()
     wd.check(now=t)
     wd.closing()
@@ -161,11 +180,11 @@ def test_closing_the_engine_on_purpose_keeps_the_pings(child):
     child.kill()
     child.wait(5)
     assert wd.check(now=t + 3).healthy and wd.pings == 2
-    assert ctx.health_checks["watchdog"]["closing"] is True
+    assert wd.health()["watchdog"]["closing"] is True
 
     async def started_then_stopped():
         wd.start()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)          # let the loop's first check run
         before = wd.pings
         wd.stop(final_ping=True)
         return before, wd.pings
@@ -175,22 +194,28 @@ def test_closing_the_engine_on_purpose_keeps_the_pings(child):
 
 
 def test_without_systemd_no_pings_but_a_verdict(child):
-    wd, ctx, fatal = make(FakeEngine([child]), watchdog_sec=None, exit_after=5.0)
+    wd, gate, fatal = make(FakeEngine([child]), watchdog_sec=None, exit_after=5.0)
     assert wd.check().healthy and wd.notifier.pings == [] and wd.exit_after_s == 5.0
-    assert ctx.health_checks["watchdog"]["pinging"] is False
+    assert wd.health()["watchdog"]["pinging"] is False
 
 
 def test_a_blocked_event_loop_sends_no_pings(child):
     """The ping comes from the event loop: while it is blocked, systemd hears nothing."""
+    async def pings_reach(wd, n: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(wd.notifier.pings) < n:
+            assert time.monotonic() < deadline, f"only {len(wd.notifier.pings)} pings, waited for {n}"
+            await asyncio.sleep(0.05)
+
     async def main():
         wd, _, _ = make(FakeEngine([child]), watchdog_sec=0.4)     # a ping every 0.2 s
         wd.start()
-        await asyncio.sleep(0.6)
+        await pings_reach(wd, 2)
         before = len(wd.notifier.pings)
         t_block = time.monotonic()
-        time.sleep(1.0)                                   # the loop is stuck
+        time.sleep(1.0)                                   # the loop is stuck (this IS the test)
         t_unblock = time.monotonic()
-        await asyncio.sleep(0.5)
+        await pings_reach(wd, before + 1)                 # and pings again once it runs
         wd.stop()
         return before, t_block, t_unblock, wd.notifier.pings, wd.max_loop_lag_s
 
@@ -242,4 +267,33 @@ def test_frozen_engine_without_systemd_makes_the_daemon_exit_1(tmp_path, demo_mo
                     frozen.send_signal(sig)
                 except psutil.Error:
                     pass
+        d.stop()
+
+
+@pytest.mark.engine
+def test_dead_engine_makes_the_daemon_exit_1_and_health_says_failed_until_then(tmp_path, demo_model):
+    """An engine core SIGKILLed: the watchdog's check notices, the daemon fails and exits 1;
+    until the exit, /health answers (503, status "failed") instead of going silent."""
+    from helpers import Daemon, jrequest
+
+    d = Daemon(tmp_path / "d")
+    try:
+        d.start()
+        h = d.wait_ready()
+        core = next(p for p in map(psutil.Process, h["engine"]["core_pids"])
+                    if p.cmdline() and p.cmdline()[0].startswith("VLLM::EngineCore"))
+        core.send_signal(signal.SIGKILL)
+        seen = None
+        deadline = time.monotonic() + 60
+        while seen is None and d.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                status, _, body = jrequest(d.sock, "GET", "/health", timeout=10)
+            except OSError:
+                break                                   # the listener is gone: the process is exiting
+            if body["status"] == "failed":
+                seen = (status, body)
+        assert seen is not None, f"/health never said failed before the exit:\n{d.tail()}"
+        assert seen[0] == 503 and "engine died" in seen[1]["detail"], seen
+        assert d.proc.wait(120) == 1, d.tail()
+    finally:
         d.stop()

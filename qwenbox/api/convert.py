@@ -6,13 +6,13 @@ gave none; the ``*_body`` / ``*_chunk`` builders produce exactly OpenAI's shapes
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from ..generation import Delta, GenerationRequest
+from ..generation import Delta, GenerationRequest, Sampling
 from ..shaping import Defaults
 from .errors import bad_request
-from .protocol import Sampling
 
 # vLLM reports "abort" for requests it cancelled: that is no OpenAI finish reason, and the
 # handler answers an aborted request with an error instead.
@@ -23,8 +23,9 @@ def finish_reason(r: str | None) -> str | None:
     return None if r is None else _FINISH.get(r)
 
 
-def to_generation(s: Sampling, prompt_ids: list[int], *, request_id: str, max_model_len: int,
+def to_generation(client: Sampling, prompt_ids: list[int], *, request_id: str, max_model_len: int,
                   defaults: Defaults, stream: bool, priority: int = 0) -> GenerationRequest:
+    """The client's sampling over the shaped defaults, checked against the context length."""
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
         raise bad_request("the prompt is empty after tokenization", param="messages")
@@ -33,19 +34,13 @@ def to_generation(s: Sampling, prompt_ids: list[int], *, request_id: str, max_mo
                           f"is {max_model_len} tokens; shorten the prompt", code="context_length_exceeded",
                           param="messages")
     room = max_model_len - n_prompt
-    if s.max_tokens is not None and s.max_tokens > room:
-        raise bad_request(f"the prompt is {n_prompt} tokens and max_tokens is {s.max_tokens}: "
-                          f"{n_prompt + s.max_tokens} tokens in all, above this model's maximum context "
+    if client.max_tokens is not None and client.max_tokens > room:
+        raise bad_request(f"the prompt is {n_prompt} tokens and max_tokens is {client.max_tokens}: "
+                          f"{n_prompt + client.max_tokens} tokens in all, above this model's maximum context "
                           f"length of {max_model_len} tokens", code="context_length_exceeded", param="max_tokens")
-    max_tokens = s.max_tokens if s.max_tokens is not None else min(defaults.max_tokens, room)
-    return GenerationRequest(
-        request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
-        temperature=defaults.temperature if s.temperature is None else s.temperature,
-        top_p=defaults.top_p if s.top_p is None else s.top_p,
-        top_k=s.top_k, min_p=s.min_p,
-        presence_penalty=defaults.presence_penalty if s.presence_penalty is None else s.presence_penalty,
-        frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
-        stop=s.stop, seed=s.seed, n=s.n, ignore_eos=s.ignore_eos, priority=priority, stream=stream)
+    shaped = dataclasses.replace(defaults.sampling, max_tokens=min(defaults.sampling.max_tokens or room, room))
+    return GenerationRequest(request_id=request_id, prompt_token_ids=prompt_ids,
+                             sampling=client.merged_over(shaped), priority=priority, stream=stream)
 
 
 @dataclass

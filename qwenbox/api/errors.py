@@ -1,10 +1,11 @@
 """Every HTTP error the API can answer, in OpenAI's shape, mapped in one place.
 
-Contract: handlers and helpers raise ``ApiError`` (or let an engine error / aiohttp HTTP
-exception escape); ``to_response(exc, request_id)`` is the only function that turns an
-exception into a response: ``{"error": {"message", "type", "param", "code"}}`` with the
-right status and headers (``Retry-After`` on 429/503). ``to_sse_event`` is the same body
-for a stream that already started (its status line has been sent).
+Contract: handlers and helpers raise ``ApiError`` (or let an owner's refusal, an engine
+error or an aiohttp HTTP exception escape); ``classify(exc, retry_after)`` is the only
+function that decides what a client sees for an exception, and ``to_response`` /
+``to_sse_event`` render it: ``{"error": {"message", "type", "param", "code"}}`` with the
+right status and headers (``Retry-After`` on 429/503), or the same body as one SSE event
+for a stream whose status line was already sent. Anything not recognised is a 500.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import logging
 
 from aiohttp import web
 
+from ..admission import Rejected
 from ..engine import EngineDead, EngineFailure, EngineRequestError
+from ..gate import NotServing
 
 log = logging.getLogger("qwenbox.api")
 
@@ -21,10 +24,13 @@ log = logging.getLogger("qwenbox.api")
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, close: bool = False) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
+        # The request body was not (or could not be) read to its end: answer and close,
+        # rather than let the server linger reading what is left of it.
+        self.close = close
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -49,10 +55,14 @@ _HTTP_TYPES = {404: ("not_found_error", "not_found"), 405: ("invalid_request_err
                413: ("invalid_request_error", "request_too_large")}
 
 
-def classify(exc: BaseException) -> ApiError:
+def classify(exc: BaseException, retry_after: int = 5) -> ApiError:
     """Any exception -> the ApiError a client should see."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, NotServing):
+        return unavailable(exc.message, retry_after, code=exc.code)
+    if isinstance(exc, Rejected):
+        return rate_limited(exc.message, retry_after, code=exc.reason)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return ApiError(413, "request body is larger than the server's limit "
                              f"({exc.text.strip() if exc.text else 'see server.max_body_bytes'})",
@@ -68,20 +78,22 @@ def classify(exc: BaseException) -> ApiError:
     if isinstance(exc, EngineRequestError):
         return bad_request(str(exc), code="invalid_prompt")
     if isinstance(exc, EngineDead):
-        return ApiError(503, "the engine stopped; the service is restarting", type="service_unavailable",
-                        code="engine_dead", headers={"Retry-After": "10"})
+        return unavailable("the engine stopped; the service is restarting", retry_after, code="engine_dead")
     if isinstance(exc, EngineFailure):
         return ApiError(500, f"generation failed: {exc}", type="server_error", code="generation_failed")
     return ApiError(500, "internal server error", type="server_error", code="internal_error")
 
 
-def to_response(exc: BaseException, request_id: str) -> web.Response:
-    err = classify(exc)
-    if err.status >= 500 and not isinstance(exc, (ApiError, EngineDead)):
+def to_response(exc: BaseException, request_id: str, retry_after: int = 5) -> web.Response:
+    err = classify(exc, retry_after)
+    if err.status >= 500 and err.status != 503:
         log.error("request %s failed: %r", request_id, exc, exc_info=exc)
     headers = {**err.headers, "X-Request-Id": request_id}
-    return web.json_response(err.body(), status=err.status, headers=headers)
+    resp = web.json_response(err.body(), status=err.status, headers=headers)
+    if err.close or err.status == 413:
+        resp.force_close()
+    return resp
 
 
-def to_sse_event(exc: BaseException) -> bytes:
-    return f"data: {json.dumps(classify(exc).body())}\n\n".encode()
+def to_sse_event(exc: BaseException, retry_after: int = 5) -> bytes:
+    return f"data: {json.dumps(classify(exc, retry_after).body())}\n\n".encode()

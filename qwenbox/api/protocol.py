@@ -1,9 +1,11 @@
 """OpenAI request shapes, validated at the edge.
 
-Contract: ``parse_chat(body, limits)`` / ``parse_completion(body, limits)`` take the decoded
-JSON value and return a typed request, or raise ``ApiError`` (400) naming the offending
-``param``. Values are checked for type AND range here, so nothing malformed reaches the
-engine. Fields we cannot honour (tools, logprobs, JSON mode, batched prompts) are rejected
+Contract: ``decode_json(raw)`` turns the body into a JSON value that is safe to walk (or
+400). ``parse_chat(body, limits)`` / ``parse_completion(body, limits)`` take that value and
+return a typed request carrying one ``generation.Sampling``, or raise ``ApiError`` (400)
+naming the offending ``param``. Every field is checked for type AND range here (ranges
+shared with the config through ``generation.RULES``), and every client string that can
+reach a log line or a map is bounded, so nothing malformed reaches the engine. Fields we cannot honour (tools, logprobs, JSON mode, batched prompts) are rejected
 with a clear message rather than silently ignored; unknown extra fields are ignored, as
 OpenAI-compatible servers do, so newer clients keep working.
 """
@@ -11,29 +13,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from ..config import LimitsConfig
+from ..generation import RULES, Sampling
 from .errors import bad_request
 
 ROLES = ("system", "developer", "user", "assistant")
-
-
-@dataclass
-class Sampling:
-    max_tokens: int | None = None       # None: decided by shaping / room left in the context
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int = -1
-    min_p: float = 0.0
-    presence_penalty: float | None = None
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    n: int = 1
-    ignore_eos: bool = False
+MAX_DEPTH = 32            # JSON nesting; OpenAI's own request shapes need fewer than 8 levels
+MAX_USER_CHARS = 256      # `user` becomes a session id, a map key and a log field
+MAX_STOP_CHARS = 256      # per stop sequence
+MAX_TOP_K = 1 << 20       # above any vocabulary
 
 
 @dataclass
@@ -57,6 +49,8 @@ class CompletionRequest:
 
 
 def decode_json(raw: bytes) -> Any:
+    """Bytes -> a JSON value that is safe to walk: valid UTF-8, no lone surrogates
+    (``"\\ud800"`` escapes) in any key or string, nested at most ``MAX_DEPTH`` deep."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -64,10 +58,50 @@ def decode_json(raw: bytes) -> Any:
     if not text.strip():
         raise bad_request("request body is empty; expected a JSON object", code="invalid_json")
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise bad_request(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                           code="invalid_json") from None
+    except RecursionError:
+        raise bad_request(f"request body is nested too deeply (at most {MAX_DEPTH} levels)",
+                          code="invalid_json") from None
+    except ValueError as e:   # e.g. an integer with more digits than Python converts
+        raise bad_request(f"request body has a value this server cannot read: {e}", code="invalid_json") from None
+    _check_tree(value)
+    return value
+
+
+def _check_tree(value: Any) -> None:
+    """Walk the decoded JSON once, without recursion: depth and text that UTF-8 can hold."""
+    stack: list[tuple[Any, int, str]] = [(value, 1, "")]
+    while stack:
+        v, depth, path = stack.pop()
+        if isinstance(v, str):
+            _utf8(v, path or "body")
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise bad_request(f"request body is nested too deeply (at most {MAX_DEPTH} levels)",
+                                  param=path or None, code="invalid_json")
+            if isinstance(v, dict):
+                for k, item in v.items():
+                    _utf8(k, path or "body")
+                    stack.append((item, depth + 1, f"{path}.{k}" if path else k))
+            else:
+                stack.extend((item, depth + 1, f"{path}[{i}]") for i, item in enumerate(v))
+
+
+def _utf8(s: str, path: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise bad_request(f"'{_short(path)}' contains a lone UTF-16 surrogate (\\u{ord(s[e.start]):04x}); "
+                              "text must be valid Unicode", param=_short(path), code="invalid_encoding") from None
+
+
+def _short(path: str, limit: int = 128) -> str:
+    """A client-chosen key path, cut so an error message stays small."""
+    return path if len(path) <= limit else path[:limit] + "..."
 
 
 def _object(body: Any) -> dict:
@@ -90,13 +124,16 @@ def _get(body: dict, key: str, types: tuple, what: str, default: Any = None) -> 
     return v
 
 
-def _range(key: str, v: Any, lo: float | None, hi: float | None, *, lo_open: bool = False) -> None:
-    if v is None:
-        return
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise bad_request(f"'{key}' must be {'>' if lo_open else '>='} {lo}, got {v}", param=key)
-    if hi is not None and v > hi:
-        raise bad_request(f"'{key}' must be <= {hi}, got {v}", param=key)
+def _ruled(body: dict, key: str, default: Any = None) -> Any:
+    """A numeric sampling field, checked against ``generation.RULES`` (shared with config)."""
+    rule = RULES[key]
+    v = _get(body, key, (int,) if rule.integer else (int, float), "an integer" if rule.integer else "a number",
+             default)
+    if v is not None:
+        problem = rule.check(v)
+        if problem:
+            raise bad_request(f"'{key}' {problem}", param=key)
+    return v
 
 
 def _reject_if_set(body: dict, key: str, why: str, allowed: tuple = (None, False, [], {})) -> None:
@@ -104,56 +141,61 @@ def _reject_if_set(body: dict, key: str, why: str, allowed: tuple = (None, False
         raise bad_request(f"'{key}' is not supported by this server: {why}", param=key, code="unsupported_parameter")
 
 
-NUM = (int, float)
+def _max_tokens(body: dict, limits: LimitsConfig) -> int | None:
+    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    mt = body.get(key)
+    if mt is None:
+        return None
+    if isinstance(mt, bool) or not isinstance(mt, int):
+        raise bad_request(f"'{key}' must be an integer, got {type(mt).__name__}", param=key)
+    if mt <= 0:
+        raise bad_request(f"'{key}' must be at least 1, got {mt}", param=key)
+    if mt > limits.max_tokens_cap:
+        raise bad_request(f"'{key}' is {mt}, above this server's cap of {limits.max_tokens_cap}", param=key)
+    return mt
+
+
+def _stop(body: dict, limits: LimitsConfig) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        raise bad_request("'stop' must be a non-empty string or a list of non-empty strings", param="stop")
+    if len(stop) > limits.max_stop_sequences:
+        raise bad_request(f"'stop' has {len(stop)} sequences, above this server's cap of "
+                          f"{limits.max_stop_sequences}", param="stop")
+    if any(len(x) > MAX_STOP_CHARS for x in stop):
+        raise bad_request(f"each 'stop' sequence must be at most {MAX_STOP_CHARS} characters", param="stop")
+    return tuple(stop)
 
 
 def _sampling(body: dict, limits: LimitsConfig) -> Sampling:
-    s = Sampling()
-    mt = body.get("max_completion_tokens", body.get("max_tokens"))
-    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    if mt is not None:
-        if isinstance(mt, bool) or not isinstance(mt, int):
-            raise bad_request(f"'{key}' must be an integer, got {type(mt).__name__}", param=key)
-        if mt <= 0:
-            raise bad_request(f"'{key}' must be at least 1, got {mt}", param=key)
-        if mt > limits.max_tokens_cap:
-            raise bad_request(f"'{key}' is {mt}, above this server's cap of {limits.max_tokens_cap}", param=key)
-        s.max_tokens = mt
-    s.temperature = _get(body, "temperature", NUM, "a number")
-    _range("temperature", s.temperature, 0.0, 2.0)
-    s.top_p = _get(body, "top_p", NUM, "a number")
-    _range("top_p", s.top_p, 0.0, 1.0, lo_open=True)
-    s.top_k = _get(body, "top_k", (int,), "an integer", -1)
-    if s.top_k != -1:
-        _range("top_k", s.top_k, 1, None)
-    s.min_p = _get(body, "min_p", NUM, "a number", 0.0)
-    _range("min_p", s.min_p, 0.0, 1.0)
-    s.presence_penalty = _get(body, "presence_penalty", NUM, "a number")
-    _range("presence_penalty", s.presence_penalty, -2.0, 2.0)
-    s.frequency_penalty = _get(body, "frequency_penalty", NUM, "a number", 0.0)
-    _range("frequency_penalty", s.frequency_penalty, -2.0, 2.0)
-    s.repetition_penalty = _get(body, "repetition_penalty", NUM, "a number", 1.0)
-    _range("repetition_penalty", s.repetition_penalty, 0.0, 2.0, lo_open=True)
-    s.n = _get(body, "n", (int,), "an integer", 1)
-    _range("n", s.n, 1, None)
-    if s.n > limits.max_n:
-        raise bad_request(f"'n' is {s.n}, above this server's cap of {limits.max_n}", param="n")
-    s.seed = _get(body, "seed", (int,), "an integer")
-    s.ignore_eos = _get(body, "ignore_eos", (bool,), "a boolean", False)
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
-            raise bad_request("'stop' must be a non-empty string or a list of non-empty strings", param="stop")
-        if len(stop) > limits.max_stop_sequences:
-            raise bad_request(f"'stop' has {len(stop)} sequences, above this server's cap of "
-                              f"{limits.max_stop_sequences}", param="stop")
-        s.stop = stop
+    top_k = _get(body, "top_k", (int,), "an integer", -1)
+    if top_k != -1 and not 1 <= top_k <= MAX_TOP_K:
+        raise bad_request(f"'top_k' must be -1 (off) or between 1 and {MAX_TOP_K}, got {top_k}", param="top_k")
+    n = _get(body, "n", (int,), "an integer", 1)
+    if n < 1:
+        raise bad_request(f"'n' must be >= 1, got {n}", param="n")
+    if n > limits.max_n:
+        raise bad_request(f"'n' is {n}, above this server's cap of {limits.max_n}", param="n")
     _reject_if_set(body, "logprobs", "log probabilities are not returned")
     _reject_if_set(body, "top_logprobs", "log probabilities are not returned", allowed=(None, 0))
     _reject_if_set(body, "logit_bias", "logit bias is not applied")
-    return s
+    return Sampling(
+        max_tokens=_max_tokens(body, limits), temperature=_ruled(body, "temperature"),
+        top_p=_ruled(body, "top_p"), presence_penalty=_ruled(body, "presence_penalty"),
+        top_k=top_k, min_p=_ruled(body, "min_p", 0.0), frequency_penalty=_ruled(body, "frequency_penalty", 0.0),
+        repetition_penalty=_ruled(body, "repetition_penalty", 1.0), stop=_stop(body, limits),
+        seed=_ruled(body, "seed"), n=n, ignore_eos=_get(body, "ignore_eos", (bool,), "a boolean", False))
+
+
+def _user(body: dict) -> str | None:
+    user = _get(body, "user", (str,), "a string")
+    if user is not None and len(user) > MAX_USER_CHARS:
+        raise bad_request(f"'user' must be at most {MAX_USER_CHARS} characters, got {len(user)}", param="user")
+    return user or None
 
 
 def _stream(body: dict) -> tuple[bool, bool]:
@@ -228,8 +270,7 @@ def parse_chat(body: Any, limits: LimitsConfig) -> ChatRequest:
         raise bad_request("'response_format' other than {\"type\": \"text\"} is not supported by this server",
                           param="response_format", code="unsupported_parameter")
     stream, include_usage = _stream(body)
-    user = _get(body, "user", (str,), "a string")
-    return ChatRequest(model, out, _sampling(body, limits), stream, include_usage, user)
+    return ChatRequest(model, out, _sampling(body, limits), stream, include_usage, _user(body))
 
 
 def parse_completion(body: Any, limits: LimitsConfig) -> CompletionRequest:
@@ -254,5 +295,18 @@ def parse_completion(body: Any, limits: LimitsConfig) -> CompletionRequest:
     _reject_if_set(body, "suffix", "suffix (fill-in-the-middle) is not supported", allowed=(None, ""))
     _reject_if_set(body, "best_of", "best_of is not supported", allowed=(None, 1))
     stream, include_usage = _stream(body)
-    user = _get(body, "user", (str,), "a string")
-    return CompletionRequest(model, p, _sampling(body, limits), stream, include_usage, user)
+    return CompletionRequest(model, p, _sampling(body, limits), stream, include_usage, _user(body))
+
+
+_SESSION_ID = re.compile(r"^[A-Za-z0-9._:@\-]{1,128}$")
+
+
+def session_id(headers: Mapping[str, str], user: str | None) -> str | None:
+    """The request's session: the ``X-Session-Id`` header, else the (bounded) ``user`` field."""
+    sid = headers.get("X-Session-Id")
+    if sid is not None:
+        if not _SESSION_ID.match(sid):
+            raise bad_request("X-Session-Id must be 1-128 characters of letters, digits and ._:@-",
+                              param="X-Session-Id")
+        return sid
+    return user

@@ -14,53 +14,84 @@ from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .. import shaping
+from ..config import Config
 from . import convert, protocol
-from .errors import ApiError, to_sse_event
+from .errors import ApiError, classify, to_sse_event
+from .keys import ADMISSION, CONFIG, GATE, HEALTH, METRICS, STARTED_WALL
 
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
 
 async def read_json(request: web.Request) -> Any:
-    limit = request.app["ctx"].cfg.server.max_body_bytes
+    """The request body as checked JSON: 413 past the size limit, 408 when the client sends
+    it too slowly (``server.body_timeout_s``), 400 when its encoding cannot be undone."""
+    server = request.app[CONFIG]().server
+    limit = server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body is {request.content_length} bytes, above this server's limit "
-                            f"of {limit} bytes", code="request_too_large")
-    raw = await request.read()   # aiohttp raises 413 past client_max_size for chunked bodies
+                            f"of {limit} bytes", code="request_too_large", close=True)
+    try:
+        async with asyncio.timeout(server.body_timeout_s):
+            raw = await request.read()   # aiohttp raises 413 past client_max_size for chunked bodies
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {server.body_timeout_s:g}s",
+                       code="request_timeout", close=True) from None
+    except (RequestPayloadError, HttpProcessingError) as e:   # e.g. gzip that does not decompress
+        raise ApiError(400, "request body could not be read: "
+                            f"{str(e).replace(chr(10), ' ').strip() or type(e).__name__}"[:300],
+                       code="invalid_encoding", close=True) from None
     return protocol.decode_json(raw)
 
 
-def _check_model(ctx, model: str) -> None:
-    if model not in ctx.model_names:
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves "
-                            f"'{ctx.cfg.model.name}'", type="invalid_request_error", param="model",
+def _check_model(cfg: Config, model: str) -> None:
+    if model not in (cfg.model.name, cfg.model.path):
+        shown = model if len(model) <= 128 else model[:128] + "..."
+        raise ApiError(404, f"the model '{shown}' does not exist; this server serves "
+                            f"'{cfg.model.name}'", type="invalid_request_error", param="model",
                        code="model_not_found")
 
 
+def _overlong(max_model_len: int, param: str = "messages", tokens: int | None = None) -> ApiError:
+    size = f"{tokens} tokens long" if tokens is not None else f"more than {max_model_len} tokens long"
+    return ApiError(400, f"the prompt is {size}, but this model's maximum context length is {max_model_len} "
+                         "tokens; shorten the prompt", param=param, code="context_length_exceeded")
+
+
+async def _parse(request: web.Request, parse) -> tuple[Config, Any, str | None]:
+    """The current config, the parsed request (checked model) and its session id."""
+    cfg = request.app[CONFIG]()
+    req = parse(await read_json(request), cfg.limits)
+    _check_model(cfg, req.model)
+    return cfg, req, protocol.session_id(request.headers, req.user)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    ctx = request.app["ctx"]
-    req = protocol.parse_chat(await read_json(request), ctx.cfg.limits)
-    _check_model(ctx, req.model)
-    session = ctx.session_id(request, req.user)
-    async with ctx.track(request):
-        engine = await ctx.serving_engine()
-        tok = engine.tokenizer
+    cfg, req, session = await _parse(request, protocol.parse_chat)
+    gate = request.app[GATE]
+    async with gate.track():
+        engine = await gate.serving_engine()
+        tok, max_len = engine.tokenizer, engine.max_model_len
         messages = req.messages
         text = shaping.prompt_text(messages)
-        shaped = shaping.defaults(ctx.cfg, text, shaping.last_user_text(messages))
-        prompt_ids = await _off_loop(len(text), lambda: tok.encode(tok.render_chat(messages)))
+        shaped = shaping.defaults(cfg, text, shaping.last_user_text(messages))
         headers = {}
-        if ctx.cfg.shaping.on_overlong == "truncate":
-            messages, dropped = await _off_loop(len(text), lambda: _fit(
-                ctx, tok, messages, prompt_ids, req.sampling.max_tokens, shaped.max_tokens))
+        if cfg.shaping.on_overlong == "truncate":
+            messages, dropped, prompt_ids = await _off_loop(len(text), lambda: _fit(
+                tok, max_len, messages, req.sampling.max_tokens, shaped.sampling.max_tokens))
             if dropped:
-                prompt_ids = await _off_loop(len(text), lambda: tok.encode(tok.render_chat(messages)))
                 headers["X-Qwenbox-Truncated"] = f"dropped {dropped} oldest message(s) to fit the context"
                 request["qb"]["truncated"] = dropped
-                ctx.metrics.truncated.inc()
-        return await _admit_and_run(request, ctx, engine, req, prompt_ids, shaped, session, headers, chat=True)
+                request.app[METRICS].truncated.inc()
+        else:
+            prompt_ids = await _off_loop(len(text), lambda: tok.encode_within(tok.render_chat(messages), max_len))
+            if prompt_ids is None:
+                raise _overlong(max_len)
+        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, headers, chat=True)
 
 
 _LARGE_TEXT = 32_768   # characters; tokenizing more than this could stall the event loop
@@ -72,66 +103,85 @@ async def _off_loop(size: int, fn):
     return await asyncio.to_thread(fn) if size > _LARGE_TEXT else fn()
 
 
-def _fit(ctx, tok, messages, prompt_ids, client_max_tokens, shaped_max_tokens):
-    """on_overlong = "truncate": drop the oldest turns until prompt + room for the answer fit."""
-    max_len = ctx.max_model_len
+def _fit(tok, max_len: int, messages, client_max_tokens, shaped_max_tokens):
+    """on_overlong = "truncate": drop the oldest turns until prompt + room for the answer fit.
+    -> (kept messages, how many were dropped, their token ids)."""
     room = client_max_tokens if client_max_tokens is not None else min(shaped_max_tokens, max_len // 2)
     budget = max_len - room
-    if len(prompt_ids) <= budget:
-        return messages, 0
+    # What always stays (system prompts, the last turn) must fit on its own: checked cheaply
+    # first, so a huge final turn is refused without tokenizing the whole history.
+    keep = [m for m in messages[:-1] if m["role"] == "system"] + messages[-1:]
+    if tok.encode_within(tok.render_chat(keep), budget) is None:
+        raise _fit_error(max_len, room, f"the system prompt and the last message are more than {budget} tokens")
+
+    def count(ms) -> int:      # past max_len, "more than max_len" is all that matters
+        ids = tok.encode_within(tok.render_chat(ms), max_len)
+        return max_len + 1 if ids is None else len(ids)
+
     try:
-        return shaping.fit_messages(messages, lambda ms: len(tok.encode(tok.render_chat(ms))), budget)
+        kept, dropped = shaping.fit_messages(messages, count, budget)
     except shaping.Overlong as e:
-        raise ApiError(400, f"{e}; this model's maximum context length is {max_len} tokens and "
-                            f"{room} are kept for the answer", param="messages", code="context_length_exceeded")
+        raise _fit_error(max_len, room, str(e))
+    return kept, dropped, tok.encode(tok.render_chat(kept))
+
+
+def _fit_error(max_len: int, room: int, why: str) -> ApiError:
+    return ApiError(400, f"{why}; this model's maximum context length is {max_len} tokens and "
+                         f"{room} are kept for the answer", param="messages", code="context_length_exceeded")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    ctx = request.app["ctx"]
-    req = protocol.parse_completion(await read_json(request), ctx.cfg.limits)
-    _check_model(ctx, req.model)
-    session = ctx.session_id(request, req.user)
-    async with ctx.track(request):
-        engine = await ctx.serving_engine()
+    cfg, req, session = await _parse(request, protocol.parse_completion)
+    gate = request.app[GATE]
+    async with gate.track():
+        engine = await gate.serving_engine()
+        tok = engine.tokenizer
         if isinstance(req.prompt, list):
             prompt_ids = req.prompt
-            bad = [t for t in prompt_ids if not 0 <= t < engine.tokenizer.vocab_size]
-            if bad:
-                raise ApiError(400, f"'prompt' has token id {bad[0]} outside the vocabulary "
-                                    f"(0..{engine.tokenizer.vocab_size - 1})", param="prompt")
-            text = engine.tokenizer.decode(prompt_ids)
+            bad = next((t for t in prompt_ids if not 0 <= t < tok.vocab_size), None)
+            if bad is not None:
+                raise ApiError(400, f"'prompt' has token id {bad} outside the vocabulary "
+                                    f"(0..{tok.vocab_size - 1})", param="prompt")
+            if len(prompt_ids) >= engine.max_model_len:
+                raise _overlong(engine.max_model_len, "prompt", len(prompt_ids))
+            text = await _off_loop(len(prompt_ids), lambda: tok.decode(prompt_ids))
         else:
             text = req.prompt
-            prompt_ids = await _off_loop(len(text), lambda: engine.tokenizer.encode(text))
-        shaped = shaping.defaults(ctx.cfg, text)
-        return await _admit_and_run(request, ctx, engine, req, prompt_ids, shaped, session, {}, chat=False)
+            prompt_ids = await _off_loop(len(text), lambda: tok.encode_within(text, engine.max_model_len))
+            if prompt_ids is None:
+                raise _overlong(engine.max_model_len, "prompt")
+        shaped = shaping.defaults(cfg, text)
+        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, {}, chat=False)
 
 
-async def _admit_and_run(request, ctx, engine, req, prompt_ids, shaped, session, headers, *, chat):
-    prompt_ids = shaping.pad(prompt_ids, ctx.cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
+async def _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, headers, *, chat):
+    prompt_ids = shaping.pad(prompt_ids, cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
     info = request["qb"]
     info.update(session=session, intent=shaped.intent)
-    async with ctx.admit(request, len(prompt_ids), session) as ticket:
+    gate = request.app[GATE]
+    async with request.app[ADMISSION].admit(len(prompt_ids), session) as ticket:
         info.update(queued_s=round(ticket.queued_s, 4), priority=ticket.priority)
         gen = convert.to_generation(req.sampling, prompt_ids, request_id=request["rid"],
-                                    max_model_len=ctx.max_model_len, defaults=shaped,
+                                    max_model_len=engine.max_model_len, defaults=shaped,
                                     stream=req.stream, priority=ticket.priority)
-        return await _run(request, ctx, engine, gen, req, headers, chat=chat)
+        with gate.running(request["rid"]):
+            return await _run(request, cfg, engine, gen, req, headers, chat=chat)
 
 
-async def _run(request, ctx, engine, gen, req, headers: dict, *, chat: bool) -> web.StreamResponse:
+async def _run(request, cfg, engine, gen, req, headers: dict, *, chat: bool) -> web.StreamResponse:
     info = request["qb"]
-    info.update(prompt_len=len(gen.prompt_token_ids), max_tokens=gen.max_tokens, stream=req.stream)
+    info.update(prompt_len=len(gen.prompt_token_ids), max_tokens=gen.sampling.max_tokens, stream=req.stream)
     rid, created, model = f"{'chatcmpl' if chat else 'cmpl'}-{request['rid']}", convert.now(), req.model
-    acc = convert.Accumulator(gen.n)
+    acc = convert.Accumulator(gen.sampling.n)
     t0 = request["t0"]
+    gate = request.app[GATE]
     if not req.stream:
         async with aclosing(engine.generate(gen)) as outputs:
             async for deltas in outputs:
                 if "ttft_s" not in info:
                     info["ttft_s"] = round(time.monotonic() - t0, 4)
                 acc.add(deltas)
-        ctx.raise_if_aborted(request["rid"])
+        gate.raise_if_aborted(request["rid"])
         _finish(info, acc)
         body = (convert.chat_body if chat else convert.completion_body)(rid, created, model, acc, len(gen.prompt_token_ids))
         return web.json_response(body, headers=headers)
@@ -144,7 +194,7 @@ async def _run(request, ctx, engine, gen, req, headers: dict, *, chat: bool) -> 
 
     try:
         if chat:
-            for i in range(gen.n):
+            for i in range(gen.sampling.n):
                 await send(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}))
         async with aclosing(engine.generate(gen)) as outputs:
             async for deltas in outputs:
@@ -160,7 +210,7 @@ async def _run(request, ctx, engine, gen, req, headers: dict, *, chat: bool) -> 
                             await send(convert.chat_chunk(rid, created, model, d.index, {}, fin))
                     elif d.text or fin:
                         await send(convert.completion_chunk(rid, created, model, d.index, d.text, fin))
-        ctx.raise_if_aborted(request["rid"])
+        gate.raise_if_aborted(request["rid"])
         if req.include_usage:
             await send(convert.usage_chunk(rid, created, model, "chat.completion.chunk" if chat else "text_completion",
                                            len(gen.prompt_token_ids), acc.completion_tokens))
@@ -171,11 +221,10 @@ async def _run(request, ctx, engine, gen, req, headers: dict, *, chat: bool) -> 
         info.update(status=499, finish="client_gone", output_len=acc.completion_tokens)
         raise   # aclosing() above already aborted the engine request
     except Exception as exc:  # the status line is sent: report the error in-band, once
-        err = to_sse_event(exc)
-        info.update(status=ctx.error_status(exc), finish="error", output_len=acc.completion_tokens)
-        ctx.on_stream_error(exc)
+        err = classify(exc, cfg.server.retry_after_s)
+        info.update(status=err.status, finish="error", output_len=acc.completion_tokens)
         try:
-            await resp.write(err)
+            await resp.write(to_sse_event(exc, cfg.server.retry_after_s))
             await resp.write(b"data: [DONE]\n\n")
         except ConnectionError:
             pass
@@ -187,31 +236,31 @@ def _finish(info: dict, acc: convert.Accumulator) -> None:
     info["finish"] = ",".join(sorted({f or "stop" for f in acc.finish}))
 
 
-def _model_card(ctx) -> dict:
-    return {"id": ctx.cfg.model.name, "object": "model", "created": int(ctx.started_wall), "owned_by": "qwenbox",
-            "root": ctx.cfg.model.path, "max_model_len": ctx.max_model_len}
+def _model_card(request: web.Request) -> dict:
+    cfg, engine = request.app[CONFIG](), request.app[GATE].engine
+    return {"id": cfg.model.name, "object": "model", "created": int(request.app[STARTED_WALL]),
+            "owned_by": "qwenbox", "root": cfg.model.path,
+            "max_model_len": engine.max_model_len if engine is not None else cfg.model.max_model_len}
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(request.app["ctx"])]})
+    return web.json_response({"object": "list", "data": [_model_card(request)]})
 
 
 async def model(request: web.Request) -> web.Response:
     """GET /v1/models/{id} (the OpenAI client's models.retrieve); ids may contain '/'."""
-    ctx = request.app["ctx"]
-    _check_model(ctx, request.match_info["model"])
-    return web.json_response(_model_card(ctx))
+    _check_model(request.app[CONFIG](), request.match_info["model"])
+    return web.json_response(_model_card(request))
 
 
 async def health(request: web.Request) -> web.Response:
-    ctx = request.app["ctx"]
-    body = ctx.health()
+    body = request.app[HEALTH]()
     return web.json_response(body, status=200 if body["ready"] else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    ctx = request.app["ctx"]
-    payload, content_type = ctx.metrics_payload()
+    request.app[ADMISSION].export_metrics()
+    payload, content_type = request.app[METRICS].payload()
     resp = web.Response(body=payload)
     resp.headers["Content-Type"] = content_type
     return resp

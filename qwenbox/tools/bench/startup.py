@@ -144,14 +144,15 @@ async def http_throughput(sock: str, model: str, prompts: list, args: Any, ids: 
 
 # ------------------------------------------------------------------ in-process (the worker)
 async def _direct_one(engine: Any, messages: list[dict[str, str]], max_tokens: int) -> Result:
-    from ...generation import GenerationRequest
+    from ...generation import GenerationRequest, Sampling
 
     r = Result()
     t0 = r.started = time.monotonic()
     try:
         ids = engine.tokenizer.encode(engine.tokenizer.render_chat(messages))
         req = GenerationRequest(request_id=f"bench-{uuid.uuid4().hex[:16]}", prompt_token_ids=ids,
-                                max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stream=True)
+                                sampling=Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                                stream=True)
         r.prompt_tokens = len(ids)
         async for deltas in engine.generate(req):
             now = time.monotonic()

@@ -1,0 +1,26 @@
+"""Typed keys to the owners the handlers serve from (aiohttp's ``web.AppKey``).
+
+- ``CONFIG``: the current config, as a callable (a SIGHUP reload is seen at once).
+- ``GATE``: phase refusal, the engine, in-flight tracking, drain-abort (``gate.py``).
+- ``ADMISSION``: slots, the queue, sessions, 429s (``admission.py``).
+- ``METRICS``: the Prometheus registry (``metrics.py``).
+- ``HEALTH``: the daemon's /health body, assembled from each owner's own part.
+- ``STARTED_WALL``: when the app was made (the model card's ``created``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from aiohttp import web
+
+from ..admission import Admission
+from ..config import Config
+from ..gate import Gate
+from ..metrics import Metrics
+
+CONFIG = web.AppKey("config", Callable[[], Config])
+GATE = web.AppKey("gate", Gate)
+ADMISSION = web.AppKey("admission", Admission)
+METRICS = web.AppKey("metrics", Metrics)
+HEALTH = web.AppKey("health", Callable[[], dict[str, Any]])
+STARTED_WALL = web.AppKey("started_wall", float)
