@@ -504,7 +504,9 @@ def test_engine_sigkill_exits_nonzero_and_restarts(sd):
     first_ok = min(r["t1"] for r in results if r["t0"] > t_kill and r.get("status") == 200)
     journal = sd.m.journal(SERVICE)
     assert re.search(r"Main process exited, code=exited, status=1/FAILURE", journal), journal[-3000:]
-    assert "event=engine_failed" in journal and "engine core died" in journal
+    # The daemon names the cause. Which check sees the death first is a race: a request in
+    # flight ("engine core died") or the liveness monitor ("engine core process N has exited").
+    assert re.search(r"event=engine_failed reason=\"[^\"]*engine core", journal), journal[-3000:]
     lost = [r for r in results if r.get("status") != 200]
     print(f"\nengine SIGKILL: daemon exited {t_exit - t_kill:.2f}s after the kill; active again after "
           f"{t_active - t_kill:.1f}s; first answer {first_ok - t_kill:.1f}s after the kill; "
