@@ -6,6 +6,7 @@ by test_cost_control.py where the backend can sleep)."""
 import asyncio
 import dataclasses
 import logging
+import time
 
 import pytest
 
@@ -85,7 +86,8 @@ def test_queued_token_budget_and_timeout_and_cancel():
         assert e.value.reason == "queue_timeout"
         assert a.queued == 0 and a.queued_tokens == 0
         t = asyncio.create_task(a.acquire(50, False))
-        await asyncio.sleep(0.01)
+        while a.queued == 0:               # until it waits in the queue
+            await asyncio.sleep(0)
         t.cancel()
         with pytest.raises(asyncio.CancelledError):
             await t
@@ -161,16 +163,16 @@ def test_standby_sleeps_when_idle_and_wakes_once_for_many(caplog):
         async def rewarm():
             rewarms.append(1)
         sb = Standby(StandbyConfig(idle_sleep_after_s=0.2), lc, eng, busy=lambda: busy["n"], rewarm=rewarm)
-        task = asyncio.create_task(sb.run())
-        busy["n"] = 1                       # a request in flight: never sleep under it
-        await asyncio.sleep(0.5)
+        busy["n"] = 1                       # a request in flight: never sleep under it,
+        sb.last_activity -= 60              # however long ago the last one started
+        await sb._sleep()
         assert lc.phase == Phase.READY and eng.calls == []
         busy["n"] = 0
         sb.touch()
-        for _ in range(100):
+        task = asyncio.create_task(sb.run())
+        deadline = time.monotonic() + 30
+        while lc.phase != Phase.SLEEPING and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            if lc.phase == Phase.SLEEPING:
-                break
         assert lc.phase == Phase.SLEEPING and eng.calls == [("sleep", 1)]
         await asyncio.gather(*(sb.ensure_awake() for _ in range(5)))
         assert lc.phase == Phase.READY and eng.calls == [("sleep", 1), ("wake",)] and rewarms == [1]

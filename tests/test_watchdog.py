@@ -221,7 +221,7 @@ def test_a_blocked_event_loop_sends_no_pings(child):
 
     before, t_block, t_unblock, pings, lag = asyncio.run(main())
     assert before >= 2
-    assert not [p for p in pings if t_block < p < t_unblock - 0.01]
+    assert not [p for p in pings if t_block < p < t_unblock]     # nothing ran while it was blocked
     assert len(pings) > before and lag >= 0.9
 
 
