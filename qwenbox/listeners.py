@@ -29,6 +29,7 @@ import resource
 import socket
 import stat
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ log = logging.getLogger("qwenbox.listeners")
 
 _FD_RESERVE = 256          # descriptors kept for the engine, the model files, logs, pipes
 _ERROR_LOG_EVERY_S = 10.0
+_ACCEPT_BATCH = 64         # connections asyncio accepts per wake-up (it uses the listen backlog)
 
 
 class ListenerError(RuntimeError):
@@ -205,7 +207,16 @@ class _JsonErrors(RequestHandler):
     not text/plain. aiohttp logs each one with a traceback: ``limit_server_errors`` keeps
     that log bounded."""
 
-    __slots__ = ()
+    __slots__ = ("__weakref__", "_open")
+
+    def __init__(self, *args: Any, open_set: "weakref.WeakSet[RequestHandler]", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._open = open_set
+        open_set.add(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._open.discard(self)
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -218,34 +229,53 @@ class _JsonErrors(RequestHandler):
         return resp
 
 
+class _ConnectionCount:
+    """Connections the server holds, counted from the moment their handler is built, until
+    the connection is lost. (asyncio accepts a whole batch of connections and builds their
+    protocols before any is registered with the server, so the server's own list lags
+    behind a burst.) Weak: a handler whose connection never got made is simply dropped."""
+
+    def __init__(self) -> None:
+        self.open: weakref.WeakSet[RequestHandler] = weakref.WeakSet()
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+
 class CappedSockSite(web.SockSite):
-    """aiohttp's ``SockSite`` with a cap on the connections the runner's server holds."""
+    """aiohttp's ``SockSite`` with a cap on the connections the runner's server holds.
 
-    __slots__ = ("_cap", "_refusal", "_refused", "_reports")
+    asyncio's accept loop takes up to its backlog of connections per wake-up, so the loop
+    is given a small batch (``_ACCEPT_BATCH``) while the kernel's queue keeps the full
+    backlog: the descriptors in use never run ahead of the cap by more than one batch
+    (and the cap keeps ``_FD_RESERVE`` descriptors free for that)."""
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, cap: int, retry_after_s: int,
-                 backlog: int = socket.SOMAXCONN) -> None:
+    __slots__ = ("_cap", "_count", "_refusal", "_refused", "_reports")
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, cap: int, count: _ConnectionCount,
+                 retry_after_s: int, backlog: int = socket.SOMAXCONN) -> None:
         super().__init__(runner, sock, backlog=backlog)
-        self._cap, self._refusal = cap, _refusal_bytes(retry_after_s)
+        self._cap, self._count, self._refusal = cap, count, _refusal_bytes(retry_after_s)
         self._refused, self._reports = 0, _EveryFewSeconds()
 
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
         assert server is not None
-        if len(server.connections) < self._cap:
+        if len(self._count) < self._cap:
             # what web.Server() builds, with JSON error answers (the same keyword arguments)
-            return _JsonErrors(server, loop=asyncio.get_running_loop(), **server._kwargs)
+            return _JsonErrors(server, loop=asyncio.get_running_loop(), open_set=self._count.open, **server._kwargs)
         self._refused += 1
         if self._reports.allow("refused") is not None:
             log.warning("refusing connections: %d open (max_connections %d); %d refused so far",
-                        len(server.connections), self._cap, self._refused)
+                        len(self._count), self._cap, self._refused)
         return _Refuse(self._refusal)
 
     async def start(self) -> None:
         # SockSite.start, with our protocol factory in front of the runner's server
         await web.BaseSite.start(self)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, sock=self._sock, backlog=self._backlog)
+        self._server = await loop.create_server(self._protocol, sock=self._sock, backlog=_ACCEPT_BATCH)
+        self._sock.listen(self._backlog)     # the kernel's queue stays long; only the batch is small
 
 
 class Listeners:
@@ -292,7 +322,8 @@ class Listeners:
         if self.cap < self.cfg.max_connections:
             log.warning("server.max_connections %d lowered to %d: the open-files limit is %d",
                         self.cfg.max_connections, self.cap, fd_limit)
-        self._sites = [CappedSockSite(runner, s, cap=self.cap, retry_after_s=self.retry_after_s)
+        count = _ConnectionCount()       # one cap over all the sockets
+        self._sites = [CappedSockSite(runner, s, cap=self.cap, count=count, retry_after_s=self.retry_after_s)
                        for s in self._socks]
 
     async def start(self, after: float = 0.0) -> None:

@@ -369,6 +369,21 @@ def test_connections_past_the_cap_are_refused_cleanly_and_serving_resumes(tight)
     assert 1 <= len(refusal_logs) <= 3, refusal_logs         # rate-limited, not one per connection
 
 
+def test_a_burst_past_the_cap_never_exhausts_the_descriptors(tight):
+    """Connections opened all at once, faster than the server registers them: the cap still
+    holds (counted from accept, not from registration), the rest get the canned 503, and
+    the process never hits its open-files limit."""
+    burst = [connect(tight.sock) for _ in range(CAP + 200)]      # nothing sent: they just sit
+    answers = [read_until_closed(s) for s in burst]               # idle ones close after 2 s
+    for s in burst:
+        s.close()
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    assert len(refused) >= 200, (len(refused), [a[:40] for a in answers if a][:3])
+    assert all(a == b"" for a in answers if a not in refused)    # held, then closed as idle
+    assert "out of system resource" not in tight.log_text()
+    assert jrequest(tight.sock, "GET", "/health")[0] == 200
+
+
 def test_open_files_limit_caps_connections_below_it(tight):
     """Under `prlimit --nofile=512` the cap drops below max_connections; the daemon says so."""
     events = [e for e in map(parse_line, tight.log_text().splitlines()) if e and e.get("event") == "listening"]
