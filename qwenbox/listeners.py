@@ -2,12 +2,12 @@
 accepts, and what is left on disk when it stops.
 
 Contract:
-- ``Listeners(server_cfg, retry_after_s)``; ``bind()`` takes the sockets systemd passed
+- ``Listeners(server_cfg, socket_mode, retry_after_s)``; ``bind()`` takes the sockets systemd passed
   (socket activation, ``handover`` is then True) or binds ``server.socket`` (mode
   ``server.socket_mode``, replacing only a STALE socket) and ``server.tcp``. Raises
   ``ListenerError`` when a path is taken by a live server or by a non-socket file.
-- ``sites(runner)`` makes one aiohttp site per socket. Each holds at most
-  ``max_connections`` open connections (never more than the file-descriptor limit allows):
+- ``sites(runner, fd_limit)`` makes one aiohttp site per socket. Together they hold at
+  most ``max_connections`` open connections (and never more than ``fd_limit`` allows):
   past that a new connection gets a canned ``503`` with ``Retry-After`` and is closed, so
   the process never runs out of descriptors and keeps answering once connections close.
 - ``start(after)`` begins accepting (after ``after`` seconds, or at once); ``stop_accepting``
@@ -289,6 +289,7 @@ class Listeners:
         self.cap = server.max_connections
         self._socks: list[socket.socket] = []
         self._sites: list[CappedSockSite] = []
+        self._started: list[CappedSockSite] = []
         self._own_socket: str | None = None
 
     def bind(self) -> list[socket.socket]:
@@ -337,14 +338,14 @@ class Listeners:
         self.accepting = True
         for site in self._sites:
             await site.start()
+            self._started.append(site)
 
     async def stop_accepting(self) -> None:
         """Socket activation: close our copy of the listener; systemd keeps the socket and its
         queue, and the next instance accepts what arrives from now on."""
         self.closing = True
-        for site in self._sites:
-            if site._server is not None:
-                await site.stop()
+        while self._started:
+            await self._started.pop().stop()
 
     def remove_own_socket(self) -> None:
         if self._own_socket:
