@@ -54,7 +54,7 @@ def test_admits_up_to_anonymous_share_then_queues_then_rejects():
 def test_sessions_jump_the_queue():
     async def main():
         a = adm(in_flight=1, queued=8, share=0.0)
-        first = await a.acquire(1, False)
+        await a.acquire(1, False)          # the one slot is taken
         order = []
 
         async def go(tag, active):
@@ -77,7 +77,7 @@ def test_sessions_jump_the_queue():
 def test_queued_token_budget_and_timeout_and_cancel():
     async def main():
         a = adm(in_flight=1, queued=10, tokens=100, timeout=0.2, share=0.0)
-        s = await a.acquire(5, False)
+        await a.acquire(5, False)          # the one slot is taken
         with pytest.raises(Rejected) as e:
             await a.acquire(101, False)
         assert e.value.reason == "queued_tokens_full"
