@@ -130,22 +130,29 @@ class Admission:
                 self.metrics.rejections.labels(r.reason).inc()
             raise
         finally:
-            self.export_metrics()
+            self._export_queue()
         self.sessions.turn_started(session)
         try:
             yield ticket
         finally:
             self.sessions.turn_ended(session)
             self.release()
-            self.export_metrics()
+            self._export_queue()
 
-    def export_metrics(self) -> None:
+    def _export_queue(self) -> None:
+        """The queue gauges, on every change (cheap: three numbers)."""
         m = self.metrics
         if m is not None:
             m.in_flight.set(self.in_flight)
             m.queued.set(self.queued)
             m.queued_tokens.set(self.queued_tokens)
-            m.active_sessions.set(self.sessions.active_count())
+
+    def export_metrics(self) -> None:
+        """Everything, for a /metrics scrape: the active-session count decays with time and
+        walks the recent sessions, so it is computed when scraped, not per request."""
+        self._export_queue()
+        if self.metrics is not None:
+            self.metrics.active_sessions.set(self.sessions.active_count())
 
     def health(self) -> dict[str, Any]:
         return {"admission": {"in_flight": self.in_flight, "queued": self.queued,

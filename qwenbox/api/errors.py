@@ -66,7 +66,7 @@ def classify(exc: BaseException, retry_after: int = 5) -> ApiError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return ApiError(413, "request body is larger than the server's limit "
                              f"({exc.text.strip() if exc.text else 'see server.max_body_bytes'})",
-                        code="request_too_large")
+                        code="request_too_large", close=True)
     if isinstance(exc, web.HTTPMethodNotAllowed):
         return ApiError(405, f"method {exc.method} is not allowed here; allowed: "
                              f"{', '.join(sorted(exc.allowed_methods))}", code="method_not_allowed",
@@ -90,7 +90,7 @@ def to_response(exc: BaseException, request_id: str, retry_after: int = 5) -> we
         log.error("request %s failed: %r", request_id, exc, exc_info=exc)
     headers = {**err.headers, "X-Request-Id": request_id}
     resp = web.json_response(err.body(), status=err.status, headers=headers)
-    if err.close or err.status == 413:
+    if err.close:
         resp.force_close()
     return resp
 
