@@ -12,7 +12,6 @@ import gzip
 import json
 import os
 import socket
-import time
 import uuid
 
 import psutil
@@ -20,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import wait_for
 from helpers import Daemon, jrequest, request
 from qwenbox.eventlog import parse_line
 
@@ -228,12 +228,12 @@ def test_long_user_is_refused_and_log_lines_stay_small(daemon):
 
 
 def wait_for_log(daemon, rids: list[str], timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
+    """The daemon's log once it holds the access-log line of every one of ``rids``."""
+    def complete() -> str:
         log = daemon.log_text()
-        if all(request_lines(log, rid) for rid in rids) or time.monotonic() > deadline:
-            return log
-        time.sleep(0.1)
+        return log if all(request_lines(log, rid) for rid in rids) else ""
+
+    return wait_for(complete, timeout, f"the access-log lines of {rids}")
 
 
 def test_lone_surrogate_in_a_session_header_keeps_the_access_log_line(daemon):
@@ -358,13 +358,8 @@ def test_connections_past_the_cap_are_refused_cleanly_and_serving_resumes(tight)
                for a in answers), answers[:2]
     for s in held:
         s.close()
-    deadline = time.monotonic() + 30
-    while True:                                   # the slots free as the server sees the closes
-        status = jrequest(tight.sock, "GET", "/health")[0]
-        if status == 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert status == 200
+    # the slots free as the server sees the closes
+    wait_for(lambda: jrequest(tight.sock, "GET", "/health")[0] == 200, 30, "/health to answer 200 again")
     refusal_logs = [line for line in tight.log_text().splitlines() if "refusing connections" in line]
     assert 1 <= len(refusal_logs) <= 3, refusal_logs         # rate-limited, not one per connection
 

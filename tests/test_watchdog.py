@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
+from conftest import wait_for
 from qwenbox.config import WatchdogConfig
 from qwenbox.generation import Progress
 from qwenbox.watchdog import Watchdog
@@ -57,14 +58,11 @@ def make(engine, watchdog_sec=6.0, stall=10.0, exit_after=100.0, active=()):
 
 
 def wait_status(proc: psutil.Process, want, timeout: float = 10.0) -> None:
-    """Wait until the process is (or is no longer, with want=("not", status)) in a state."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = proc.status()
-        if (st != want[1]) if isinstance(want, tuple) else (st == want):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"process {proc.pid} still {proc.status()} after {timeout}s (wanted {want})")
+    """Wait until the process is in a state (or, with want=("not", status), out of it)."""
+    if isinstance(want, tuple):
+        wait_for(lambda: proc.status() != want[1], timeout, f"process {proc.pid} to leave {want[1]}")
+    else:
+        wait_for(lambda: proc.status() == want, timeout, f"process {proc.pid} to be {want}")
 
 
 def test_healthy_idle_engine_pings_every_half_watchdogsec(child):
