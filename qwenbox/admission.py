@@ -11,9 +11,13 @@ Contract:
 - Underneath, ``await acquire(prompt_tokens, session_active)`` returns a ``Ticket`` and
   ``release()`` frees one slot and hands it to the best waiter: active sessions first,
   then arrival order. A cancelled waiter (client gone) leaves the queue cleanly.
-- A share ``sessions.reserved_share`` of in-flight slots and of queue places is kept for
-  active sessions: anonymous traffic is refused earlier, so a returning user still gets in
-  when the anonymous queue is full.
+- Active sessions have priority, never an idle reserve: anonymous traffic may fill all
+  ``max_in_flight`` slots (the engine batches as much as it can when no session competes),
+  and active sessions may run up to ``reserved_share`` x ``max_in_flight`` slots beyond
+  that, so a returning user gets in at once even when anonymous traffic fills the engine;
+  vLLM's priority scheduling then runs the session's request first. A share of queue
+  places and queued tokens is kept for sessions: anonymous requests are refused earlier
+  when the queue is long.
 - ``SessionTracker`` says which session ids are active: their last turn ended less than
   ``keepalive_s`` ago. It remembers at most ``max_tracked`` ids (oldest forgotten first).
 """
@@ -112,7 +116,7 @@ class Admission:
         self.cfg = cfg
         self.sessions.cfg = sessions
         share = sessions.reserved_share if sessions.keepalive_s > 0 else 0.0
-        self.anon_in_flight = max(1, cfg.max_in_flight - math.ceil(cfg.max_in_flight * share))
+        self.session_extra = math.ceil(cfg.max_in_flight * share)   # slots only active sessions reach
         self.anon_queued = cfg.max_queued - math.ceil(cfg.max_queued * share)
         self.anon_queued_tokens = cfg.max_queued_prompt_tokens - math.ceil(cfg.max_queued_prompt_tokens * share)
 
@@ -157,11 +161,15 @@ class Admission:
     def health(self) -> dict[str, Any]:
         return {"admission": {"in_flight": self.in_flight, "queued": self.queued,
                               "queued_prompt_tokens": self.queued_tokens,
-                              "max_in_flight": self.cfg.max_in_flight, "max_queued": self.cfg.max_queued},
+                              "max_in_flight": self.cfg.max_in_flight, "session_extra_slots": self.session_extra,
+                              "max_queued": self.cfg.max_queued},
                 "active_sessions": self.sessions.active_count()}
 
+    def _slots(self, session_active: bool) -> int:
+        return self.cfg.max_in_flight + (self.session_extra if session_active else 0)
+
     def _may_run(self, session_active: bool) -> bool:
-        return self.in_flight < (self.cfg.max_in_flight if session_active else self.anon_in_flight)
+        return self.in_flight < self._slots(session_active)
 
     async def acquire(self, prompt_tokens: int, session_active: bool) -> Ticket:
         t0 = time.monotonic()
@@ -218,6 +226,6 @@ class Admission:
                 self.in_flight += 1
                 w.future.set_result(True)
                 continue
-            if self.in_flight >= self.cfg.max_in_flight:
+            if self.in_flight >= self._slots(True):
                 break
             i += 1   # an anonymous waiter can't run yet, but a session further back might

@@ -27,25 +27,36 @@ def adm(in_flight=4, queued=4, tokens=1000, timeout=5.0, share=0.25, keepalive=1
                      SessionsConfig(keepalive_s=keepalive, reserved_share=share))
 
 
-def test_admits_up_to_anonymous_share_then_queues_then_rejects():
+def test_anonymous_traffic_fills_every_slot_and_sessions_get_extra_ones():
     async def main():
-        a = adm(in_flight=4, queued=4, share=0.25)   # anonymous: 3 running, 3 queued
-        slots = [await a.acquire(10, False) for _ in range(3)]
-        assert a.in_flight == 3
+        a = adm(in_flight=4, queued=4, share=0.25)   # anonymous: 4 running, 3 queued; sessions: +1 slot
+        slots = [await a.acquire(10, False) for _ in range(4)]
+        assert a.in_flight == 4                      # no idle reserve when no session competes
         waiters = [asyncio.create_task(a.acquire(10, False)) for _ in range(3)]
         await asyncio.sleep(0)
         assert a.queued == 3
         with pytest.raises(Rejected) as e:
             await a.acquire(10, False)
         assert e.value.reason == "queue_full"
-        # an active session still runs at once, from the reserved slot
+        # an active session still runs at once, in a slot beyond max_in_flight
         s = await a.acquire(10, True)
-        assert a.in_flight == 4
-        for _ in slots + [s]:
+        assert a.in_flight == 5
+        # a second one waits, but ahead of every anonymous waiter
+        s2 = asyncio.create_task(a.acquire(10, True))
+        await asyncio.sleep(0)
+        assert a.queued == 4
+        a.release()                                  # 4 in flight: the session waiter goes first
+        await s2
+        assert a.in_flight == 5 and a.queued == 3
+        for _ in range(2):
+            a.release()                              # 3 in flight: room below max_in_flight for one anonymous
+        await asyncio.sleep(0)
+        assert a.in_flight == 4 and a.queued == 2
+        for _ in range(4):
             a.release()
         got = await asyncio.gather(*waiters)
-        assert len(got) == 3 and a.queued == 0 and a.in_flight == 3
-        for _ in got:
+        assert len(got) == 3 and a.queued == 0 and a.in_flight == 2   # two granted by those releases
+        for _ in range(2):
             a.release()
         assert a.in_flight == 0 and a.queued_tokens == 0
     run(main())
