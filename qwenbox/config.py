@@ -136,6 +136,14 @@ class WatchdogConfig:
 
 
 @dataclass(frozen=True)
+class RecoveryConfig:
+    max_restarts: int = _opt(3, min=0)
+    window_s: float = _opt(600.0, min=1.0)
+    hold_requests_s: float = _opt(30.0, min=0.0)
+    timeout_s: float = _opt(300.0, min=1.0)
+
+
+@dataclass(frozen=True)
 class AdmissionConfig:
     max_in_flight: int = _opt(128, min=1)
     max_queued: int = _opt(256, min=0)
@@ -184,6 +192,7 @@ class Config:
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
     standby: StandbyConfig = field(default_factory=StandbyConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     source: str = field(default="<defaults>", compare=False)
     # The command-line overrides ``load`` applied, as (dotted key, value) pairs: a reload
     # of ``source`` applies them again.
@@ -391,7 +400,7 @@ def load(path: str | os.PathLike = DEFAULT_CONFIG_PATH, overrides: dict[str, Any
 # whole sections, or named keys of a section. Everything else needs a restart.
 RELOADABLE: dict[str, tuple[str, ...] | None] = {
     "limits": None, "logging": None, "admission": None, "sessions": None, "shaping": None,
-    "watchdog": None, "server": ("retry_after_s", "drain_timeout_s", "access_log"),
+    "watchdog": None, "recovery": None, "server": ("retry_after_s", "drain_timeout_s", "access_log"),
 }
 
 

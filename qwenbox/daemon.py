@@ -9,7 +9,10 @@ The listener is bound before the engine loads, so clients get 503 + Retry-After 
 connections rather wait in the socket's queue, up to ``server.queue_while_loading_s`` after
 start, and the daemon stops accepting as soon as it drains: a restart costs clients
 latency, not errors. The watchdog (``watchdog.py``) pings systemd only while healthy and
-is the one place that notices an engine death (the daemon then fails and exits 1).
+is the one place that notices an engine death. The daemon then rebuilds the engine in
+the running process (phase ``recovering``: socket, imports and state kept, requests held
+in the gate, warm-up again, ``ready``), unless ``recovery.max_restarts`` rebuilds already
+happened within ``recovery.window_s``: then it fails and exits 1 for systemd to restart.
 
 The daemon wires the owners together and owns none of their state: ``Gate`` (refusal,
 in-flight, drain-abort), ``Admission`` (slots, sessions), ``Listeners`` (sockets,
@@ -24,6 +27,7 @@ import signal
 import time
 from typing import Any
 
+import psutil
 from aiohttp import web
 
 from . import eventlog, warmup
@@ -51,16 +55,20 @@ class Daemon:
         self.notifier = notifier or Notifier.from_environ()
         self.lifecycle = Lifecycle()
         self.metrics = Metrics()
-        self.gate = Gate(self.lifecycle)
+        self.gate = Gate(self.lifecycle, hold_s=lambda: self.cfg.recovery.hold_requests_s)
         self.admission = Admission(cfg.admission, cfg.sessions, self.metrics)
         self.listeners = Listeners(cfg.server, cfg.socket_mode_int, cfg.server.retry_after_s)
         self.watchdog = Watchdog(self.gate, self.notifier, settings=lambda: self.cfg.watchdog,
                                  on_fatal=self._watchdog_fatal,
-                                 on_engine_dead=lambda why: self._fail(f"engine died: {why}"))
+                                 on_engine_dead=self._on_engine_dead)
         self.engine: Any = None
         self.standby: Standby | None = None
         self.cold_start: dict[str, Any] = {}
         self.warmup: dict[str, Any] = {}
+        self.recovery: dict[str, Any] = {}        # /health: the rebuilds so far, the last one's figures
+        self._rebuilds: list[float] = []          # monotonic times of the rebuilds started in the window
+        self._recovering: asyncio.Task | None = None
+        self._standby_task: asyncio.Task | None = None
         self.exit_code = ExitCode.OK
         self._stop = asyncio.Event()
         self._fatal: str | None = None
@@ -104,12 +112,12 @@ class Daemon:
         self._stop.set()
 
     def _force_exit(self) -> None:
-        if self.engine is not None:
-            for pid in self.engine.core_pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        # every child: the engine's cores, and those of an engine still being built
+        for p in psutil.Process().children(recursive=True):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
         self.listeners.remove_own_socket()
         logging.shutdown()
         os._exit(ExitCode.ENGINE_FAILED if self._fatal else ExitCode.INTERRUPTED)
@@ -158,6 +166,8 @@ class Daemon:
         body.update(self.gate.health())
         body.update(self.admission.health())
         body.update(cold_start=self.cold_start, warmup=self.warmup)
+        if self.recovery:
+            body["recovery"] = self.recovery
         if self.standby is not None:
             body.update(self.standby.health())
         if self.engine is not None:
@@ -168,32 +178,116 @@ class Daemon:
 
     # ---------------------------------------------------------------- start
     async def _start_engine(self) -> None:
-        from .engine import Engine
-
+        """First boot: loading -> warming; the cold-start figures."""
         self.lifecycle.to(Phase.LOADING, "importing vLLM")
-        self.engine = await Engine.open(self.cfg, on_step=self._step)
-        self.cold_start = self.engine.cold_start.as_dict()
-        eventlog.event("engine_loaded", vllm=self.engine.version, device=self.engine.device,
-                       core_pids=self.engine.core_pids(), **self.cold_start)
-
-        self.lifecycle.to(Phase.WARMING, "warm-up")
-        report = await warmup.run(self.engine, self.cfg,
-                                  on_step=lambda i, n, name: self._step(f"warming {i}/{n}: {name}"))
+        report = await self._build_engine(self._step, lambda: self.lifecycle.to(Phase.WARMING, "warm-up"))
         self.warmup = report.as_dict()
-        self.engine.cold_start.phases["warmup_s"] = report.total_s
-        first = next((s for s in report.steps), None)
-        if first is not None:
-            self.engine.cold_start.phases["first_token_s"] = first.ttft_s
         self.engine.cold_start.phases["total_s"] = time.monotonic() - self._t0
         self.cold_start = self.engine.cold_start.as_dict()
         self.metrics.set_cold_start(self.cold_start)
         eventlog.event("cold_start", model=self.cfg.model.name, **self.cold_start,
                        warmup_steps=len(report.steps))
+
+    async def _build_engine(self, step, warming) -> warmup.WarmupReport:
+        """Open an engine (vLLM is imported once per process: a rebuild skips that), warm it,
+        attach it with a new Standby. A failure or cancellation never leaves it running."""
+        from .engine import Engine
+
+        opening = asyncio.ensure_future(Engine.open(self.cfg, on_step=step))
+        try:
+            engine = await asyncio.shield(opening)
+        except asyncio.CancelledError:       # stopped meanwhile: the build thread cannot be
+            engine = await opening           # interrupted; let it finish, then close what it made
+            await engine.close()
+            raise
+        self.engine = engine
+        eventlog.event("engine_loaded", vllm=engine.version, device=engine.device,
+                       core_pids=engine.core_pids(), **engine.cold_start.as_dict())
+        warming()
+        report = await warmup.run(engine, self.cfg,
+                                  on_step=lambda i, n, name: step(f"warming {i}/{n}: {name}"))
+        engine.cold_start.phases["warmup_s"] = report.total_s
+        first = next((s for s in report.steps), None)
+        if first is not None:
+            engine.cold_start.phases["first_token_s"] = first.ttft_s
         self.standby = Standby(
-            self.cfg.standby, self.lifecycle, self.engine, busy=lambda: self.gate.in_flight,
-            rewarm=lambda: warmup.prefill_system_prompt(self.engine, self.cfg),
+            self.cfg.standby, self.lifecycle, engine, busy=lambda: self.gate.in_flight,
+            rewarm=lambda: warmup.prefill_system_prompt(engine, self.cfg),
             on_sleep=lambda s: self.metrics.sleeps.inc(), on_wake=self._on_wake)
-        self.gate.attach(self.engine, self.standby)
+        self.gate.attach(engine, self.standby)
+        return report
+
+    def _serve(self) -> None:
+        """Ready from here: the phase, the standby loop."""
+        self.lifecycle.to(Phase.READY, self._ready_status())
+        self._standby_task = asyncio.create_task(self.standby.run())
+
+    # ---------------------------------------------------------------- recovery
+    def _on_engine_dead(self, why: str) -> None:
+        """The watchdog saw the engine die. Serving: rebuild it in-process, within the budget
+        of recovery.max_restarts per recovery.window_s. Otherwise: fail (exit 1)."""
+        rc = self.cfg.recovery
+        now = time.monotonic()
+        self._rebuilds = [t for t in self._rebuilds if now - t < rc.window_s]
+        if not self.lifecycle.phase.serves_requests:
+            self._fail(f"engine died: {why}")
+        elif len(self._rebuilds) >= rc.max_restarts:
+            self.metrics.engine_restarts.labels("over_budget").inc()
+            self._fail(f"engine died: {why}; {len(self._rebuilds)} rebuild(s) in the last {rc.window_s:g}s "
+                       f"already (recovery.max_restarts = {rc.max_restarts}): exiting for a fresh start")
+        else:
+            self._rebuilds.append(now)
+            self._recovering = asyncio.create_task(self._recover(why, now))
+
+    async def _recover(self, why: str, t0: float) -> None:
+        rc = self.cfg.recovery
+        n = len(self._rebuilds)
+        self.lifecycle.to(Phase.RECOVERING, f"engine died ({why}); rebuilding it ({n} of {rc.max_restarts} "
+                                            f"allowed in {rc.window_s:g}s)")
+        eventlog.event("engine_died", level=logging.ERROR, reason=why, rebuild=n, max_restarts=rc.max_restarts,
+                       window_s=rc.window_s, in_flight=self.gate.in_flight)
+        self.recovery.update(rebuilds=self.recovery.get("rebuilds", 0) + 1, last_reason=why,
+                             in_window=n, max_restarts=rc.max_restarts, window_s=rc.window_s)
+        if self._standby_task is not None:
+            self._standby_task.cancel()
+        dead, self.engine = self.engine, None
+        self.gate.detach()
+        try:
+            async with asyncio.timeout(rc.timeout_s):
+                await self._dispose(dead)
+                await self._build_engine(self.lifecycle.note, lambda: self.lifecycle.note("warm-up"))
+        except TimeoutError:
+            # the engine build runs in a thread that cannot be interrupted: leave at once
+            self._fatal = f"engine rebuild took longer than recovery.timeout_s ({rc.timeout_s:g}s)"
+            self.metrics.engine_restarts.labels("failed").inc()
+            eventlog.event("engine_failed", level=logging.ERROR, reason=self._fatal)
+            self._force_exit()
+        except Exception as e:
+            self.metrics.engine_restarts.labels("failed").inc()
+            self._fail("engine rebuild failed", e)
+            return
+        took = time.monotonic() - t0
+        figures = {k: v for k, v in self.engine.cold_start.as_dict().items() if k.endswith("_s")}
+        self.recovery.update(last_recovery_s=round(took, 3), last_phases=figures)
+        self.metrics.engine_restarts.labels("recovered").inc()
+        self.metrics.last_recovery.set(took)
+        eventlog.event("engine_recovered", seconds=round(took, 3), rebuild=n, **figures)
+        self._serve()
+
+    async def _dispose(self, dead: Any) -> None:
+        """What is left of a dead engine: its other core processes killed (their GPU memory
+        must be free before the new engine sizes its KV cache), its client side closed."""
+        procs = dead.core_processes()
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        await asyncio.to_thread(psutil.wait_procs, procs, 10)
+        try:
+            await asyncio.wait_for(dead.close(), timeout=30)
+        except Exception as e:
+            log.warning("closing the dead engine: %r", e)
 
     def _on_wake(self, seconds: float) -> None:
         self.metrics.wake.observe(seconds)
@@ -234,11 +328,12 @@ class Daemon:
             await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             if startup.done() and startup.exception() is None and not self._stop.is_set():
                 await self.listeners.start()      # queued connections are served from READY=1 on
-                self.lifecycle.to(Phase.READY, self._ready_status())
+                self._serve()
                 self.watchdog.start()
-                standby = asyncio.create_task(self.standby.run())
                 await stop_wait
-                standby.cancel()
+                for task in (self._standby_task, self._recovering):
+                    if task is not None:
+                        task.cancel()
             elif startup.done() and startup.exception() is not None:
                 exc = startup.exception()
                 self._fail("engine failed to start", exc)
@@ -283,6 +378,9 @@ class Daemon:
         if self.lifecycle.can(Phase.DRAINING) and self.lifecycle.phase != Phase.DRAINING:
             self.gate.finish_accepted = self.listeners.handover and self.lifecycle.phase == Phase.READY
             self.lifecycle.to(Phase.DRAINING, f"finishing {self.gate.in_flight} request(s)")
+        if self._recovering is not None and not self._recovering.done():
+            # cancelled above: it finishes an engine build in progress and closes that engine
+            await asyncio.wait([self._recovering], timeout=self.cfg.recovery.timeout_s)
         if self._fatal is None:
             await self._drain()
             await runner.cleanup()

@@ -20,6 +20,7 @@ class Phase(str, enum.Enum):
     WARMING = "warming"
     READY = "ready"
     SLEEPING = "sleeping"
+    RECOVERING = "recovering"      # the engine died; a new one is being built in-process
     DRAINING = "draining"
     STOPPED = "stopped"
     FAILED = "failed"
@@ -34,8 +35,9 @@ _ALLOWED: dict[Phase, set[Phase]] = {
     Phase.STARTING: {Phase.LOADING, Phase.DRAINING, Phase.FAILED, Phase.STOPPED},
     Phase.LOADING: {Phase.WARMING, Phase.DRAINING, Phase.FAILED},
     Phase.WARMING: {Phase.READY, Phase.DRAINING, Phase.FAILED},
-    Phase.READY: {Phase.SLEEPING, Phase.DRAINING, Phase.FAILED, Phase.READY},
-    Phase.SLEEPING: {Phase.READY, Phase.DRAINING, Phase.FAILED},
+    Phase.READY: {Phase.SLEEPING, Phase.RECOVERING, Phase.DRAINING, Phase.FAILED, Phase.READY},
+    Phase.SLEEPING: {Phase.READY, Phase.RECOVERING, Phase.DRAINING, Phase.FAILED},
+    Phase.RECOVERING: {Phase.READY, Phase.DRAINING, Phase.FAILED},
     Phase.DRAINING: {Phase.STOPPED, Phase.FAILED},
     Phase.STOPPED: set(),
     Phase.FAILED: {Phase.STOPPED},

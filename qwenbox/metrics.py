@@ -44,6 +44,12 @@ class Metrics:
         self.last_wake = Gauge("qwenbox_last_wake_seconds", "The most recent wake-up time", **r)
         self.truncated = Counter("qwenbox_truncated_requests_total",
                                  "Requests whose oldest turns were dropped to fit the context", **r)
+        self.engine_restarts = Counter("qwenbox_engine_restarts_total",
+                                       "Engine deaths answered by an in-process rebuild, by outcome "
+                                       "(recovered, failed, over_budget: the daemon exited instead)",
+                                       ["outcome"], **r)
+        self.last_recovery = Gauge("qwenbox_last_recovery_seconds",
+                                   "Seconds from the last engine death noticed to serving again", **r)
         for p in Phase:
             self.phase.labels(p.value).set(0)
 

@@ -18,8 +18,11 @@ Contract:
   (``gate.running_ids``) after its last step. A request that the engine has finished but whose client reads
   slowly is not pending: a slow client can never make the watchdog kill the service.
 - This loop is the one place that polls the engine's liveness. A dead engine (a fatal
-  error, or a core process gone) is reported once through ``on_engine_dead(reason)``: the
-  daemon fails and exits 1 at once. For a frozen or stalled engine the watchdog only
+  error, or a core process gone) is reported once per engine through
+  ``on_engine_dead(reason)``: the daemon rebuilds the engine in-process (phase
+  ``recovering``) or, past its restart budget, fails and exits 1. While no engine is
+  attached (the rebuild) the verdict is healthy and the pings go on: the rebuild is the
+  daemon's own progress, bounded by ``recovery.timeout_s`` (then the daemon exits 1). For a frozen or stalled engine the watchdog only
   stops pinging and systemd kills us
   (``Result=watchdog``, then ``Restart=on-failure``). If the verdict stays unhealthy for
   ``exit_after_s`` (never less than 2 x WatchdogSec, so systemd acts first when it
@@ -83,7 +86,8 @@ class Watchdog:
         self._seen: dict[str, float] = {}       # request id -> earliest time it may have been admitted
         self._prev_tick = time.monotonic()
         self._fatal_called = False
-        self._dead_reported = False
+        self._dead_reported: Any = None          # the engine whose death was reported
+        self._judged: Any = None                 # the engine the request bookkeeping belongs to
         self._started = False
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -131,8 +135,9 @@ class Watchdog:
             eventlog.event("watchdog", level=logging.INFO if v.healthy else logging.ERROR,
                            healthy=v.healthy, reason=v.reason or None, pings=self.pings,
                            watchdog_sec=self.watchdog_sec)
-        if v.engine_dead and not self._dead_reported:
-            self._dead_reported = True
+        engine = self.gate.engine
+        if v.engine_dead and self._dead_reported is not engine:
+            self._dead_reported = engine
             self.on_engine_dead(v.reason)
         if v.healthy:
             self.unhealthy_since = None
@@ -169,6 +174,9 @@ class Watchdog:
         if engine is None or self._closing:
             self._prev_tick = now
             return v
+        if engine is not self._judged:           # a rebuilt engine: start its evidence afresh
+            self._judged = engine
+            self._seen.clear()
         if engine.dead:
             v.engine_dead = True
             v.reasons.append("the engine reported a fatal error")
@@ -222,6 +230,7 @@ class Watchdog:
         return {
             "healthy": v.healthy, "reason": v.reason or None,
             "pinging": bool(self.ping_interval) and v.healthy, "closing": self._closing,
+            "engine_attached": self.gate.engine is not None,
             "watchdog_sec": self.watchdog_sec, "pings": self.pings,
             "last_ping_s_ago": round(now - self.last_ping, 3) if self.last_ping is not None else None,
             "unhealthy_for_s": round(now - self.unhealthy_since, 3) if self.unhealthy_since is not None else 0.0,

@@ -4,7 +4,10 @@ The process runner and the HTTP client are the benchmarks' (``qwenbox.tools.clie
 what is here is only what tests add: the demo-model config and the OpenAI clients."""
 from __future__ import annotations
 
+import http.client
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from qwenbox.tools.client import Server, UnixHTTPConnection, request, serve_argv
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / ".demo-model"
 DEMO_CONFIG = ROOT / "etc" / "qwenbox" / "demo.toml"
+CHAT = "/v1/chat/completions"
 
 
 def jrequest(sock: str, method: str, path: str, body: Any = None, **kw) -> tuple[int, dict[str, str], Any]:
@@ -82,3 +86,53 @@ class Daemon(Server):
         return openai.AsyncOpenAI(base_url="http://localhost/v1", api_key="unused", max_retries=0,
                                   http_client=httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=self.sock),
                                                                 timeout=120), **kw)
+
+
+class Clients:
+    """``n`` threads that each send requests back to back, one new connection per request."""
+
+    def __init__(self, sock: str, n: int, body: dict, path: str = CHAT, pause: float = 0.0,
+                 timeout: float = 240.0) -> None:
+        self.sock, self.body, self.path, self.pause, self.timeout = sock, body, path, pause, timeout
+        self.results: list[dict] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(n)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            r = {"t0": t0}
+            try:
+                status, headers, data = request(self.sock, "POST", self.path, self.body, timeout=self.timeout)
+                r["status"] = status
+                if status != 200:
+                    r["body"] = data[:300].decode(errors="replace")
+            except (OSError, http.client.HTTPException) as e:
+                r["error"] = f"{type(e).__name__}: {e}"
+            r["t1"] = time.monotonic()
+            with self._lock:
+                self.results.append(r)
+            if self.pause:
+                self._stop.wait(self.pause)
+
+    def start(self) -> "Clients":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self, timeout: float = 300.0) -> list[dict]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+        assert not any(t.is_alive() for t in self._threads), "a client hung"
+        return self.results
+
+    def count_ok(self) -> int:
+        with self._lock:
+            return sum(1 for r in self.results if r.get("status") == 200)
+
+
+def chat_body(max_tokens: int = 16, **kw) -> dict:
+    return {"model": "qwenbox-demo", "messages": [{"role": "user", "content": "Hello there!"}],
+            "max_tokens": max_tokens, "ignore_eos": True, **kw}

@@ -30,7 +30,8 @@ def adm(in_flight=4, queued=4, tokens=1000, timeout=5.0, share=0.25, keepalive=1
 def test_anonymous_traffic_fills_every_slot_and_sessions_get_extra_ones():
     async def main():
         a = adm(in_flight=4, queued=4, share=0.25)   # anonymous: 4 running, 3 queued; sessions: +1 slot
-        slots = [await a.acquire(10, False) for _ in range(4)]
+        for _ in range(4):
+            await a.acquire(10, False)
         assert a.in_flight == 4                      # no idle reserve when no session competes
         waiters = [asyncio.create_task(a.acquire(10, False)) for _ in range(3)]
         await asyncio.sleep(0)
@@ -39,7 +40,7 @@ def test_anonymous_traffic_fills_every_slot_and_sessions_get_extra_ones():
             await a.acquire(10, False)
         assert e.value.reason == "queue_full"
         # an active session still runs at once, in a slot beyond max_in_flight
-        s = await a.acquire(10, True)
+        await a.acquire(10, True)
         assert a.in_flight == 5
         # a second one waits, but ahead of every anonymous waiter
         s2 = asyncio.create_task(a.acquire(10, True))

@@ -86,3 +86,95 @@ def test_admit_yields_a_ticket_tracks_the_session_and_counts_rejections():
             assert again.session_active and again.priority == 0
         assert a.health()["active_sessions"] == 1
     asyncio.run(main())
+
+
+class StubEngine:
+    """Yields ``outputs``; raises EngineDead after ``die_after`` of them (None: never)."""
+
+    def __init__(self, outputs=("a", "b"), die_after=None):
+        self.outputs, self.die_after, self.dead, self.calls = list(outputs), die_after, False, 0
+
+    async def generate(self, gen):
+        from qwenbox.engine import EngineDead
+        self.calls += 1
+        for i, out in enumerate(self.outputs):
+            if self.die_after is not None and i >= self.die_after:
+                self.dead = True
+                raise EngineDead("engine core died")
+            yield out
+        if self.die_after is not None and self.die_after >= len(self.outputs):
+            self.dead = True
+            raise EngineDead("engine core died")
+
+
+def recovering_gate(hold_s: float) -> tuple[Gate, Lifecycle]:
+    lc = Lifecycle()
+    for p in (Phase.LOADING, Phase.WARMING, Phase.READY):
+        lc.to(p)
+    return Gate(lc, hold_s=lambda: hold_s), lc
+
+
+def test_requests_are_held_while_the_engine_is_rebuilt_and_get_the_new_one():
+    async def main():
+        gate, lc = recovering_gate(hold_s=60)
+        old, new = StubEngine(), StubEngine()
+        gate.attach(old, None)
+        lc.to(Phase.RECOVERING, "engine died")
+        gate.detach()
+        assert gate.refusal() is None            # let through the readiness gate, then held
+        held = asyncio.create_task(gate.serving_engine())
+        await asyncio.sleep(0)
+        assert not held.done()
+        gate.attach(new, None)
+        await asyncio.sleep(0)
+        assert not held.done()                   # attached, but not serving until ready
+        lc.to(Phase.READY, "recovered")
+        assert await held is new
+    asyncio.run(main())
+
+
+def test_a_hold_ends_in_503_after_hold_s_or_when_the_daemon_gives_up():
+    async def main():
+        gate, lc = recovering_gate(hold_s=0.05)
+        lc.to(Phase.RECOVERING, "engine died")
+        with pytest.raises(NotServing) as e:
+            await gate.serving_engine()
+        assert e.value.code == "engine_restarting"
+        gate2, lc2 = recovering_gate(hold_s=60)
+        lc2.to(Phase.RECOVERING, "engine died")
+        held = asyncio.create_task(gate2.serving_engine())
+        await asyncio.sleep(0)
+        lc2.to(Phase.FAILED, "rebuild failed")
+        with pytest.raises(NotServing) as e:
+            await held
+        assert e.value.code == "engine_failed"
+        gate3, lc3 = recovering_gate(hold_s=0)   # holding off: refused at the readiness gate
+        lc3.to(Phase.RECOVERING, "engine died")
+        assert gate3.refusal()[1] == "engine_restarting"
+    asyncio.run(main())
+
+
+def test_a_request_whose_engine_died_before_its_first_output_is_resubmitted_once():
+    from qwenbox.engine import EngineDead
+
+    async def collect(gate, engine):
+        return [d async for d in gate.generate(engine, object())]
+
+    async def main():
+        gate, lc = recovering_gate(hold_s=60)
+        dead, new = StubEngine(die_after=0), StubEngine(outputs=("x", "y"))
+        gate.attach(dead, None)
+        task = asyncio.create_task(collect(gate, dead))
+        while not dead.dead:
+            await asyncio.sleep(0)
+        lc.to(Phase.RECOVERING, "engine died")
+        gate.detach()
+        gate.attach(new, None)
+        lc.to(Phase.READY, "recovered")
+        assert await task == ["x", "y"] and (dead.calls, new.calls) == (1, 1)
+        # after its first output a death is the client's error: nothing is sent twice
+        half = StubEngine(outputs=("a", "b"), die_after=1)
+        gate.attach(half, None)
+        with pytest.raises(EngineDead):
+            await collect(gate, half)
+    asyncio.run(main())

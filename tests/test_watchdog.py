@@ -268,19 +268,77 @@ def test_frozen_engine_without_systemd_makes_the_daemon_exit_1(tmp_path, demo_mo
         d.stop()
 
 
-@pytest.mark.engine
-def test_dead_engine_makes_the_daemon_exit_1_and_health_says_failed_until_then(tmp_path, demo_model):
-    """An engine core SIGKILLed: the watchdog's check notices, the daemon fails and exits 1;
-    until the exit, /health answers (503, status "failed") instead of going silent."""
-    from helpers import Daemon, jrequest
+def _engine_core(h: dict) -> psutil.Process:
+    return next(p for p in map(psutil.Process, h["engine"]["core_pids"])
+                if p.cmdline() and p.cmdline()[0].startswith("VLLM::EngineCore"))
 
-    d = Daemon(tmp_path / "d")
+
+@pytest.mark.engine
+def test_engine_sigkill_is_rebuilt_in_process_and_requests_after_it_are_served(tmp_path, demo_model):
+    """An engine core SIGKILLed under load: the same daemon process (socket, imports kept)
+    rebuilds the engine, warms it and serves again. /health says "recovering" meanwhile;
+    every request sent after the kill is answered 200 (held, or resubmitted when it died
+    with the engine before its first token). Figures printed: kill -> first answer."""
+    from helpers import Clients, Daemon, chat_body, jrequest, request
+    from qwenbox.eventlog import parse_line
+
+    d = Daemon(tmp_path / "d", sections={"recovery": {"max_restarts": 1, "window_s": 600.0}})
+    clients = None
     try:
         d.start()
         h = d.wait_ready()
-        core = next(p for p in map(psutil.Process, h["engine"]["core_pids"])
-                    if p.cmdline() and p.cmdline()[0].startswith("VLLM::EngineCore"))
-        core.send_signal(signal.SIGKILL)
+        pid = d.proc.pid
+        clients = Clients(d.sock, 3, chat_body(8)).start()
+        wait_for(lambda: clients.count_ok() >= 6, 120, lambda: f"answers before the kill: {clients.results[-3:]}")
+        t_kill = time.monotonic()
+        _engine_core(h).send_signal(signal.SIGKILL)
+        seen = wait_for(lambda: (b := jrequest(d.sock, "GET", "/health", timeout=10))[2]["status"] == "recovering"
+                        and b, 60, lambda: f"/health to say recovering:\n{d.tail()}")
+        status, _, body = seen
+        assert status == 503 and "engine died" in body["detail"] and body["recovery"]["in_window"] == 1, body
+        h2 = d.wait_ready(timeout=240)
+        t_ready = time.monotonic()
+        wait_for(lambda: sum(1 for r in list(clients.results) if r["t0"] > t_ready and r.get("status") == 200) >= 3,
+                 120, lambda: f"answers to requests sent after the rebuild: {clients.results[-3:]}")
+        results = clients.stop()
+        clients = None
+        after = [r for r in results if r["t0"] > t_kill]
+        lost = [r for r in after if r.get("status") != 200]
+        first_ok = min(r["t1"] for r in after if r.get("status") == 200)
+        at_kill = [r for r in results if r["t0"] <= t_kill < r["t1"]]
+        print(f"\nengine SIGKILL, rebuilt in-process: first answer {first_ok - t_kill:.1f}s after the kill; "
+              f"rebuild {h2['recovery']['last_recovery_s']}s ({h2['recovery']['last_phases']}); "
+              f"{len(after)} requests sent after the kill, {len(lost)} not 200; {len(at_kill)} in flight at the "
+              f"kill: {[r.get('status') for r in at_kill]}")
+        assert d.proc.poll() is None and d.proc.pid == pid, "the daemon process itself must survive"
+        assert not lost, lost[:5]
+        assert h2["engine"]["core_pids"] and set(h2["engine"]["core_pids"]).isdisjoint(h["engine"]["core_pids"])
+        events = [e for e in map(parse_line, d.log_text().splitlines()) if e]
+        assert [e["event"] for e in events if e.get("event") in ("engine_died", "engine_recovered")] == \
+            ["engine_died", "engine_recovered"]
+        metrics = request(d.sock, "GET", "/metrics")[2].decode()
+        assert 'qwenbox_engine_restarts_total{outcome="recovered"} 1.0' in metrics
+
+        # The budget (max_restarts = 1 in 600 s) is spent: the next death is an exit 1.
+        _engine_core(h2).send_signal(signal.SIGKILL)
+        assert d.proc.wait(120) == 1, d.tail()
+        assert "recovery.max_restarts = 1" in d.log_text()
+    finally:
+        if clients is not None:
+            clients.stop()
+        d.stop()
+
+
+@pytest.mark.engine
+def test_without_rebuilds_a_dead_engine_exits_1_and_health_says_failed_until_then(tmp_path, demo_model):
+    """recovery.max_restarts = 0: an engine core SIGKILLed makes the daemon fail and exit 1
+    (systemd restarts it); until the exit, /health answers (503, "failed")."""
+    from helpers import Daemon, jrequest
+
+    d = Daemon(tmp_path / "d", sections={"recovery": {"max_restarts": 0}})
+    try:
+        d.start()
+        _engine_core(d.wait_ready()).send_signal(signal.SIGKILL)
         seen = None
         deadline = time.monotonic() + 60
         while seen is None and d.proc.poll() is None and time.monotonic() < deadline:

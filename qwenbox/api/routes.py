@@ -176,7 +176,7 @@ async def _run(request, cfg, engine, gen, req, headers: dict, *, chat: bool) -> 
     t0 = request["t0"]
     gate = request.app[GATE]
     if not req.stream:
-        async with aclosing(engine.generate(gen)) as outputs:
+        async with aclosing(gate.generate(engine, gen)) as outputs:
             async for deltas in outputs:
                 if "ttft_s" not in info:
                     info["ttft_s"] = round(time.monotonic() - t0, 4)
@@ -196,7 +196,7 @@ async def _run(request, cfg, engine, gen, req, headers: dict, *, chat: bool) -> 
         if chat:
             for i in range(gen.sampling.n):
                 await send(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}))
-        async with aclosing(engine.generate(gen)) as outputs:
+        async with aclosing(gate.generate(engine, gen)) as outputs:
             async for deltas in outputs:
                 if "ttft_s" not in info:
                     info["ttft_s"] = round(time.monotonic() - t0, 4)
