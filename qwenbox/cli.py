@@ -62,6 +62,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile_cache(args: argparse.Namespace) -> int:
+    from . import eventlog
+    from .precompile import fill
+
+    cfg = _load(args)
+    eventlog.setup(cfg.logging.level, cfg.logging.format, cfg.logging.file)
+    figures = asyncio.run(fill(cfg))
+    eventlog.event("compile_cache", model=cfg.model.name, **figures)
+    shown = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in figures.items() if k.endswith("_s") and isinstance(v, float))
+    print(f"qwenbox: compile caches filled for {cfg.model.name!r} ({shown})")
+    return 0
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from .demo_model import build
 
@@ -148,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
     with_config(sub.add_parser("check-config", help="validate the config without starting anything")
                 ).set_defaults(func=cmd_check_config)
+    with_config(sub.add_parser("compile-cache", help="fill the compile caches with random weights of the "
+                               "model's shapes, so that the first real start is a warm one")
+                ).set_defaults(func=cmd_compile_cache)
     d = sub.add_parser("demo-model", help="build the small random-weight demo model locally")
     d.add_argument("dir")
     d.add_argument("--force", action="store_true", help="rebuild even if a demo model is there")

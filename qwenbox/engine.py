@@ -235,7 +235,10 @@ class Engine:
 
     # ------------------------------------------------------------ open / close
     @classmethod
-    async def open(cls, cfg: Config, on_step: Callable[[str], None] = lambda s: None) -> "Engine":
+    async def open(cls, cfg: Config, on_step: Callable[[str], None] = lambda s: None,
+                   load_format: str | None = None) -> "Engine":
+        """``load_format="dummy"``: random weights of the model's shapes, nothing read from
+        the weight files (``qwenbox compile-cache``: the compile caches do not depend on them)."""
         cold = ColdStart()
         t0 = time.monotonic()
         on_step("importing vLLM")
@@ -253,7 +256,7 @@ class Engine:
         tap.start()
         check_backend(cfg)
         try:
-            llm = await asyncio.to_thread(_build_async_llm, mod, cfg, progress)
+            llm = await asyncio.to_thread(_build_async_llm, mod, cfg, progress, load_format)
         except ValueError as e:
             if "sleep mode" in str(e).lower():
                 raise ConfigError(str(e), file=cfg.source, key="engine.enable_sleep_mode") from e
@@ -261,6 +264,11 @@ class Engine:
         finally:
             tap.detach_parent()
         cold.phases["engine_s"] = time.monotonic() - t1
+        # How the engine core was started: "fork" inherits this process's imports (vLLM,
+        # torch), "spawn" re-imports them in the child. vLLM forces spawn when CUDA is already
+        # initialised here, so this process must never touch CUDA itself.
+        cold.vllm["core_start_method"] = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", "fork")
+        cold.vllm["parent_cuda_initialized"] = _cuda_initialized()
         tok = llm.get_tokenizer()
         if inspect.isawaitable(tok):   # async in some vLLM releases
             tok = await tok
@@ -423,12 +431,22 @@ def engine_args_dict(cfg: Config) -> dict[str, Any]:
     return args
 
 
-def _build_async_llm(mod: Any, cfg: Config, progress: Progress) -> Any:
+def _cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    try:
+        return bool(torch is not None and torch.cuda.is_initialized())
+    except Exception:      # a torch build without CUDA support
+        return False
+
+
+def _build_async_llm(mod: Any, cfg: Config, progress: Progress, load_format: str | None = None) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
     kwargs = engine_args_dict(cfg)
+    if load_format:
+        kwargs["load_format"] = load_format
     known = set(AsyncEngineArgs.__dataclass_fields__)
     dropped = {k: kwargs.pop(k) for k in list(kwargs) if k not in known}
     if dropped:
