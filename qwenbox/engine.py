@@ -279,8 +279,16 @@ class Engine:
 
     async def close(self, timeout: float = 10.0) -> None:
         llm, self._llm = self._llm, None
-        if llm is not None:
-            await asyncio.to_thread(llm.shutdown)
+        if llm is None:
+            return
+        # vLLM's shutdown() stops the core first and cancels its output handler last, from
+        # another thread: the handler meanwhile logs the core's exit as an ERROR traceback.
+        # Stop the handler first, on its own loop, so a planned stop logs none.
+        handler = getattr(llm, "output_handler", None)
+        if handler is not None and not handler.done():
+            handler.cancel()
+            await asyncio.wait([handler], timeout=timeout)
+        await asyncio.to_thread(llm.shutdown)
 
     # ------------------------------------------------------------ health
     @property
