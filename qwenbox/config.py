@@ -88,6 +88,7 @@ class EngineConfig:
     seed: int = _opt(0, min=0)
     cache_dir: str = ""
     kv_cache_memory_gib: float = _opt(0.0, min=0.0)
+    scheduling_policy: str = _opt("priority", choices=("priority", "fcfs"))
 
 
 @dataclass(frozen=True)

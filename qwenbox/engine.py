@@ -428,8 +428,8 @@ def engine_args_dict(cfg: Config) -> dict[str, Any]:
         enable_prefix_caching=e.enable_prefix_caching, enforce_eager=e.enforce_eager,
         kv_cache_dtype=e.kv_cache_dtype, cpu_offload_gb=e.cpu_offload_gib,
         enable_sleep_mode=e.enable_sleep_mode, seed=e.seed,
-        # Priority scheduling lets active sessions go first; FCFS within a priority.
-        scheduling_policy="priority",
+        # "priority" lets active sessions go first (FCFS within a priority); "fcfs" ignores it.
+        scheduling_policy=e.scheduling_policy,
         disable_log_stats=False, enable_log_requests=False,
     )
     if e.kv_offload_gib:
