@@ -1,12 +1,14 @@
 """The GPU suite: qwenbox vs `vllm serve` vs AsyncLLM in-process on one card, in phases.
 
 Not a test (tests/test_gpu_suite.py runs its smoke mode on the demo model). On the lent
-GPU machine, after `. /tmp/qb/device.sh env` (see /work/shared/gpu/README.md):
+GPU machine, after `. /tmp/qb/device.sh env` (see /work/shared/gpu/README.md), with an
+output directory that outlives one command (the device's $OUT is new for every command:
+copy results.json there at the end of each):
 
-    python tests/gpu/suite.py --out $OUT/suite --model $QWEN3_4B_SHAPED --phase cold
-    python tests/gpu/suite.py --out $OUT/suite --model $QWEN3_4B_SHAPED --phase qwenbox
-    ... (phases in PHASES order; each appends to OUT/results.json) ...
-    python tests/gpu/suite.py --out $OUT/suite report
+    S="python tests/gpu/suite.py --out /tmp/qb/suite --model $QWEN3_4B_SHAPED"
+    $S --phase cold --phase qwenbox; cp /tmp/qb/suite/results.json $OUT/
+    ... (the phases in PHASES order, one or more per command; each appends to results.json)
+    $S report --doc $OUT/benchmarks.md
 
 ``--smoke`` runs the same code on the demo model (etc/qwenbox/demo.toml and
 bench-untuned.toml) with small counts; ``--phase all`` runs every phase in order.
@@ -54,6 +56,7 @@ import sys
 import time
 import traceback
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +150,7 @@ class Setup:
 
     def sock(self, name: str) -> str:
         # unix socket paths are limited to ~107 bytes: keep them short, in /tmp
-        d = Path("/tmp") / f"qbsuite-{os.getuid()}-{abs(hash(str(self.out))) % 10**8}"
+        d = Path("/tmp") / f"qbsuite-{os.getuid()}-{zlib.crc32(str(self.out).encode()):08x}"   # stable per --out
         d.mkdir(mode=0o700, exist_ok=True)
         return str(d / f"{name}.sock")
 

@@ -450,10 +450,11 @@ def ratios(res: dict[str, Any]) -> dict[str, Any]:
 def report(res: dict[str, Any]) -> str:
     f, g = fmt, lambda *p: dig(res, *p)
     parts = []
-    cs = g("qwenbox", "cold_start") or {}
-    rows = [[k, f(v, "" if k.endswith("tokens") else "s") if isinstance(v, (int, float)) else f(v)]
-            for k, v in cs.items()]
-    parts.append(table(["phase", "value"], rows, "Cold start of `qwenbox serve` (from /health cold_start)"))
+    cold, warm = g("qwenbox", "cold_start") or {}, g("qwenbox_warm", "cold_start") or {}
+    unit = lambda k, v: f(v, "" if k.endswith("tokens") else "s") if isinstance(v, (int, float)) else f(v)  # noqa: E731
+    rows = [[k, unit(k, cold.get(k)), unit(k, warm.get(k))] for k in dict.fromkeys([*cold, *warm])]
+    parts.append(table(["phase", "empty caches", "warm caches"], rows,
+                       "Start-up phases of `qwenbox serve` (from /health cold_start)"))
 
     rows = []
     for key, label in (("qwenbox", "qwenbox serve (pre-warm)"), ("qwenbox_no_warmup", "qwenbox serve --no-warmup"),
