@@ -332,3 +332,10 @@ def test_the_benchmarks_refuse_to_measure_with_such_prompts(tmp_path, capsys):
     assert cli.main(["bench", "startup", "--config", str(Path(__file__).parent.parent / "etc" / "qwenbox" / "demo.toml"),
                      "--tokenizer", bad_tok, "--out", str(tmp_path / "s.json")]) == 2
     assert "qwenbox bench startup: prompt set" in capsys.readouterr().out
+
+
+def test_a_socket_nobody_listens_on_is_one_line(tmp_path, capsys):
+    rc = cli.main(["bench", "load", "--socket", str(tmp_path / "none.sock"), "--tokenizer", str(DEMO_MODEL),
+                   "--out", str(tmp_path / "l.json")])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 1 and out[-1].startswith(f"qwenbox bench load: cannot drive the server on {tmp_path / 'none.sock'}")

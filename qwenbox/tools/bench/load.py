@@ -34,6 +34,7 @@ with B (never two servers at once), and prints B's figures over A's.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import random
@@ -44,12 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import logs
-from ..client import Result, Server, running, served_model, socket_dir, stream_chat, stream_completion, unix_session
+from ..client import (Result, Server, ServerError, running, served_model, socket_dir, stream_chat, stream_completion,
+                      unix_session)
 from ..report import dig, fmt, table, write_json
 from ..stats import ratio, summary
 from .results import busy_note, finish, gpu_memory, log_dir_for, machine, out_path, raise_open_files_limit
 from .tokens import TokInfo, chat_ids, chat_prefix_len, check_prompt_set, load_tokenizer, random_id_prompts, tok_info
-from .workload import (GPU_HOUR_COST_SOURCE, MAX_BURST, MAX_CONCURRENCY, MAX_REQUESTS, OptionError, check_range,
+from .workload import (DEFAULT_GPU_HOUR_COST, GPU_HOUR_COST_SOURCE, MAX_BURST, MAX_CONCURRENCY, MAX_REQUESTS, OptionError, check_range,
                        synthetic_text)
 
 STABLE_FAILURE_RATE = 0.01   # a stable level fails fewer than 1 % of its requests
@@ -397,7 +399,8 @@ def decision(load: dict[str, Any], args: Any, gpu_idle: dict[str, Any] | None = 
         "requests_per_day": e["requests_per_day"],
         "cost_per_1k_requests": e["cost_per_1k_requests"],
         "gpu_hour_cost": args.gpu_hour_cost,
-        "gpu_hour_cost_source": GPU_HOUR_COST_SOURCE if args.gpu_hour_cost == 3.5 else "--gpu-hour-cost",
+        "gpu_hour_cost_source": GPU_HOUR_COST_SOURCE if args.gpu_hour_cost == DEFAULT_GPU_HOUR_COST
+        else "--gpu-hour-cost",
         "burst_size": load.get("burst_size"),
         "burst_failure_rate": burst.get("failure_rate"),
         "burst_failures_by_status": burst.get("failures_by_status"),
@@ -547,7 +550,8 @@ def main(args: Any) -> int:
                                            "mix_concurrency", "burst", "burst_factor", "p95_bound", "prompt_kind",
                                            "max_tokens", "phase_time_limit", "request_timeout", "gpu_hour_cost",
                                            "seed", "tokenizer")}
-    params["gpu_hour_cost_source"] = GPU_HOUR_COST_SOURCE if args.gpu_hour_cost == 3.5 else "--gpu-hour-cost"
+    params["gpu_hour_cost_source"] = (GPU_HOUR_COST_SOURCE if args.gpu_hour_cost == DEFAULT_GPU_HOUR_COST
+                                      else "--gpu-hour-cost")
     res: dict[str, Any] = {"kind": "load", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
                            "params": params, "runs": [], "open_files_limit": raise_open_files_limit()}
     try:
@@ -555,6 +559,11 @@ def main(args: Any) -> int:
     except PromptSetError as e:
         print(f"qwenbox bench load: {e}", flush=True)
         return 2
+    except (OSError, ServerError, http.client.HTTPException) as e:
+        if not args.socket:
+            raise
+        print(f"qwenbox bench load: cannot drive the server on {args.socket}: {e}", flush=True)
+        return 1
 
 
 def _socket_tokenizer(args: Any) -> Any:
