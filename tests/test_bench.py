@@ -299,6 +299,19 @@ def test_prompt_sets_pass_with_the_demo_tokenizer():
     assert T.check_prompt_set(ids, "ids")["max_shared_prefix_tokens"] < 16
 
 
+def test_a_prompt_files_lines_may_repeat_but_must_differ(tmp_path):
+    from qwenbox.tools.bench import tokens as T
+    tok = T.load_tokenizer(str(DEMO_MODEL))
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "hello there"}\n{"prompt": "summarize this"}\n')
+    specs = L.load_prompts(str(f), 4) + L.load_prompts(str(f), 4) + L.load_prompts(str(f), 4)[:1]
+    facts = L.check_specs(tok, specs, block_size=16)["file"]
+    assert (facts["distinct"], facts["requests"], facts["repeats"]) == (2, 5, 3)
+    words = T.load_tokenizer(str(_word_level_tokenizer(tmp_path / "tok")))   # both lines: two unknown words
+    with pytest.raises(T.PromptSetError, match="only 1 distinct"):
+        L.check_specs(words, L.load_prompts(str(f), 4), block_size=16)
+
+
 def test_prompt_sets_that_collapse_are_refused(tmp_path):
     from qwenbox.tools.bench import tokens as T
     tok = T.load_tokenizer(str(_word_level_tokenizer(tmp_path / "tok")))

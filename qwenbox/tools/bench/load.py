@@ -178,7 +178,7 @@ def check_specs(tok: Any, specs: list[Spec], block_size: int) -> dict[str, Any]:
                                             block_size=block_size)
     files = [s for s in specs if s.from_file]
     if files:
-        unique = {id(s): s for s in files}
+        unique = {json.dumps(s.messages, sort_keys=True): s for s in files}   # a line, however often it is sent
         seqs = [chat_ids(tok, s.messages or []) for s in unique.values()]
         out["file"] = check_prompt_set(seqs, "--prompts file", allowed_prefix=None, block_size=block_size)
         out["file"]["requests"] = len(files)
