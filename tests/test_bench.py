@@ -352,3 +352,30 @@ def test_a_socket_nobody_listens_on_is_one_line(tmp_path, capsys):
                    "--out", str(tmp_path / "l.json")])
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 1 and out[-1].startswith(f"qwenbox bench load: cannot drive the server on {tmp_path / 'none.sock'}")
+
+
+def test_gpu_suite_set_up_in_gpu_mode(tmp_path):
+    """What the smoke run cannot reach: the GPU mode's configs (tests/gpu/make_configs.py),
+    the derived per-server configs, and the in-process worker's command line."""
+    import argparse
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+    import suite
+    model = tmp_path / "qwen3-4b"
+    model.mkdir()
+    (model / "config.json").write_text("{}")       # enough for the config check; nothing loads it here
+    a = argparse.Namespace(out=str(tmp_path / "s"), smoke=False, model=str(model), drop_page_cache=False)
+    st = suite.Setup(a)
+    assert st.tuned_src.exists() and st.untuned_src.exists()
+    cache = st.cache("qwenbox")
+    cfg = load(st.config("qwenbox", st.tuned_src, cache))
+    assert cfg.model.path == str(model) and cfg.engine.cache_dir == str(cache.vllm_dir)
+    assert cfg.engine.max_num_seqs == 128 and not cfg.engine.enforce_eager       # the shipped profile
+    untuned = load(st.config("untuned", st.untuned_src, st.cache("untuned")))
+    assert untuned.model.max_model_len == 262144 and not untuned.warmup.enabled
+    sleep = load(st.config("s", st.tuned_src, cache, {"engine": {"enable_sleep_mode": True},
+                                                      "standby": {"idle_sleep_after_s": 10.0}}))
+    assert sleep.engine.enable_sleep_mode and sleep.standby.idle_sleep_after_s == 10.0
+    argv = suite.worker_argv(st, tmp_path / "c.toml")
+    assert argv[argv.index("--model") + 1] == str(model) and "--smoke" not in argv
+    assert len(st.sock("x")) < 100

@@ -138,6 +138,7 @@ class Setup:
                                 str(cfgdir)], check=True, stdout=subprocess.DEVNULL)
             self.tuned_src, self.untuned_src = cfgdir / "tuned.toml", cfgdir / "untuned.toml"
         self.drop_page_cache = args.drop_page_cache
+        self.model = args.model
 
     def cache(self, name: str) -> CacheState:
         return CacheState(self.caches / name)
@@ -360,6 +361,13 @@ def phase_vllm(st: Setup, ph: dict[str, Any]) -> None:
     _served(st, ph, "vllm", vllm_server(st, "vllm-warm", cfg, cache), cache, cfg)
 
 
+def worker_argv(st: Setup, cfg: Path) -> list[str]:
+    """The in-process worker's command line: the same mode, model and counts as ours."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--out", str(st.out), "--worker", "inproc",
+            "--worker-config", str(cfg), "--repeats", str(st.p["repeats"])]
+    return argv + (["--smoke"] if st.smoke else ["--model", st.model])
+
+
 def phase_inproc(st: Setup, ph: dict[str, Any]) -> None:
     cache = st.cache("qwenbox")
     cache.create()
@@ -368,8 +376,7 @@ def phase_inproc(st: Setup, ph: dict[str, Any]) -> None:
     out_json.unlink(missing_ok=True)
     log = st.logs / "inproc.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, str(Path(__file__).resolve()), "--out", str(st.out), "--worker", "inproc",
-            "--worker-config", str(cfg), "--repeats", str(st.p["repeats"])] + (["--smoke"] if st.smoke else [])
+    argv = worker_argv(st, cfg)
     from qwenbox.tools.client import package_env
 
     ph["caches_at_launch"] = cache.snapshot()
