@@ -3,6 +3,7 @@
 pure parts (prompt mixes, figures, the comparison table) on synthetic data."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from qwenbox.tools.bench import startup as S
 from qwenbox.tools.bench.workload import OptionError
 from qwenbox.tools.client import Result
 from qwenbox.config import load
+from helpers import DEMO_MODEL
 
 
 def _check_dist(d):
@@ -47,7 +49,7 @@ def test_load_bench_against_the_daemon(daemon, tmp_path, capsys):
     rc = cli.main(["bench", "load", "--socket", daemon.sock, "--out", str(out), "--levels", "1,2",
                    "--per-level", "3", "--mix-requests", "4", "--prompts", str(prompts), "--burst", "4",
                    "--max-tokens", "4", "--phase-time-limit", "60", "--request-timeout", "60",
-                   "--gpu-hour-cost", "2.5"])
+                   "--gpu-hour-cost", "2.5", "--tokenizer", str(DEMO_MODEL)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "requests/day" in text and "per 1k requests" in text
@@ -61,6 +63,17 @@ def test_load_bench_against_the_daemon(daemon, tmp_path, capsys):
     assert load_["burst"]["concurrency"] == 4 and load_["burst"]["sent"] == 4
     assert load_["mix"]["sent"] == 4 and set(load_["mix"]["by_tag"]) <= {"short", "chat"}
     assert load_["best_concurrency"] in (1, 2)
+    assert [p["sent"] for p in load_["sweep"]] == [3, 4][:len(load_["sweep"])]    # max(per-level, 2 x level)
+    assert load_["prompt_kind"] == "ids"
+    check = load_["prompt_check"]
+    assert check["synthetic"]["distinct"] == check["synthetic"]["n"] == 3 + 4
+    assert check["file"]["distinct"] == 2 and check["file"]["requests"] == 8 and check["file"]["repeats"] == 6
+    d = load_["decision"]
+    assert d["p95_latency_concurrency_1_s"] == load_["sweep"][0]["e2e_s"]["p95"]
+    assert d["highest_stable_concurrency"] == load_["highest_stable_concurrency"]
+    assert d["burst_size"] == 4 and d["burst_failure_rate"] == load_["burst"]["failure_rate"]
+    assert d["gpu_hour_cost"] == 2.5 and d["gpu_hour_cost_source"] == "--gpu-hour-cost"
+    assert (d["gpu_memory_idle_mib"] is None) == (d["gpu_memory_idle_note"] is not None)
     ok = [p for p in phases if p["ok"]]
     assert ok, "the demo daemon answered no request at all"
     for p in ok:
@@ -132,7 +145,7 @@ def test_best_level_economics_and_comparison():
                                                             "itl_s": {"p95": 0.01}},
                                                     "burst": {"failure_rate": burst_fail, "e2e_s": {"p95": 2.0}}}}
     rows = {r["metric"]: r for r in L.comparison(run(2.0, 1.0, 0.0), run(4.0, 0.5, 0.25))}
-    assert rows["requests/day (mix)"]["b_over_a"] == pytest.approx(2.0)
+    assert rows["requests/day (mix at that concurrency)"]["b_over_a"] == pytest.approx(2.0)
     assert rows["cost per request"]["b_over_a"] == pytest.approx(0.5)
     assert rows["P95 latency (mix, end to end)"]["b_over_a"] == pytest.approx(0.5)
     assert rows["failure rate under the burst"]["b_over_a"] is None        # 0.25 / 0: no ratio
@@ -154,6 +167,8 @@ def test_prompt_mix_is_deterministic_and_bounded():
 
 def test_vllm_server_gets_our_engine_settings():
     from helpers import DEMO_CONFIG
+    from qwenbox.engine import engine_args_dict
+    from qwenbox.tools.bench import servers
     cfg = load(DEMO_CONFIG)
     argv = S.vllm_argv(cfg, "/tmp/v.sock")
     joined = " ".join(argv)
@@ -162,9 +177,205 @@ def test_vllm_server_gets_our_engine_settings():
     assert f"--block-size {cfg.engine.block_size}" in joined and "--enforce-eager" in argv
     assert f"--kv-cache-memory-bytes {int(cfg.engine.kv_cache_memory_gib * (1 << 30))}" in joined
     assert f"--served-model-name {cfg.model.name}" in joined
+    assert "--scheduling-policy priority" in joined       # what qwenbox gives AsyncLLM, so vLLM's server too
+    # every engine argument qwenbox passes has a decided flag, also the optional ones
+    import dataclasses
+    full = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kv_offload_gib=1.0))
+    assert set(engine_args_dict(full)) <= set(servers.VLLM_FLAGS)
+    assert "--kv-offloading-size 1.0" in " ".join(servers.vllm_argv(full, "/s"))
+    prod = load(Path(__file__).parent.parent / "etc" / "qwenbox" / "qwenbox.toml")
+    assert "--no-enforce-eager" in servers.vllm_argv(prod, "/s")
+    assert servers.vllm_env()["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+
+
+def test_cache_state_is_private_and_says_when_it_is_empty(tmp_path):
+    from qwenbox.tools.bench.servers import CacheState
+    c = CacheState(tmp_path / "c")
+    env = c.env()
+    for var in ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "FLASHINFER_WORKSPACE_BASE",
+                "CUDA_CACHE_PATH", "XDG_CACHE_HOME", "HOME"):
+        assert env[var].startswith(str(tmp_path / "c")), var
+    assert env["VLLM_CACHE_ROOT"] == str(c.vllm_dir) and env["PYTHONUSERBASE"]
+    snap = c.snapshot()
+    assert snap["empty"] and not snap["dirs"]["HOME"]["exists"]
+    c.create()
+    (c.vllm_dir / "torch_compile_cache").mkdir()
+    assert c.snapshot()["empty"]                 # directories alone are not a filled cache
+    (c.vllm_dir / "torch_compile_cache" / "x.bin").write_bytes(b"12345")
+    snap = c.snapshot()
+    assert not snap["empty"] and snap["dirs"]["VLLM_CACHE_ROOT"] == {"path": str(c.vllm_dir), "exists": True,
+                                                                     "files": 1, "bytes": 5}
+
+
+def test_derived_config_resolves_paths_and_checks_overrides(tmp_path):
+    from helpers import DEMO_CONFIG
+    from qwenbox.config import ConfigError
+    from qwenbox.tools.bench.servers import derived_config
+    p = derived_config(DEMO_CONFIG, tmp_path / "d.toml", {"engine": {"cache_dir": str(tmp_path / "cache")}})
+    cfg, orig = load(p), load(DEMO_CONFIG)
+    assert cfg.engine.cache_dir == str(tmp_path / "cache") and cfg.model.path == orig.model.path
+    assert cfg.admission == orig.admission and cfg.engine.max_num_seqs == orig.engine.max_num_seqs
+    with pytest.raises(ConfigError):
+        derived_config(DEMO_CONFIG, tmp_path / "bad.toml", {"engine": {"max_num_seqs": -1}})
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_stepped_sweep_finds_the_highest_stable_level():
+    def lvl(c, fail=0, p95=1.0, not_started=0):
+        return {"concurrency": c, "sent": 10, "failed": fail, "failure_rate": fail / 10, "not_started": not_started,
+                "e2e_s": {"p95": p95}}
+    sweep = [lvl(1), lvl(2, p95=4.0), lvl(4, p95=6.0), lvl(8)]
+    for p in sweep:
+        p["unstable_because"] = L.stability(p, p95_bound=5.0)
+    assert [p["unstable_because"] is None for p in sweep] == [True, True, False, True]
+    assert "P95 latency" in sweep[2]["unstable_because"]
+    assert L.highest_stable(sweep) == 2            # the level after the first unstable one does not count
+    assert "failure rate" in L.stability(lvl(1, fail=1), 5.0)          # 10 % >= 1 %
+    assert "not started" in L.stability(lvl(1, not_started=3), 5.0)
+    first_bad = [lvl(1, fail=5)]
+    first_bad[0]["unstable_because"] = L.stability(first_bad[0], 5.0)
+    assert L.highest_stable(first_bad) is None
+
+
+def test_burst_defaults_to_ten_times_the_stable_level():
+    class A:
+        burst, burst_factor = None, 10
+    assert L.burst_size(A, 16, [1, 2, 4, 8, 16, 32]) == 160
+    assert L.burst_size(A, None, [2, 4]) == 20
+    assert L.burst_size(A, 512, [512]) == 4096       # workload.MAX_BURST
+    A.burst = 0
+    assert L.burst_size(A, 16, [16]) == 0
+
+
+def test_launch_to_ready_has_no_ratio_across_cache_states():
+    def run(t, empty):
+        return {"launch_to_ready_s": t, "cache_dir_at_launch": {"empty": empty}, "load": {}}
+    row = next(r for r in L.comparison(run(100.0, True), run(40.0, False)) if r["metric"] == "launch to ready")
+    assert row["b_over_a"] is None and "no ratio" in row["note"]
+    row = next(r for r in L.comparison(run(50.0, False), run(40.0, False)) if r["metric"] == "launch to ready")
+    assert row["b_over_a"] == pytest.approx(0.8)
 
 
 def test_startup_ttft_figures():
     f = S.ttft_figures([0.5, 0.1, 0.2, None, 0.3])
     assert f["first_ttft_s"] == 0.5 and f["median_next_ttft_s"] == 0.2 and f["next_n"] == 3
     assert math.isclose(f["first_over_median"], 2.5)
+
+
+# ---------------------------------------------------------------- the prompt check (real tokenizers)
+def _word_level_tokenizer(path):
+    """A tokenizer like the GPU test model's old one: a few words known, every other word
+    the same unknown id - English prompts collapse to the same ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "\n": 3, "user": 4, "system": 5, "assistant": 6}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   chat_template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                                                 "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                                                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    fast.save_pretrained(path)
+    return path
+
+
+def test_prompt_sets_pass_with_the_demo_tokenizer():
+    from qwenbox.tools.bench import tokens as T
+    tok = T.load_tokenizer(str(DEMO_MODEL))
+    cfg = load(Path(__file__).parent.parent / "etc" / "qwenbox" / "demo.toml")
+
+    class A:
+        seed, prompt_words, after_ready, throughput_requests, throughput_repeats, tokenizer = 0, 24, 20, 16, 2, None
+    facts = S.check_prompts(cfg, A)       # what `bench startup` checks before it starts a server
+    assert facts["ttft"]["distinct"] == facts["ttft"]["n"] == 21
+    assert facts["throughput"]["distinct"] == facts["throughput"]["n"] == 32
+    assert facts["ttft"]["max_shared_prefix_tokens"] // 32 <= facts["ttft"]["allowed_prefix_tokens"] // 32
+    # random token ids: exactly the length asked for, ordinary ids only, distinct
+    info = T.tok_info(tok)
+    import random
+    ids = T.random_id_prompts(50, 40, info, random.Random(1))
+    assert all(len(x) == 40 and all(info.ordinary(i) for i in x) for x in ids)
+    assert T.check_prompt_set(ids, "ids")["max_shared_prefix_tokens"] < 16
+
+
+def test_a_prompt_files_lines_may_repeat_but_must_differ(tmp_path):
+    from qwenbox.tools.bench import tokens as T
+    tok = T.load_tokenizer(str(DEMO_MODEL))
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "hello there"}\n{"prompt": "summarize this"}\n')
+    specs = L.load_prompts(str(f), 4) + L.load_prompts(str(f), 4) + L.load_prompts(str(f), 4)[:1]
+    facts = L.check_specs(tok, specs, block_size=16)["file"]
+    assert (facts["distinct"], facts["requests"], facts["repeats"]) == (2, 5, 3)
+    words = T.load_tokenizer(str(_word_level_tokenizer(tmp_path / "tok")))   # both lines: two unknown words
+    with pytest.raises(T.PromptSetError, match="only 1 distinct"):
+        L.check_specs(words, L.load_prompts(str(f), 4), block_size=16)
+
+
+def test_prompt_sets_that_collapse_are_refused(tmp_path):
+    from qwenbox.tools.bench import tokens as T
+    tok = T.load_tokenizer(str(_word_level_tokenizer(tmp_path / "tok")))
+    cfg = load(Path(__file__).parent.parent / "etc" / "qwenbox" / "demo.toml")
+
+    class A:
+        seed, prompt_words, after_ready = 0, 24, 20
+    msgs = S.ttft_messages(cfg, A)
+    assert len({m[-1]["content"] for m in msgs}) == 21               # distinct texts ...
+    with pytest.raises(T.PromptSetError, match=r"21 prompts are only \d+ distinct token sequences"):
+        T.check_chat_set(tok, msgs, "ttft")                           # ... the same ids
+    # a shared prefix past the template: refused when it fills a KV block, allowed below one
+    base = list(range(100, 140))
+    with pytest.raises(T.PromptSetError, match="KV block"):
+        T.check_prompt_set([base + [1], base + [2]], "shared", allowed_prefix=0, block_size=16)
+    assert T.check_prompt_set([base[:10] + [1], base[:10] + [2]], "short", allowed_prefix=0, block_size=16)
+    assert T.check_prompt_set([base + [1], base + [2]], "system", allowed_prefix=40, block_size=16)
+    with pytest.raises(T.PromptSetError, match="cannot load the tokenizer"):
+        T.load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_the_benchmarks_refuse_to_measure_with_such_prompts(tmp_path, capsys):
+    bad_tok = str(_word_level_tokenizer(tmp_path / "tok"))
+    # load: refused before any daemon starts (this test may not start one)
+    assert cli.main(["bench", "load", "--config", str(Path(__file__).parent.parent / "etc" / "qwenbox" / "demo.toml"),
+                     "--tokenizer", bad_tok, "--prompt-kind", "text", "--out", str(tmp_path / "l.json")]) == 2
+    out = capsys.readouterr().out
+    assert "qwenbox bench load: prompt set" in out and "distinct token sequences" in out
+    assert not (tmp_path / "l.json").exists()
+    # startup: the same
+    assert cli.main(["bench", "startup", "--config", str(Path(__file__).parent.parent / "etc" / "qwenbox" / "demo.toml"),
+                     "--tokenizer", bad_tok, "--out", str(tmp_path / "s.json")]) == 2
+    assert "qwenbox bench startup: prompt set" in capsys.readouterr().out
+
+
+def test_a_socket_nobody_listens_on_is_one_line(tmp_path, capsys):
+    rc = cli.main(["bench", "load", "--socket", str(tmp_path / "none.sock"), "--tokenizer", str(DEMO_MODEL),
+                   "--out", str(tmp_path / "l.json")])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 1 and out[-1].startswith(f"qwenbox bench load: cannot drive the server on {tmp_path / 'none.sock'}")
+
+
+def test_gpu_suite_set_up_in_gpu_mode(tmp_path):
+    """What the smoke run cannot reach: the GPU mode's configs (tests/gpu/make_configs.py),
+    the derived per-server configs, and the in-process worker's command line."""
+    import argparse
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+    import suite
+    model = tmp_path / "qwen3-4b"
+    model.mkdir()
+    (model / "config.json").write_text("{}")       # enough for the config check; nothing loads it here
+    a = argparse.Namespace(out=str(tmp_path / "s"), smoke=False, model=str(model), drop_page_cache=False)
+    st = suite.Setup(a)
+    assert st.tuned_src.exists() and st.untuned_src.exists()
+    cache = st.cache("qwenbox")
+    cfg = load(st.config("qwenbox", st.tuned_src, cache))
+    assert cfg.model.path == str(model) and cfg.engine.cache_dir == str(cache.vllm_dir)
+    assert cfg.engine.max_num_seqs == 128 and not cfg.engine.enforce_eager       # the shipped profile
+    untuned = load(st.config("untuned", st.untuned_src, st.cache("untuned")))
+    assert untuned.model.max_model_len == 262144 and not untuned.warmup.enabled
+    sleep = load(st.config("s", st.tuned_src, cache, {"engine": {"enable_sleep_mode": True},
+                                                      "standby": {"idle_sleep_after_s": 10.0}}))
+    assert sleep.engine.enable_sleep_mode and sleep.standby.idle_sleep_after_s == 10.0
+    argv = suite.worker_argv(st, tmp_path / "c.toml")
+    assert argv[argv.index("--model") + 1] == str(model) and "--smoke" not in argv
+    assert len(st.sock("x")) < 100

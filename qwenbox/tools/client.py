@@ -3,8 +3,9 @@
 Contract:
 - ``request`` / ``get_json``: one blocking HTTP request over a unix socket
   (``UnixHTTPConnection``); ``served_model`` reads ``/v1/models``.
-- ``unix_session`` + ``stream_chat``: an aiohttp session on the socket and one streamed
-  chat completion timed client-side (``Result``: TTFT, inter-token gaps, end to end).
+- ``unix_session`` + ``stream_chat`` / ``stream_completion``: an aiohttp session on the
+  socket and one streamed chat completion / completion timed client-side (``Result``:
+  TTFT, inter-token gaps, end to end).
   aiohttp is imported only when these run.
 - ``Server``: a server process we start and always stop, on a unix socket, with its
   output in a log file; ``running`` and ``socket_dir`` for the benchmarks.
@@ -118,16 +119,31 @@ class Result:
 async def stream_chat(session: Any, body: dict[str, Any], timeout_s: float, tag: str = "",
                       request_id: str | None = None) -> Result:
     """POST one streaming chat completion and time it client-side. ``request_id`` goes out
-    as X-Request-Id, so the server's own log line for it can be found afterwards."""
+    as X-Request-Id, so the server's own log line for it can be found afterwards. Output
+    is a chunk with non-empty ``delta.content``."""
+    return await _stream(session, "/v1/chat/completions", body, timeout_s, tag, request_id)
+
+
+async def stream_completion(session: Any, body: dict[str, Any], timeout_s: float, tag: str = "",
+                            request_id: str | None = None) -> Result:
+    """The same for ``/v1/completions`` (``prompt`` a string or a list of token ids). Output
+    is any chunk with a choice, even one whose text is empty: a random-weight model's
+    token may decode to nothing, and it was generated all the same."""
+    return await _stream(session, "/v1/completions", body, timeout_s, tag, request_id)
+
+
+async def _stream(session: Any, path: str, body: dict[str, Any], timeout_s: float, tag: str,
+                  request_id: str | None) -> Result:
     import aiohttp
 
+    chat = path.endswith("/chat/completions")
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     r = Result(tag=tag)
     t0 = r.started = time.monotonic()
     chunks = 0
     done = False
     try:
-        async with session.post("http://localhost/v1/chat/completions", json=body,
+        async with session.post("http://localhost" + path, json=body,
                                 headers={"X-Request-Id": request_id} if request_id else None,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             r.status = resp.status
@@ -157,7 +173,7 @@ async def stream_chat(session: Any, body: dict[str, Any], timeout_s: float, tag:
                     r.prompt_tokens = obj["usage"].get("prompt_tokens")
                     r.output_tokens = obj["usage"].get("completion_tokens") or r.output_tokens
                 for ch in obj.get("choices") or ():
-                    if (ch.get("delta") or {}).get("content"):
+                    if (ch.get("delta") or {}).get("content") if chat else ("text" in ch):
                         chunks += 1
                         r.output_at(now)
             r.e2e_s = time.monotonic() - t0

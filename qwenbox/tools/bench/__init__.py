@@ -27,6 +27,7 @@ from typing import Any
 def add_arguments(p: Any) -> None:
     """``qwenbox bench`` options (cli.py builds the parser, this fills it)."""
     from ...config import DEFAULT_CONFIG_PATH
+    from .workload import DEFAULT_GPU_HOUR_COST, GPU_HOUR_COST_SOURCE
 
     p.add_argument("mode", nargs="?", choices=("startup", "load", "all"), default="all",
                    help="startup: cold start, pre-warm, API overhead, launch-to-ready vs vLLM; "
@@ -39,6 +40,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a server may take to be ready")
     p.add_argument("--request-timeout", type=float, default=120.0, help="client timeout per request (s)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (ignore_eos)")
+    p.add_argument("--tokenizer", help="the served model's tokenizer (dir or HF id) for the prompt check "
+                                       "(default: the config's model.tokenizer or model.path)")
 
     s = p.add_argument_group("startup")
     s.add_argument("--after-ready", type=int, default=20,
@@ -55,22 +58,38 @@ def add_arguments(p: Any) -> None:
     ld.add_argument("--socket", help="drive the daemon already listening here instead of starting one")
     ld.add_argument("--compare", nargs=2, metavar=("A.toml", "B.toml"),
                     help="start a daemon with A, run the load, stop it; the same with B; print B/A ratios")
-    ld.add_argument("--levels", default="1,2,4,8", help="concurrency sweep levels (default 1,2,4,8)")
-    ld.add_argument("--per-level", type=int, default=24, help="requests per sweep level (default 24)")
-    ld.add_argument("--sweep-words", type=int, default=96, help="prompt length of sweep requests, words")
+    ld.add_argument("--prompt-kind", choices=("ids", "text"), default="ids",
+                    help="ids (default): /v1/completions with prompts of random token ids, lengths in tokens; "
+                         "text: chat requests of synthetic words, lengths in words")
+    ld.add_argument("--levels", default="1,2,4,8",
+                    help="stepped concurrency sweep levels, ascending (default 1,2,4,8); it stops after the "
+                         "first unstable level")
+    ld.add_argument("--per-level", type=int, default=24,
+                    help="requests per sweep level, at least 2 x the level (default 24)")
+    ld.add_argument("--sweep-words", type=int, default=96,
+                    help="prompt length of sweep requests: tokens with --prompt-kind ids, else words (default 96)")
+    ld.add_argument("--p95-bound", type=float, default=10.0,
+                    help="a level is stable when under 1%% of its requests fail and its P95 end-to-end latency "
+                         "is at most this many seconds (default 10)")
     ld.add_argument("--mix", default="short:16:0.5,medium:128:0.35,long:512:0.15",
-                    help="synthetic prompt mix NAME:WORDS:WEIGHT,... (default %(default)s)")
+                    help="synthetic prompt mix NAME:LENGTH:WEIGHT,... (tokens or words, see --prompt-kind; "
+                         "default %(default)s)")
     ld.add_argument("--prompts", metavar="FILE.jsonl",
                     help='prompt mix from a JSONL file: {"prompt": ...} or {"messages": [...]}, '
                          'optional "max_tokens"; replaces --mix')
     ld.add_argument("--mix-requests", type=int, default=48, help="requests in the mix phase (default 48)")
     ld.add_argument("--mix-concurrency", type=int, default=0,
-                    help="concurrency of the mix phase (default 0: the sweep's best level)")
-    ld.add_argument("--burst", type=int, default=64, help="requests sent at once in the burst (default 64; 0 skips)")
+                    help="concurrency of the mix phase (default 0: the highest stable sweep level)")
+    ld.add_argument("--burst", type=int, default=None,
+                    help="requests sent at once in the burst (default: --burst-factor x the highest stable "
+                         "level; 0 skips)")
+    ld.add_argument("--burst-factor", type=int, default=10,
+                    help="the default burst, as a multiple of the highest stable level (default 10)")
     ld.add_argument("--phase-time-limit", type=float, default=120.0,
                     help="no new request starts in a phase after this many seconds (default 120)")
-    ld.add_argument("--gpu-hour-cost", type=float, default=1.0,
-                    help="price of one hour of the machine, for cost per request (default 1.0)")
+    ld.add_argument("--gpu-hour-cost", type=float, default=DEFAULT_GPU_HOUR_COST,
+                    help=f"price of one GPU hour in $ for cost per request (default {DEFAULT_GPU_HOUR_COST}: "
+                         f"{GPU_HOUR_COST_SOURCE})")
 
 
 def run(args: Any) -> int:

@@ -2,18 +2,31 @@
 
 Phases, in order, each bounded by a request count, a time limit after which no new request
 starts (``--phase-time-limit``) and a per-request client timeout:
-  1. concurrency sweep: ``--per-level`` requests at each level of ``--levels`` (closed loop,
-     fixed prompt length ``--sweep-words``);
+  1. stepped concurrency sweep: at each level of ``--levels`` (ascending), max(``--per-level``,
+     2 x level) requests in a closed loop, fixed prompt length ``--sweep-words``. A level is
+     *stable* when under 1 % of its requests fail, every planned request was sent and its P95
+     end-to-end latency is at most ``--p95-bound`` seconds; the sweep stops after the first
+     unstable level, and the highest stable level is the capacity figure;
   2. prompt-length mix: ``--mix-requests`` requests drawn from ``--mix`` (synthetic
-     NAME:WORDS:WEIGHT classes) or from ``--prompts FILE.jsonl``, at ``--mix-concurrency``
-     (default: the sweep level with the highest throughput and no failures);
-  3. burst: ``--burst`` requests sent at the same instant.
+     NAME:LENGTH:WEIGHT classes) or from ``--prompts FILE.jsonl``, at ``--mix-concurrency``
+     (default: the highest stable level);
+  3. burst: ``--burst`` requests sent at the same instant (default ``--burst-factor`` (10) x
+     the highest stable level, at most ``workload.MAX_BURST``).
+Prompts: ``--prompt-kind ids`` (default) sends /v1/completions with random token ids
+(lengths in tokens: exactly that long whatever the tokenizer does with text); ``text``
+sends chat requests of synthetic words. Before anything is sent, every prompt of the run
+is checked with the served model's tokenizer (``tokens.check_prompt_set``): distinct, no
+KV block shared past the chat template; a file's prompts (``--prompts``) must be distinct
+among themselves (they repeat when the phase needs more, and the JSON says how often).
 Request counts are at most ``workload.MAX_REQUESTS`` per phase and concurrency at most
 ``workload.MAX_CONCURRENCY``; ``validate`` refuses anything else before a server starts.
 Every request streams (SSE) so TTFT and inter-token gaps are measured client-side; every
 request asks for ``--max-tokens`` tokens with ``ignore_eos`` so the work per request is fixed.
-Capacity (requests/day) and cost come from the mix phase's sustained throughput:
-``cost per 1k requests = gpu_hour_cost / (requests_per_s * 3600) * 1000``.
+What an operator decides with (``decision`` in the JSON): GPU memory in use at idle
+(nvidia-smi, else n/a), P95 latency at concurrency 1, the highest stable concurrency,
+requests/day at it (the mix phase's sustained rate x 86400), cost per 1k requests at
+``--gpu-hour-cost`` (``cost per 1k = gpu_hour_cost / (requests_per_s * 3600) * 1000``) and
+the failure rate under the burst.
 
 ``--compare A.toml B.toml`` starts a daemon with A, runs all phases, stops it, then the same
 with B (never two servers at once), and prints B's figures over A's.
@@ -21,7 +34,9 @@ with B (never two servers at once), and prints B's figures over A's.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -30,18 +45,26 @@ from pathlib import Path
 from typing import Any
 
 from .. import logs
-from ..client import Result, Server, running, served_model, socket_dir, stream_chat, unix_session
+from ..client import (Result, Server, ServerError, running, served_model, socket_dir, stream_chat, stream_completion,
+                      unix_session)
 from ..report import dig, fmt, table, write_json
 from ..stats import ratio, summary
-from .results import busy_note, finish, log_dir_for, machine, out_path
-from .workload import MAX_CONCURRENCY, MAX_REQUESTS, OptionError, check_range, synthetic_text
+from .results import busy_note, finish, gpu_memory, log_dir_for, machine, out_path, raise_open_files_limit
+from .tokens import TokInfo, chat_ids, chat_prefix_len, check_prompt_set, load_tokenizer, random_id_prompts, tok_info
+from .workload import (DEFAULT_GPU_HOUR_COST, GPU_HOUR_COST_SOURCE, MAX_BURST, MAX_CONCURRENCY, MAX_REQUESTS, OptionError, check_range,
+                       synthetic_text)
+
+STABLE_FAILURE_RATE = 0.01   # a stable level fails fewer than 1 % of its requests
 
 
 @dataclass
 class Spec:
-    messages: list[dict[str, str]]
+    """One request: chat ``messages``, or (``prompt_ids``) a completion on token ids."""
+    messages: list[dict[str, str]] | None
     max_tokens: int
     tag: str
+    prompt_ids: list[int] | None = None
+    from_file: bool = False
 
 
 # ------------------------------------------------------------------ prompts
@@ -88,27 +111,43 @@ def load_prompts(path: str, default_max_tokens: int) -> list[Spec]:
         mt = obj.get("max_tokens", default_max_tokens)
         if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
             raise OptionError(f"{path}:{no}: \"max_tokens\" must be a positive integer")
-        specs.append(Spec(msgs, mt, str(obj.get("tag", "file"))))
+        specs.append(Spec(msgs, mt, str(obj.get("tag", "file")), from_file=True))
     if not specs:
         raise OptionError(f"--prompts: {path} holds no prompts")
     return specs
 
 
-def _words_cap(max_model_len: int | None, max_tokens: int) -> int | None:
-    """Words that surely fit the context (~2 tokens per word, room for the template)."""
+def _length_cap(max_model_len: int | None, max_tokens: int, kind: str) -> int | None:
+    """Prompt length that surely fits the context: tokens for ids; for text, words at ~2
+    tokens per word with room for the template."""
     if not max_model_len:
         return None
+    if kind == "ids":
+        return max(1, max_model_len - max_tokens - 8)
     return max(1, (max_model_len - max_tokens - 64) // 2)
 
 
-def sweep_specs(args: Any, level: int, n: int, cap: int | None) -> list[Spec]:
+def level_requests(args: Any, level: int) -> int:
+    return min(MAX_REQUESTS, max(args.per_level, 2 * level))
+
+
+def sweep_specs(args: Any, level: int, n: int, cap: int | None, info: TokInfo | None = None) -> list[Spec]:
     rng = random.Random(f"{args.seed}-sweep-{level}")
-    words = min(args.sweep_words, cap) if cap else args.sweep_words
-    return [Spec([{"role": "user", "content": synthetic_text(words, f"c{level}-r{i}", rng)}],
+    length = min(args.sweep_words, cap) if cap else args.sweep_words
+    if getattr(args, "prompt_kind", "text") == "ids":
+        return [Spec(None, args.max_tokens, f"sweep-c{level}", ids)
+                for ids in random_id_prompts(n, length, _need(info), rng)]
+    return [Spec([{"role": "user", "content": synthetic_text(length, f"c{level}-r{i}", rng)}],
                  args.max_tokens, f"sweep-c{level}") for i in range(n)]
 
 
-def mix_specs(args: Any, n: int, cap: int | None, salt: str = "mix") -> list[Spec]:
+def _need(info: TokInfo | None) -> TokInfo:
+    if info is None:
+        raise OptionError("token-id prompts need the served model's tokenizer")
+    return info
+
+
+def mix_specs(args: Any, n: int, cap: int | None, salt: str = "mix", info: TokInfo | None = None) -> list[Spec]:
     rng = random.Random(f"{args.seed}-{salt}")
     if args.prompts:
         pool = load_prompts(args.prompts, args.max_tokens)
@@ -117,10 +156,34 @@ def mix_specs(args: Any, n: int, cap: int | None, salt: str = "mix") -> list[Spe
         return [pool[order[i % len(pool)]] for i in range(n)]
     classes = parse_mix(args.mix)
     names = [c[0] for c in classes]
-    words = {c[0]: (min(c[1], cap) if cap else c[1]) for c in classes}
+    lengths = {c[0]: (min(c[1], cap) if cap else c[1]) for c in classes}
     picks = rng.choices(names, weights=[c[2] for c in classes], k=n)
-    return [Spec([{"role": "user", "content": synthetic_text(words[t], f"{salt}-{i}", rng)}],
+    if getattr(args, "prompt_kind", "text") == "ids":
+        return [Spec(None, args.max_tokens, t, random_id_prompts(1, lengths[t], _need(info), rng)[0]) for t in picks]
+    return [Spec([{"role": "user", "content": synthetic_text(lengths[t], f"{salt}-{i}", rng)}],
                  args.max_tokens, t) for i, t in enumerate(picks)]
+
+
+def check_specs(tok: Any, specs: list[Spec], block_size: int) -> dict[str, Any]:
+    """The run's prompts as the server will tokenize them: synthetic ones distinct with no
+    KV block shared past the chat template; a file's distinct among themselves (repeats of
+    the same line are counted, not refused: the file is the user's traffic)."""
+    synth = [s for s in specs if not s.from_file]
+    out: dict[str, Any] = {}
+    if synth:
+        seqs = [s.prompt_ids if s.prompt_ids is not None else chat_ids(tok, s.messages or []) for s in synth]
+        chat = next((s.messages for s in synth if s.messages), None)
+        allowed = chat_prefix_len(tok, chat) if chat else 0
+        out["synthetic"] = check_prompt_set(seqs, "sweep, mix and burst prompts", allowed_prefix=allowed,
+                                            block_size=block_size)
+    files = [s for s in specs if s.from_file]
+    if files:
+        unique = {json.dumps(s.messages, sort_keys=True): s for s in files}   # a line, however often it is sent
+        seqs = [chat_ids(tok, s.messages or []) for s in unique.values()]
+        out["file"] = check_prompt_set(seqs, "--prompts file", allowed_prefix=None, block_size=block_size)
+        out["file"]["requests"] = len(files)
+        out["file"]["repeats"] = len(files) - len(unique)
+    return out
 
 
 # ------------------------------------------------------------------ one phase
@@ -135,9 +198,13 @@ async def run_phase(session: Any, model: str, name: str, specs: list[Spec], conc
     async def worker() -> None:
         while queue and time.monotonic() < deadline:
             s = queue.pop()
-            body = {"model": model, "messages": s.messages, "max_tokens": s.max_tokens,
-                    "temperature": 0.0, "ignore_eos": True}
-            results.append(await stream_chat(session, body, request_timeout, tag=s.tag))
+            body = {"model": model, "max_tokens": s.max_tokens, "temperature": 0.0, "ignore_eos": True}
+            if s.prompt_ids is not None:
+                results.append(await stream_completion(session, {**body, "prompt": s.prompt_ids}, request_timeout,
+                                                       tag=s.tag))
+            else:
+                results.append(await stream_chat(session, {**body, "messages": s.messages}, request_timeout,
+                                                 tag=s.tag))
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(specs))))))
     fig = phase_figures(results, time.monotonic() - t0)
@@ -180,6 +247,30 @@ def best_level(sweep: list[dict[str, Any]]) -> int | None:
     return max(clean, key=lambda p: p["requests_per_s"] or 0)["concurrency"]
 
 
+def stability(p: dict[str, Any], p95_bound: float) -> str | None:
+    """None when the level is stable, else why not (one phrase)."""
+    if not p["sent"]:
+        return "nothing sent"
+    if p.get("not_started"):
+        return f"{p['not_started']} requests not started within the phase time limit"
+    if p["failure_rate"] >= STABLE_FAILURE_RATE:
+        return f"failure rate {p['failure_rate'] * 100:.1f}% >= {STABLE_FAILURE_RATE * 100:.0f}%"
+    p95 = p["e2e_s"]["p95"]
+    if p95 is None or p95 > p95_bound:
+        return f"P95 latency {fmt(p95, 's')} > {fmt(p95_bound, 's')}"
+    return None
+
+
+def highest_stable(sweep: list[dict[str, Any]]) -> int | None:
+    """The highest level before the first unstable one (None when the first is unstable)."""
+    best = None
+    for p in sweep:
+        if p.get("unstable_because"):
+            break
+        best = p["concurrency"]
+    return best
+
+
 def economics(mix: dict[str, Any], gpu_hour_cost: float) -> dict[str, Any]:
     rps = mix.get("requests_per_s") or 0.0
     if rps <= 0:
@@ -203,13 +294,20 @@ def validate(args: Any) -> list[int]:
         raise OptionError("--levels: give at least one level")
     for c in levels:
         check_range("--levels: each level", c, 1, MAX_CONCURRENCY)
+    if levels != sorted(set(levels)):
+        raise OptionError("--levels: give each level once, in ascending order (the sweep steps up)")
     check_range("--per-level", args.per_level, 1, MAX_REQUESTS)
     check_range("--mix-requests", args.mix_requests, 1, MAX_REQUESTS)
-    check_range("--burst", args.burst, 0, MAX_CONCURRENCY)
+    if args.burst is not None:
+        check_range("--burst", args.burst, 0, MAX_BURST)
+    check_range("--burst-factor", args.burst_factor, 1, 100)
     check_range("--mix-concurrency", args.mix_concurrency, 0, MAX_CONCURRENCY)
     check_range("--max-tokens", args.max_tokens, 1)
+    check_range("--sweep-words", args.sweep_words, 1)
     if args.phase_time_limit <= 0 or args.request_timeout <= 0:
         raise OptionError("--phase-time-limit and --request-timeout must be > 0")
+    if not args.p95_bound > 0:
+        raise OptionError("--p95-bound must be > 0")
     check_range("--gpu-hour-cost", args.gpu_hour_cost, 0)
     if args.prompts:
         load_prompts(args.prompts, args.max_tokens)
@@ -218,32 +316,95 @@ def validate(args: Any) -> list[int]:
     return levels
 
 
-async def run_load(sock: str, args: Any, levels: list[int], say=lambda s: None) -> dict[str, Any]:
+def burst_size(args: Any, stable: int | None, levels: list[int]) -> int:
+    if args.burst is not None:
+        return args.burst
+    return min(MAX_BURST, args.burst_factor * (stable or levels[0]))
+
+
+def plan(args: Any, levels: list[int], max_len: int | None, info: TokInfo | None) -> dict[str, Any]:
+    """Every prompt the run may send, made before the first is sent (so they are checked
+    together): each sweep level, the mix, and the largest burst the run could choose."""
+    cap = _length_cap(max_len, args.max_tokens, getattr(args, "prompt_kind", "text"))
+    largest = burst_size(args, levels[-1], levels)
+    return {"sweep": {c: sweep_specs(args, c, level_requests(args, c), cap, info) for c in levels},
+            "mix": mix_specs(args, args.mix_requests, cap, info=info),
+            "burst": mix_specs(args, largest, cap, salt="burst", info=info) if largest else []}
+
+
+async def run_load(sock: str, args: Any, levels: list[int], say=lambda s: None, tok: Any = None,
+                   block_size: int = 16, gpu_idle: dict[str, Any] | None = None) -> dict[str, Any]:
+    """All phases against the server on ``sock``. ``tok`` is the served model's tokenizer
+    (loaded from ``args.tokenizer`` when None); the prompts are checked before any is sent
+    (PromptSetError otherwise)."""
     model, max_len = served_model(sock)
-    cap = _words_cap(max_len, args.max_tokens)
-    limit = max([*levels, args.burst, args.mix_concurrency, 1])
-    out: dict[str, Any] = {"model": model, "max_model_len": max_len}
-    async with unix_session(sock, limit=limit) as session:
+    if tok is None:
+        tok = load_tokenizer(args.tokenizer or model)
+    info = tok_info(tok)
+    specs = plan(args, levels, max_len, info)
+    every = [s for lv in specs["sweep"].values() for s in lv] + specs["mix"] + specs["burst"]
+    out: dict[str, Any] = {"model": model, "max_model_len": max_len, "prompt_kind": getattr(args, "prompt_kind", "text"),
+                           "prompt_check": check_specs(tok, every, block_size)}
+    say(f"prompts checked: {len(every)} requests' prompts, "
+        + ", ".join(f"{k}: {v['distinct']} distinct, longest shared prefix {v['max_shared_prefix_tokens']} tokens"
+                    for k, v in out["prompt_check"].items()))
+    async with unix_session(sock) as session:
         sweep = []
         for c in levels:
-            say(f"sweep: concurrency {c}, {args.per_level} requests")
-            sweep.append(await run_phase(session, model, f"sweep c={c}", sweep_specs(args, c, args.per_level, cap),
-                                         c, args.phase_time_limit, args.request_timeout))
+            n = len(specs["sweep"][c])
+            say(f"sweep: concurrency {c}, {n} requests")
+            p = await run_phase(session, model, f"sweep c={c}", specs["sweep"][c], c, args.phase_time_limit,
+                                args.request_timeout)
+            p["unstable_because"] = stability(p, args.p95_bound)
+            sweep.append(p)
+            if p["unstable_because"]:
+                say(f"sweep: concurrency {c} is not stable ({p['unstable_because']}); the sweep stops here")
+                break
         out["sweep"] = sweep
-        best = best_level(sweep)
-        out["best_concurrency"] = best
-        mc = args.mix_concurrency or best or levels[-1]
+        out["best_concurrency"] = best_level(sweep)
+        stable = highest_stable(sweep)
+        out["highest_stable_concurrency"] = stable
+        out["stable_is_highest_tried"] = bool(stable and stable == levels[-1])
+        mc = args.mix_concurrency or stable or levels[0]
         say(f"prompt mix: concurrency {mc}, {args.mix_requests} requests")
-        out["mix"] = await run_phase(session, model, "mix", mix_specs(args, args.mix_requests, cap), mc,
-                                     args.phase_time_limit, args.request_timeout)
-        if args.burst:
-            say(f"burst: {args.burst} requests at once")
-            out["burst"] = await run_phase(session, model, "burst", mix_specs(args, args.burst, cap, salt="burst"),
-                                           args.burst, args.phase_time_limit, args.request_timeout)
+        out["mix"] = await run_phase(session, model, "mix", specs["mix"], mc, args.phase_time_limit,
+                                     args.request_timeout)
+        n_burst = burst_size(args, stable, levels)
+        out["burst_size"] = n_burst
+        if n_burst:
+            say(f"burst: {n_burst} requests at once")
+            out["burst"] = await run_phase(session, model, "burst", specs["burst"][:n_burst], n_burst,
+                                           args.phase_time_limit, args.request_timeout)
         else:
             out["burst"] = None
     out["economics"] = economics(out["mix"], args.gpu_hour_cost)
+    out["decision"] = decision(out, args, gpu_idle)
     return out
+
+
+def decision(load: dict[str, Any], args: Any, gpu_idle: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The figures an operator decides with, in one place (see the module docstring)."""
+    c1 = next((p for p in load["sweep"] if p["concurrency"] == 1), None)
+    e = load["economics"]
+    burst = load.get("burst") or {}
+    return {
+        "gpu_memory_idle_mib": (gpu_idle or {}).get("used_mib"),
+        "gpu_memory_idle_note": None if (gpu_idle or {}).get("available") else
+        ((gpu_idle or {}).get("why") or "not measured"),
+        "p95_latency_concurrency_1_s": c1["e2e_s"]["p95"] if c1 else None,
+        "highest_stable_concurrency": load["highest_stable_concurrency"],
+        "stable_is_highest_tried": load["stable_is_highest_tried"],
+        "stable_rule": f"failure rate < {STABLE_FAILURE_RATE * 100:.0f}% and P95 end-to-end <= {args.p95_bound} s",
+        "mix_concurrency": load["mix"]["concurrency"],
+        "requests_per_day": e["requests_per_day"],
+        "cost_per_1k_requests": e["cost_per_1k_requests"],
+        "gpu_hour_cost": args.gpu_hour_cost,
+        "gpu_hour_cost_source": GPU_HOUR_COST_SOURCE if args.gpu_hour_cost == DEFAULT_GPU_HOUR_COST
+        else "--gpu-hour-cost",
+        "burst_size": load.get("burst_size"),
+        "burst_failure_rate": burst.get("failure_rate"),
+        "burst_failures_by_status": burst.get("failures_by_status"),
+    }
 
 
 def server_log_summary(path: Path) -> dict[str, Any] | None:
@@ -260,14 +421,28 @@ def server_log_summary(path: Path) -> dict[str, Any] | None:
 
 
 def run_with_daemon(config: str, label: str, sock_dir: Path, log_path: Path, args: Any, levels: list[int],
-                    say) -> dict[str, Any]:
+                    say, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Start ``qwenbox serve`` on ``config``, measure GPU memory at idle once it is ready,
+    run every phase, stop it. The prompts are checked before the daemon starts."""
+    from ...config import load as load_config
+
+    cfg = load_config(config)
+    tok = load_tokenizer(args.tokenizer or cfg.model.tokenizer or cfg.model.path)
+    check = plan(args, levels, cfg.model.max_model_len, tok_info(tok))      # fails here, before a launch
+    check_specs(tok, [s for lv in check["sweep"].values() for s in lv] + check["mix"] + check["burst"],
+                cfg.engine.block_size)
     srv = Server.qwenbox(label, config, str(sock_dir / f"{label}.sock"), log_path)
+    if env:
+        srv.env.update(env)
     say(f"[{label}] starting qwenbox serve --config {config}")
-    entry: dict[str, Any] = {"label": label, "config": str(Path(config).resolve()), "log": str(log_path)}
+    entry: dict[str, Any] = {"label": label, "config": str(Path(config).resolve()), "log": str(log_path),
+                             "cache_dir_at_launch": _dir_state(cfg.engine.cache_dir)}
     with running(srv, args.ready_timeout):
         entry["launch_to_ready_s"] = srv.launch_to_ready_s
-        entry["cold_start"] = (srv.health or {}).get("cold_start")
-        entry["load"] = asyncio.run(run_load(srv.sock, args, levels, lambda s: say(f"[{label}] {s}")))
+        entry["cold_start"] = (srv.ready_health or {}).get("cold_start")
+        entry["gpu_memory_idle"] = gpu_memory()
+        entry["load"] = asyncio.run(run_load(srv.sock, args, levels, lambda s: say(f"[{label}] {s}"), tok=tok,
+                                             block_size=cfg.engine.block_size, gpu_idle=entry["gpu_memory_idle"]))
     entry["server_exit_code"] = srv.proc.returncode if srv.proc else None
     entry["server_log"] = server_log_summary(log_path)
     return entry
@@ -275,25 +450,45 @@ def run_with_daemon(config: str, label: str, sock_dir: Path, log_path: Path, arg
 
 # ------------------------------------------------------------------ comparison
 COMPARE_ROWS = (  # label, path into a run entry, unit, lower is better
-    ("requests/day (mix)", ("load", "economics", "requests_per_day"), "", False),
+    ("GPU memory in use at idle (MiB)", ("load", "decision", "gpu_memory_idle_mib"), "", True),
+    ("P95 latency at concurrency 1", ("load", "decision", "p95_latency_concurrency_1_s"), "s", True),
+    ("highest stable concurrency", ("load", "decision", "highest_stable_concurrency"), "", False),
+    ("requests/day (mix at that concurrency)", ("load", "economics", "requests_per_day"), "", False),
     ("cost per 1k requests", ("load", "economics", "cost_per_1k_requests"), "$", True),
     ("cost per request", ("load", "economics", "cost_per_request"), "$", True),
     ("P95 latency (mix, end to end)", ("load", "mix", "e2e_s", "p95"), "s", True),
     ("P95 TTFT (mix)", ("load", "mix", "ttft_s", "p95"), "s", True),
     ("P95 inter-token (mix)", ("load", "mix", "itl_s", "p95"), "s", True),
     ("P95 TTFT, server-side (whole run)", ("server_log", "ttft_s", "p95"), "s", True),
+    ("burst size (requests at once)", ("load", "burst_size"), "", False),
     ("failure rate under the burst", ("load", "burst", "failure_rate"), "%", True),
     ("P95 latency under the burst", ("load", "burst", "e2e_s", "p95"), "s", True),
     ("launch to ready", ("launch_to_ready_s",), "s", True),
 )
 
 
+def _dir_state(path: str) -> dict[str, Any]:
+    """Whether the compile cache a daemon starts on is empty (a cold start) or not."""
+    p = Path(path) if path else None
+    if p is None:
+        return {"path": None, "empty": None}
+    files = sum(len(f) for _, _, f in os.walk(p)) if p.is_dir() else 0
+    return {"path": str(p), "empty": files == 0, "files": files}
+
+
 def comparison(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """B over A per COMPARE_ROWS; launch to ready gets no ratio when one daemon started on an
+    empty compile cache and the other on a filled one (that ratio would measure the cache)."""
     rows = []
     for label, path, unit, lower in COMPARE_ROWS:
         va, vb = dig(a, *path), dig(b, *path)
-        rows.append({"metric": label, "a": va, "b": vb, "b_over_a": ratio(vb, va), "unit": unit,
-                     "lower_is_better": lower})
+        row = {"metric": label, "a": va, "b": vb, "b_over_a": ratio(vb, va), "unit": unit, "lower_is_better": lower}
+        if path == ("launch_to_ready_s",):
+            ea, eb = dig(a, "cache_dir_at_launch", "empty"), dig(b, "cache_dir_at_launch", "empty")
+            if ea is not None and eb is not None and ea != eb:
+                row["b_over_a"] = None
+                row["note"] = (f"A {'empty' if ea else 'warm'} caches, B {'empty' if eb else 'warm'}: no ratio")
+        rows.append(row)
     return rows
 
 
@@ -313,11 +508,19 @@ def phase_table(load: dict[str, Any], title: str) -> str:
 
 
 def economics_lines(load: dict[str, Any]) -> str:
-    e, f = load["economics"], fmt
-    lines = [f"capacity: {f(e['requests_per_s'])} req/s on the prompt mix at concurrency "
+    e, f, d = load["economics"], fmt, load.get("decision") or {}
+    gpu = d.get("gpu_memory_idle_mib")
+    lines = [f"GPU memory in use at idle: " + (f"{f(gpu)} MiB" if gpu is not None
+                                               else f"n/a ({d.get('gpu_memory_idle_note')})"),
+             f"P95 latency at concurrency 1: {f(d.get('p95_latency_concurrency_1_s'), 's')}",
+             f"highest stable concurrency ({d.get('stable_rule')}): {f(d.get('highest_stable_concurrency'))}"
+             + (" (the highest level tried: the limit is above it)" if d.get("stable_is_highest_tried") else ""),
+             f"capacity: {f(e['requests_per_s'])} req/s on the prompt mix at concurrency "
              f"{load['mix']['concurrency']} -> {f(e['requests_per_day'])} requests/day",
-             f"cost at {f(e['gpu_hour_cost'], '$')}/hour: {f(e['cost_per_1k_requests'], '$')} per 1k requests "
-             f"({f(e['cost_per_request'], '$')} per request)"]
+             f"cost at {f(e['gpu_hour_cost'], '$')}/GPU-hour: {f(e['cost_per_1k_requests'], '$')} per 1k requests "
+             f"({f(e['cost_per_request'], '$')} per request); price source: {d.get('gpu_hour_cost_source')}"]
+    if load.get("burst"):
+        lines.append(f"burst of {load['burst_size']} at once: failure rate {f(load['burst']['failure_rate'], '%')}")
     rej = {}
     for p in [*load["sweep"], load["mix"], load.get("burst") or {}]:
         for k, v in (p.get("rejected_by_reason") or {}).items():
@@ -330,21 +533,58 @@ def economics_lines(load: dict[str, Any]) -> str:
 def compare_table(rows: list[dict[str, Any]], a: str, b: str) -> str:
     f = fmt
     return table(["metric", f"A: {a}", f"B: {b}", "B / A"],
-                   [[r["metric"], f(r["a"], r["unit"]), f(r["b"], r["unit"]), f(r["b_over_a"], "x")] for r in rows],
+                   [[r["metric"], f(r["a"], r["unit"]), f(r["b"], r["unit"]),
+                     f(r["b_over_a"], "x") if r.get("b_over_a") is not None or not r.get("note") else r["note"]]
+                    for r in rows],
                    "Side by side (A then B, one run; B / A below 1 is better where lower is better)")
 
 
 def main(args: Any) -> int:
     """The whole ``bench load`` run; ``bench.run`` has validated ``args``."""
+    from .tokens import PromptSetError
+
     levels = validate(args)
     out = out_path(args, "load")
     logs_dir = log_dir_for(out)
     params = {k: getattr(args, k) for k in ("levels", "per_level", "sweep_words", "mix", "prompts", "mix_requests",
-                                           "mix_concurrency", "burst", "max_tokens", "phase_time_limit",
-                                           "request_timeout", "gpu_hour_cost", "seed")}
+                                           "mix_concurrency", "burst", "burst_factor", "p95_bound", "prompt_kind",
+                                           "max_tokens", "phase_time_limit", "request_timeout", "gpu_hour_cost",
+                                           "seed", "tokenizer")}
+    params["gpu_hour_cost_source"] = (GPU_HOUR_COST_SOURCE if args.gpu_hour_cost == DEFAULT_GPU_HOUR_COST
+                                      else "--gpu-hour-cost")
     res: dict[str, Any] = {"kind": "load", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
-                           "params": params, "runs": []}
+                           "params": params, "runs": [], "open_files_limit": raise_open_files_limit()}
+    try:
+        return _main(args, levels, out, logs_dir, res)
+    except PromptSetError as e:
+        print(f"qwenbox bench load: {e}", flush=True)
+        return 2
+    except (OSError, ServerError, http.client.HTTPException) as e:
+        if not args.socket:
+            raise
+        print(f"qwenbox bench load: cannot drive the server on {args.socket}: {e}", flush=True)
+        return 1
+
+
+def _socket_tokenizer(args: Any) -> Any:
+    """--tokenizer, else the model of --config (the daemon's own config, on its machine)."""
+    from ...config import ConfigError, load as load_config
+
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        raise OptionError(f"--socket: name the served model's tokenizer with --tokenizer (the config "
+                          f"{args.config} gives none: {e})") from None
+    return load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+
+
+def _main(args: Any, levels: list[int], out: Path, logs_dir: Path, res: dict[str, Any]) -> int:
     say = lambda s: print(f"  - {s}", flush=True)  # noqa: E731
+    gpu = gpu_memory()
+    if gpu.get("available"):
+        res["machine"]["gpu"] = gpu.get("name")
     note = busy_note()
     if note:
         print(note, flush=True)
@@ -356,8 +596,9 @@ def main(args: Any) -> int:
         res["comparison"] = comparison(res["runs"][0], res["runs"][1])
     elif args.socket:
         print(f"qwenbox bench load: driving the daemon on {args.socket}", flush=True)
-        entry = {"label": "socket", "socket": args.socket}
-        entry["load"] = asyncio.run(run_load(args.socket, args, levels, say))
+        entry = {"label": "socket", "socket": args.socket, "gpu_memory_at_start": gpu_memory()}
+        entry["load"] = asyncio.run(run_load(args.socket, args, levels, say, tok=_socket_tokenizer(args),
+                                             gpu_idle=entry["gpu_memory_at_start"]))
         res["runs"].append(entry)
     else:
         print(f"qwenbox bench load: config {args.config}; logs in {logs_dir}/", flush=True)

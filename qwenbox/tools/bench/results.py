@@ -60,3 +60,46 @@ def busy_note() -> str | None:
 def finish(res: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
         res["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+
+def raise_open_files_limit() -> int:
+    """The soft open-files limit raised to the hard one (a burst holds one socket per
+    request); the limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def gpu_memory() -> dict[str, Any]:
+    """GPU memory in use now, per GPU, from ``nvidia-smi``; ``available`` False (and why)
+    where there is none - the figure is then n/a, never 0."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return {"available": False, "why": "no nvidia-smi on this machine"}
+    try:
+        out = subprocess.run([exe, "--query-gpu=index,name,memory.used,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"available": False, "why": f"nvidia-smi failed: {e}"}
+    if out.returncode != 0:
+        return {"available": False, "why": f"nvidia-smi exited {out.returncode}: {out.stderr.strip()[:200]}"}
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        bits = [b.strip() for b in line.split(",")]
+        if len(bits) == 4:
+            try:
+                gpus.append({"index": int(bits[0]), "name": bits[1], "used_mib": float(bits[2]),
+                             "total_mib": float(bits[3])})
+            except ValueError:
+                continue
+    if not gpus:
+        return {"available": False, "why": "nvidia-smi listed no GPU"}
+    return {"available": True, "gpus": gpus, "used_mib": sum(g["used_mib"] for g in gpus),
+            "name": ", ".join(sorted({g["name"] for g in gpus}))}

@@ -1,19 +1,27 @@
 """``qwenbox bench startup``: what pre-warm buys, what our API costs, how fast we are up.
 
-In one run, one server at a time, on the config given (the demo model in development):
-  1. ``qwenbox serve`` (warm-up as configured): launch-to-ready, the cold-start phases from
-     /health, the TTFT of the first request after ready vs the median of the next
-     ``--after-ready``, then the throughput workload through the API (streaming,
+In one run, one server at a time, on the config given (the demo model in development).
+Cache state is explicit: qwenbox and vLLM's server each start once on their own fresh,
+empty cache directories (``servers.CacheState``: cold) and once more on the caches they
+filled themselves (warm); launch-to-ready ratios are only taken within one state.
+  1. ``qwenbox serve`` (warm-up as configured), cold: launch-to-ready, the cold-start
+     phases from /health, the TTFT of the first request after ready vs the median of the
+     next ``--after-ready``, then the throughput workload through the API (streaming,
      client-side timing) ``--throughput-repeats`` times, the median repetition reported;
-  2. ``qwenbox serve --no-warmup``: launch-to-ready and the same first-vs-median TTFT;
-  3. vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server --uds``) with
-     the same engine settings: launch-to-ready and the same first-vs-median TTFT;
-  4. AsyncLLM in-process, without HTTP: a worker process (``python -m qwenbox.tools.bench.startup
-     direct ...``) opens ``qwenbox.engine.Engine`` (AsyncLLM in that process), runs the same
-     warm-up, the same TTFT sequence and the same throughput workload, calling
-     ``engine.generate`` directly. It renders the chat template and tokenizes per request,
-     as the API does, so the ratio API / in-process is what HTTP, JSON, SSE and our
-     handlers add.
+  2. ``qwenbox serve`` again, warm: launch-to-ready and its phases;
+  3. ``qwenbox serve --no-warmup``, warm: launch-to-ready and the same first-vs-median TTFT;
+  4. vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server --uds``) with
+     the same engine arguments (``servers.vllm_argv``), cold then warm: launch-to-ready,
+     and after the cold launch the same first-vs-median TTFT;
+  5. AsyncLLM in-process, without HTTP (on qwenbox's warm caches): a worker process
+     (``python -m qwenbox.tools.bench.startup direct ...``) opens ``qwenbox.engine.Engine``
+     (AsyncLLM in that process), runs the same warm-up, the same TTFT sequence and the same
+     throughput workload, calling ``engine.generate`` directly. It renders the chat
+     template and tokenizes per request, as the API does, so the ratio API / in-process is
+     what HTTP, JSON, SSE and our handlers add.
+Before any server starts, every prompt set is checked with the served model's tokenizer
+(``tokens.check_chat_set``): distinct token sequences, no KV block shared past the
+template and system prompt; a set that fails ends the run (exit status 2).
 The worker is a separate process only so vLLM's output stays out of the printed table;
 inside it, the load generator and AsyncLLM share one process and one event loop.
 Requests go one after another (TTFT) or at ``--throughput-concurrency`` (at most
@@ -36,12 +44,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..client import (Result, Server, ServerError, package_env, running, served_model, socket_dir, stream_chat,
-                      unix_session)
+from ..client import (Result, Server, ServerError, package_env, running, served_model, serve_argv, socket_dir,
+                      stream_chat, unix_session)
 from ..logs import request_values
 from ..report import dig, fmt, table, write_json
 from ..stats import median, ratio, summary
 from .results import busy_note, finish, log_dir_for, machine, out_path
+from .servers import CacheState, derived_config, vllm_argv, vllm_env  # noqa: F401 (vllm_argv: tests)
+from .tokens import PromptSetError, check_chat_set, load_tokenizer
 from .workload import MAX_CONCURRENCY, MAX_REQUESTS, OptionError, check_range, synthetic_text
 
 
@@ -213,15 +223,17 @@ def _worker_main(argv: list[str]) -> int:
     return 0
 
 
-def run_direct(args: Any, log_path: Path, json_path: Path) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "qwenbox.tools.bench.startup", "direct", str(Path(args.config).resolve()), str(json_path)]
+def run_direct(args: Any, log_path: Path, json_path: Path, config: str | None = None,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "qwenbox.tools.bench.startup", "direct", str(Path(config or args.config).resolve()),
+            str(json_path)]
     for name in ("seed", "prompt_words", "after_ready", "max_tokens", "throughput_requests", "throughput_concurrency",
                  "throughput_repeats"):
         argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=package_env(), process_group=0)
+                                env=package_env(env), process_group=0)
         try:
             rc = proc.wait(timeout=args.ready_timeout + 600)
         except BaseException:
@@ -234,34 +246,6 @@ def run_direct(args: Any, log_path: Path, json_path: Path) -> dict[str, Any]:
     if rc != 0 or not json_path.exists():
         raise ServerError(f"in-process worker exited with {rc}; log: {log_path}")
     return json.loads(json_path.read_text())
-
-
-# ------------------------------------------------------------------ vLLM's own server
-def vllm_argv(cfg: Any, sock: str) -> list[str]:
-    """vLLM's OpenAI server with the engine settings our config gives AsyncLLM."""
-    m, e = cfg.model, cfg.engine
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", m.path, "--uds", sock,
-            "--served-model-name", m.name, "--max-model-len", str(m.max_model_len), "--dtype", m.dtype,
-            "--block-size", str(e.block_size), "--max-num-seqs", str(e.max_num_seqs),
-            "--max-num-batched-tokens", str(e.max_num_batched_tokens), "--seed", str(e.seed),
-            "--gpu-memory-utilization", str(e.gpu_memory_utilization),
-            "--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching"]
-    if e.enforce_eager:
-        argv.append("--enforce-eager")
-    if e.kv_cache_memory_gib:
-        argv += ["--kv-cache-memory-bytes", str(int(e.kv_cache_memory_gib * (1 << 30)))]
-    if m.tokenizer:
-        argv += ["--tokenizer", m.tokenizer]
-    return argv
-
-
-def vllm_env(cfg: Any) -> dict[str, str]:
-    """What vLLM's server gets on top of our environment."""
-    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
-           "VLLM_USE_FLASHINFER_SAMPLER": "0"}
-    if cfg.engine.cache_dir:       # the same compile cache our daemon uses: no unfair cold compile
-        env["VLLM_CACHE_ROOT"] = cfg.engine.cache_dir
-    return env
 
 
 # ------------------------------------------------------------------ the run
@@ -281,8 +265,32 @@ def _launch(srv: Server) -> dict[str, Any]:
     return {"launch_to_listen_s": srv.launch_to_listen_s, "launch_to_ready_s": srv.launch_to_ready_s}
 
 
+def check_prompts(cfg: Any, args: Any) -> dict[str, Any]:
+    """Every prompt set this run sends, checked with the served model's tokenizer: the TTFT
+    set and every throughput repetition are distinct token sequences sharing no KV block
+    past the template and system prompt, and no two repetitions share a prompt."""
+    tok = load_tokenizer(args.tokenizer or cfg.model.tokenizer or cfg.model.path)
+    bs = cfg.engine.block_size
+    out = {"ttft": check_chat_set(tok, ttft_messages(cfg, args), "ttft", block_size=bs)}
+    every = [m for rep in range(args.throughput_repeats) for m in throughput_messages(cfg, args, rep)]
+    out["throughput"] = check_chat_set(tok, every, "throughput (all repetitions)", block_size=bs)
+    return out
+
+
+def _launch_entry(srv: Server, cache: CacheState, state: str, before: dict[str, Any]) -> dict[str, Any]:
+    return {**_launch(srv), "cache_state": state, "caches_at_launch": before, "caches_after": cache.snapshot()}
+
+
 def main(args: Any) -> int:
-    """The whole ``bench startup`` run; ``bench.run`` has validated ``args``."""
+    """The whole ``bench startup`` run; ``bench.run`` has validated ``args``.
+
+    Cache state: qwenbox and vLLM's server each get their own fresh, empty cache
+    directories (``servers.CacheState``) for a cold launch, then are relaunched on the
+    caches they filled themselves for a warm one. Ratios are only taken between launches
+    of the same state."""
+    import shutil
+    import tempfile
+
     from ...config import load
 
     cfg = load(args.config)
@@ -296,68 +304,106 @@ def main(args: Any) -> int:
                                                  "throughput_repeats")},
         "errors": {}}
     print(f"qwenbox bench startup: config {args.config}, model {cfg.model.name}; logs in {logs}/", flush=True)
+    try:
+        res["prompt_check"] = check_prompts(cfg, args)
+    except PromptSetError as e:
+        print(f"qwenbox bench startup: {e}", flush=True)
+        return 2
     note = busy_note()
     if note:
         print(note, flush=True)
     ttft_prompts = ttft_messages(cfg, args)
-    with socket_dir() as sd:
-        # 1. qwenbox serve, warm-up as configured
-        _say("qwenbox serve (warm-up as configured)")
-        srv = Server.qwenbox("qwenbox", args.config, str(sd / "qb.sock"), logs / "qwenbox-serve.log")
-        with running(srv, args.ready_timeout):
-            res["qwenbox"] = {**_launch(srv), "warmup_enabled": cfg.warmup.enabled,
-                              "cold_start": (srv.ready_health or {}).get("cold_start"),
-                              "warmup": (srv.ready_health or {}).get("warmup")}
-            model, _ = served_model(srv.sock)
-            ids = ttft_ids("warm", len(ttft_prompts))
-            res["qwenbox"]["ttft"] = asyncio.run(http_ttft(srv.sock, model, ttft_prompts, args, ids))
-            _say("throughput through the API")
-            runs, tp_ids = [], []
-            for rep in range(args.throughput_repeats):
-                ids_rep = ttft_ids(f"tp{rep}", args.throughput_requests)
-                runs.append(asyncio.run(http_throughput(srv.sock, model, throughput_messages(cfg, args, rep),
-                                                        args, ids_rep)))
-                runs[-1]["_ids"] = ids_rep
-            res["qwenbox"]["throughput"] = median_run(runs)
-            tp_ids = res["qwenbox"]["throughput"].pop("_ids")
-            for r in runs:
-                r.pop("_ids", None)
-        add_server_side(res["qwenbox"]["ttft"], srv.log_path, ids)
-        # the server's own view of the same requests: its latency without the client's share
-        res["qwenbox"]["throughput"]["server_side_e2e_s"] = summary(request_values(srv.log_path, tp_ids, "latency_s"))
-
-        # 2. the same without warm-up
-        _say("qwenbox serve --no-warmup")
-        srv = Server.qwenbox("qwenbox --no-warmup", args.config, str(sd / "qbnw.sock"),
-                               logs / "qwenbox-serve-no-warmup.log", extra_args=["--no-warmup"])
-        with running(srv, args.ready_timeout):
-            res["qwenbox_no_warmup"] = {**_launch(srv), "cold_start": (srv.ready_health or {}).get("cold_start")}
-            model, _ = served_model(srv.sock)
-            ids = ttft_ids("nowarm", len(ttft_prompts))
-            res["qwenbox_no_warmup"]["ttft"] = asyncio.run(http_ttft(srv.sock, model, ttft_prompts, args, ids))
-        add_server_side(res["qwenbox_no_warmup"]["ttft"], srv.log_path, ids)
-
-        # 3. vLLM's own OpenAI server
-        if not args.skip_vllm:
-            _say("vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server)")
-            sock = str(sd / "vllm.sock")
-            srv = Server("vllm", vllm_argv(cfg, sock), sock, logs / "vllm-api-server.log", env=vllm_env(cfg))
-            res["vllm_server"] = {"argv": srv.argv[1:]}
-            try:
-                with running(srv, args.ready_timeout):
-                    res["vllm_server"].update(_launch(srv))
-                    res["vllm_server"]["ttft"] = asyncio.run(http_ttft(sock, cfg.model.name, ttft_prompts, args))
-            except ServerError as e:
-                res["errors"]["vllm_server"] = str(e).splitlines()[0]
-                print(f"  vLLM's server failed: {res['errors']['vllm_server']}", flush=True)
-
-    # 4. AsyncLLM in-process, no HTTP
-    _say("AsyncLLM in-process (qwenbox.engine.Engine, no HTTP)")
+    caches_root = Path(tempfile.mkdtemp(prefix="qwenbox-bench-caches-"))
+    qb_cache, vl_cache = CacheState(caches_root / "qwenbox"), CacheState(caches_root / "vllm")
+    res["caches_root"] = str(caches_root)
     try:
-        res["in_process"] = run_direct(args, logs / "in-process.log", logs / "in-process.json")
-    except ServerError as e:
-        res["errors"]["in_process"] = str(e)
-        print(f"  in-process run failed: {e}", flush=True)
+        with socket_dir() as sd:
+            qcfg = str(derived_config(args.config, sd / "qwenbox.toml",
+                                      {"engine": {"cache_dir": str(qb_cache.vllm_dir)}}))
+            qb_cache.create()
+            # 1. qwenbox serve, warm-up as configured, empty caches
+            _say("qwenbox serve (warm-up as configured), empty caches")
+            before = qb_cache.snapshot()
+            srv = Server("qwenbox", serve_argv(qcfg, str(sd / "qb.sock")), str(sd / "qb.sock"),
+                         logs / "qwenbox-serve-cold.log", env=qb_cache.env())
+            with running(srv, args.ready_timeout):
+                res["qwenbox"] = {**_launch(srv), "warmup_enabled": cfg.warmup.enabled,
+                                  "cold_start": (srv.ready_health or {}).get("cold_start"),
+                                  "warmup": (srv.ready_health or {}).get("warmup")}
+                model, _ = served_model(srv.sock)
+                ids = ttft_ids("warm", len(ttft_prompts))
+                res["qwenbox"]["ttft"] = asyncio.run(http_ttft(srv.sock, model, ttft_prompts, args, ids))
+                _say("throughput through the API")
+                runs, tp_ids = [], []
+                for rep in range(args.throughput_repeats):
+                    ids_rep = ttft_ids(f"tp{rep}", args.throughput_requests)
+                    runs.append(asyncio.run(http_throughput(srv.sock, model, throughput_messages(cfg, args, rep),
+                                                            args, ids_rep)))
+                    runs[-1]["_ids"] = ids_rep
+                res["qwenbox"]["throughput"] = median_run(runs)
+                tp_ids = res["qwenbox"]["throughput"].pop("_ids")
+                for r in runs:
+                    r.pop("_ids", None)
+            res["qwenbox"].update(cache_state="cold", caches_at_launch=before, caches_after=qb_cache.snapshot())
+            add_server_side(res["qwenbox"]["ttft"], srv.log_path, ids)
+            # the server's own view of the same requests: its latency without the client's share
+            res["qwenbox"]["throughput"]["server_side_e2e_s"] = summary(
+                request_values(srv.log_path, tp_ids, "latency_s"))
+
+            # 2. restarted on the caches it filled
+            _say("qwenbox serve, restarted on its own caches")
+            before = qb_cache.snapshot()
+            srv = Server("qwenbox (warm caches)", serve_argv(qcfg, str(sd / "qbw.sock")), str(sd / "qbw.sock"),
+                         logs / "qwenbox-serve-warm.log", env=qb_cache.env())
+            with running(srv, args.ready_timeout):
+                res["qwenbox_warm"] = {**_launch_entry(srv, qb_cache, "warm", before),
+                                       "cold_start": (srv.ready_health or {}).get("cold_start")}
+
+            # 3. the same without warm-up (warm caches)
+            _say("qwenbox serve --no-warmup (warm caches)")
+            before = qb_cache.snapshot()
+            srv = Server("qwenbox --no-warmup", serve_argv(qcfg, str(sd / "qbnw.sock"), ["--no-warmup"]),
+                         str(sd / "qbnw.sock"), logs / "qwenbox-serve-no-warmup.log", env=qb_cache.env())
+            with running(srv, args.ready_timeout):
+                res["qwenbox_no_warmup"] = {**_launch(srv), "cold_start": (srv.ready_health or {}).get("cold_start")}
+                model, _ = served_model(srv.sock)
+                ids = ttft_ids("nowarm", len(ttft_prompts))
+                res["qwenbox_no_warmup"]["ttft"] = asyncio.run(http_ttft(srv.sock, model, ttft_prompts, args, ids))
+            res["qwenbox_no_warmup"].update(cache_state="warm", caches_at_launch=before)
+            add_server_side(res["qwenbox_no_warmup"]["ttft"], srv.log_path, ids)
+
+            # 4. vLLM's own OpenAI server: empty caches of its own, then restarted on them
+            if not args.skip_vllm:
+                vl_cache.create()
+                for state in ("cold", "warm"):
+                    key = "vllm_server" if state == "cold" else "vllm_server_warm"
+                    _say(f"vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server), "
+                         f"{'empty caches' if state == 'cold' else 'restarted on its own caches'}")
+                    sock = str(sd / f"vllm-{state}.sock")
+                    before = vl_cache.snapshot()
+                    srv = Server("vllm", vllm_argv(cfg, sock), sock, logs / f"vllm-api-server-{state}.log",
+                                 env={**vl_cache.env(), **vllm_env()})
+                    res[key] = {"argv": srv.argv[1:]}
+                    try:
+                        with running(srv, args.ready_timeout):
+                            res[key].update(_launch_entry(srv, vl_cache, state, before))
+                            if state == "cold":
+                                res[key]["ttft"] = asyncio.run(http_ttft(sock, cfg.model.name, ttft_prompts, args))
+                    except ServerError as e:
+                        res["errors"][key] = str(e).splitlines()[0]
+                        print(f"  vLLM's server failed: {res['errors'][key]}", flush=True)
+                        break
+
+            # 5. AsyncLLM in-process, no HTTP (on qwenbox's warm caches: not a start-up figure)
+            _say("AsyncLLM in-process (qwenbox.engine.Engine, no HTTP)")
+            try:
+                res["in_process"] = run_direct(args, logs / "in-process.log", logs / "in-process.json",
+                                               config=qcfg, env=qb_cache.env())
+            except ServerError as e:
+                res["errors"]["in_process"] = str(e)
+                print(f"  in-process run failed: {e}", flush=True)
+    finally:
+        shutil.rmtree(caches_root, ignore_errors=True)
 
     res["ratios"] = ratios(res)
     finish(res)
@@ -391,20 +437,24 @@ def ratios(res: dict[str, Any]) -> dict[str, Any]:
                                                        g("in_process", "throughput", "e2e_s", "p50")),
         "api_server_side_over_in_process_p95": ratio(g("qwenbox", "throughput", "server_side_e2e_s", "p95"),
                                                        g("in_process", "throughput", "e2e_s", "p95")),
-        "launch_to_ready_qwenbox_over_vllm": ratio(g("qwenbox", "launch_to_ready_s"),
-                                                     g("vllm_server", "launch_to_ready_s")),
-        "launch_to_ready_qwenbox_no_warmup_over_vllm": ratio(g("qwenbox_no_warmup", "launch_to_ready_s"),
-                                                               g("vllm_server", "launch_to_ready_s")),
+        # only between launches from the same cache state
+        "launch_to_ready_cold_qwenbox_over_vllm": ratio(g("qwenbox", "launch_to_ready_s"),
+                                                          g("vllm_server", "launch_to_ready_s")),
+        "launch_to_ready_warm_qwenbox_over_vllm": ratio(g("qwenbox_warm", "launch_to_ready_s"),
+                                                          g("vllm_server_warm", "launch_to_ready_s")),
+        "launch_to_ready_warm_qwenbox_no_warmup_over_vllm": ratio(g("qwenbox_no_warmup", "launch_to_ready_s"),
+                                                                    g("vllm_server_warm", "launch_to_ready_s")),
     }
 
 
 def report(res: dict[str, Any]) -> str:
     f, g = fmt, lambda *p: dig(res, *p)
     parts = []
-    cs = g("qwenbox", "cold_start") or {}
-    rows = [[k, f(v, "" if k.endswith("tokens") else "s") if isinstance(v, (int, float)) else f(v)]
-            for k, v in cs.items()]
-    parts.append(table(["phase", "value"], rows, "Cold start of `qwenbox serve` (from /health cold_start)"))
+    cold, warm = g("qwenbox", "cold_start") or {}, g("qwenbox_warm", "cold_start") or {}
+    unit = lambda k, v: f(v, "" if k.endswith("tokens") else "s") if isinstance(v, (int, float)) else f(v)  # noqa: E731
+    rows = [[k, unit(k, cold.get(k)), unit(k, warm.get(k))] for k in dict.fromkeys([*cold, *warm])]
+    parts.append(table(["phase", "empty caches", "warm caches"], rows,
+                       "Start-up phases of `qwenbox serve` (from /health cold_start)"))
 
     rows = []
     for key, label in (("qwenbox", "qwenbox serve (pre-warm)"), ("qwenbox_no_warmup", "qwenbox serve --no-warmup"),
@@ -445,13 +495,20 @@ def report(res: dict[str, Any]) -> str:
                                      for lbl, t in (("in-process", direct), ("API", api)) if t) + ")"))
 
     rows = []
-    for key, label in (("qwenbox", "qwenbox serve (pre-warm)"), ("qwenbox_no_warmup", "qwenbox serve --no-warmup"),
-                       ("vllm_server", "vLLM OpenAI server")):
+    for key, label, state, vkey in (
+            ("qwenbox", "qwenbox serve (pre-warm)", "cold", "vllm_server"),
+            ("vllm_server", "vLLM OpenAI server", "cold", "vllm_server"),
+            ("qwenbox_warm", "qwenbox serve (pre-warm)", "warm", "vllm_server_warm"),
+            ("qwenbox_no_warmup", "qwenbox serve --no-warmup", "warm", "vllm_server_warm"),
+            ("vllm_server_warm", "vLLM OpenAI server", "warm", "vllm_server_warm")):
         if g(key, "launch_to_ready_s") is not None:
-            rows.append([label, f(g(key, "launch_to_listen_s"), "s"), f(g(key, "launch_to_ready_s"), "s"),
-                         f(ratio(g(key, "launch_to_ready_s"), g("vllm_server", "launch_to_ready_s")), "x")])
-    parts.append(table(["server", "answers /health", "ready (/health 200)", "ready / vLLM's"], rows,
-                         "Launch to ready"))
+            empty = g(key, "caches_at_launch", "empty")
+            rows.append([label, f"{state} ({'empty' if empty else 'filled'} at launch)" if empty is not None else state,
+                         f(g(key, "launch_to_listen_s"), "s"), f(g(key, "launch_to_ready_s"), "s"),
+                         f(ratio(g(key, "launch_to_ready_s"), g(vkey, "launch_to_ready_s")), "x")])
+    parts.append(table(["server", "caches", "answers /health", "ready (/health 200)", "ready / vLLM's (same state)"],
+                       rows, "Launch to ready: cold = each server on its own empty cache dirs, warm = restarted on "
+                             "the caches it filled itself", left=(0, 1)))
     if res.get("errors"):
         parts.append("Errors: " + "; ".join(f"{k}: {v}" for k, v in res["errors"].items()))
     return "\n\n".join(parts)

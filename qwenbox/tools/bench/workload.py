@@ -18,8 +18,15 @@ WORDS = ("the quick brown fox jumps over lazy dog you are a helpful assistant an
          "cache prefix caching batching latency inference costs write short poem about sea wind "
          "morning light").split()
 
-MAX_CONCURRENCY = 512      # no option can push more requests at once than this
+MAX_CONCURRENCY = 512      # no option can push more requests at once than this (closed loop)
+MAX_BURST = 4096           # nor more requests sent at the same instant (the burst)
 MAX_REQUESTS = 20000       # nor more requests in one phase
+
+# The price in the cost figures unless --gpu-hour-cost says otherwise, with where it is from.
+DEFAULT_GPU_HOUR_COST = 3.50
+GPU_HOUR_COST_SOURCE = ("H200 on-demand from $3.50/GPU-hour, GPUaaS.com, 'H200 vs H100: A 2026 Rental Decision "
+                        "Guide', 2026-05-26; other quotes seen: $2.00-2.50 (SpendArk via aitechconnect, 2026-05), "
+                        "$4.54 (Spheron, 2026-03-17)")
 
 
 class OptionError(Exception):

@@ -1,0 +1,910 @@
+"""The GPU suite: qwenbox vs `vllm serve` vs AsyncLLM in-process on one card, in phases.
+
+Not a test (tests/test_gpu_suite.py runs its smoke mode on the demo model). On the lent
+GPU machine, after `. /tmp/qb/device.sh env` (see /work/shared/gpu/README.md), with an
+output directory that outlives one command (the device's $OUT is new for every command:
+copy results.json there at the end of each):
+
+    S="python tests/gpu/suite.py --out /tmp/qb/suite --model $QWEN3_4B_SHAPED"
+    $S --phase cold --phase qwenbox; cp /tmp/qb/suite/results.json $OUT/
+    ... (the phases in PHASES order, one or more per command; each appends to results.json)
+    $S report --doc $OUT/benchmarks.md
+
+``--smoke`` runs the same code on the demo model (etc/qwenbox/demo.toml and
+bench-untuned.toml) with small counts; ``--phase all`` runs every phase in order.
+
+Phases (each one command, each meant to end within ~8 minutes on an H200; every server a
+phase starts is stopped at its end, each in its own process group; a server that fails
+is recorded in the phase's ``errors``, and the suite goes on):
+  cold          qwenbox (shipped profile, tests/gpu/make_configs.py) and `vllm serve` with
+                the same engine arguments, each on its own fresh, empty cache directories
+                (servers.CacheState): launch -> ready with the phases; the first request's
+                TTFT after ready vs the median of the next ones.
+  qwenbox       qwenbox restarted on the caches it filled (warm launch -> ready), then the
+                throughput workloads (below).
+  vllm          the same for `vllm serve` on its own caches.
+  inproc        AsyncLLM in-process (qwenbox.engine.Engine in a worker process, on
+                qwenbox's warm caches, no HTTP): the same workloads.
+  recovery      qwenbox (warm): a few clients send requests, the engine-core process is
+                SIGKILLed; kill -> first successful answer, requests that failed after
+                the kill, what the daemon did (a daemon that exits is relaunched at once,
+                as systemd's Restart= would, without RestartSec).
+  sleep         qwenbox with engine.enable_sleep_mode and standby.idle_sleep_after_s (own
+                caches: sleep mode changes the compile key): idle -> asleep, then one
+                request wakes it: wake time, that request's TTFT vs awake ones. Needs a GPU.
+  cost-untuned, cost-tuned
+                `qwenbox bench load` (the stepped sweep, the prompt mix, the 10x burst) on
+                the untuned profile and on the shipped one; the report prints tuned/untuned.
+Throughput workloads (token-id prompts, /v1/completions, ignore_eos, temperature 0, the
+same prompts for every server; checked distinct with no shared KV block before any is
+sent): after a few excluded warm-up requests, ``--repeats`` times: 256 requests at once
+(512 -> 128 tokens), then concurrency 32 and 128 in a closed loop. Output tok/s = output
+tokens / wall time of the run; TTFT client-side.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:       # `python tests/gpu/suite.py` runs this checkout's qwenbox
+    sys.path.insert(0, str(ROOT))
+
+from qwenbox.tools.bench import load as L  # noqa: E402
+from qwenbox.tools.bench.results import gpu_memory, machine, raise_open_files_limit  # noqa: E402
+from qwenbox.tools.bench.servers import (CacheState, derived_config, engine_cores, vllm_argv,  # noqa: E402
+                                         vllm_env)
+from qwenbox.tools.bench.tokens import check_prompt_set, load_tokenizer, random_id_prompts, tok_info  # noqa: E402
+from qwenbox.tools.client import Result, Server, ServerError, get_json, serve_argv, stream_completion  # noqa: E402
+from qwenbox.tools.client import unix_session  # noqa: E402
+from qwenbox.tools.report import dig, fmt, write_json  # noqa: E402
+from qwenbox.tools.stats import median, ratio  # noqa: E402
+
+PHASES = ("cold", "qwenbox", "vllm", "inproc", "recovery", "sleep", "cost-untuned", "cost-tuned")
+
+# Counts per mode. GPU: the figures of issue 11; smoke: the same code, small, on the demo model.
+GPU = dict(prompt_len=512, out_len=128, burst=256, concurrency={32: 256, 128: 512}, repeats=3, warmup_requests=16,
+           after_ready=20, ttft_out_len=16, ready_timeout=600.0, request_timeout=300.0,
+           recovery_clients=4, recovery_prompt_len=128, recovery_out_len=16, recovery_deadline_s=240.0,
+           recovery_before_kill_s=3.0, sleep_after_s=10.0, sleep_deadline_s=180.0,
+           load=["--levels", "1,2,4,8,16,32,64,128,256,512", "--per-level", "32", "--sweep-words", "512",
+                 "--mix-requests", "512", "--max-tokens", "128", "--p95-bound", "10", "--phase-time-limit", "100",
+                 "--request-timeout", "300", "--burst-factor", "10"])
+SMOKE = dict(prompt_len=32, out_len=8, burst=8, concurrency={2: 4, 4: 8}, repeats=1, warmup_requests=2,
+             after_ready=3, ttft_out_len=4, ready_timeout=300.0, request_timeout=120.0,
+             recovery_clients=2, recovery_prompt_len=16, recovery_out_len=4, recovery_deadline_s=240.0,
+             recovery_before_kill_s=1.0, sleep_after_s=5.0, sleep_deadline_s=60.0,
+             load=["--levels", "1,2", "--per-level", "4", "--sweep-words", "32", "--mix-requests", "6",
+                   "--max-tokens", "8", "--p95-bound", "60", "--phase-time-limit", "60", "--request-timeout", "120",
+                   "--burst-factor", "2"])
+
+
+# ------------------------------------------------------------------ results file
+def results_path(out: Path) -> Path:
+    return out / "results.json"
+
+
+def load_results(out: Path) -> dict[str, Any]:
+    p = results_path(out)
+    if p.exists():
+        return json.loads(p.read_text())
+    return {"suite": "tests/gpu/suite.py", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "phases": {}}
+
+
+def save_results(out: Path, res: dict[str, Any]) -> None:
+    tmp = results_path(out).with_suffix(".json.tmp")
+    write_json(tmp, res)
+    os.replace(tmp, results_path(out))
+
+
+def say(msg: str) -> None:
+    print(f"[suite {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ set-up shared by the phases
+class Setup:
+    """Configs, cache states and counts for one output directory."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.out = Path(args.out).resolve()
+        self.smoke = args.smoke
+        self.p = SMOKE if args.smoke else GPU
+        self.work = self.out / "work"
+        self.logs = self.out / "logs"
+        self.caches = self.out / "caches"
+        cfgdir = self.out / "configs"
+        if args.smoke:
+            self.tuned_src = ROOT / "etc" / "qwenbox" / "demo.toml"
+            self.untuned_src = ROOT / "etc" / "qwenbox" / "bench-untuned.toml"
+        else:
+            if not args.model:
+                raise SystemExit("suite: --model DIR is needed (the GPU test model, $QWEN3_4B_SHAPED)")
+            if not (cfgdir / "tuned.toml").exists():
+                subprocess.run([sys.executable, str(ROOT / "tests" / "gpu" / "make_configs.py"), args.model,
+                                str(cfgdir)], check=True, stdout=subprocess.DEVNULL)
+            self.tuned_src, self.untuned_src = cfgdir / "tuned.toml", cfgdir / "untuned.toml"
+        self.drop_page_cache = args.drop_page_cache
+        self.model = args.model
+
+    def cache(self, name: str) -> CacheState:
+        return CacheState(self.caches / name)
+
+    def config(self, name: str, src: Path, cache: CacheState, extra: dict | None = None) -> Path:
+        over = {"engine": {"cache_dir": str(cache.vllm_dir)}}
+        for sec, kv in (extra or {}).items():
+            over.setdefault(sec, {}).update(kv)
+        return derived_config(src, self.work / f"{name}.toml", over)
+
+    def sock(self, name: str) -> str:
+        # unix socket paths are limited to ~107 bytes: keep them short, in /tmp
+        d = Path("/tmp") / f"qbsuite-{os.getuid()}-{zlib.crc32(str(self.out).encode()):08x}"   # stable per --out
+        d.mkdir(mode=0o700, exist_ok=True)
+        return str(d / f"{name}.sock")
+
+
+def fresh(cache: CacheState) -> None:
+    shutil.rmtree(cache.root, ignore_errors=True)
+    cache.create()
+
+
+def drop_page_cache() -> str:
+    """Drop the page cache (root only) so a cold start reads the weights from disk."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return "dropped"
+    except OSError as e:
+        return f"not dropped: {e.strerror}"
+
+
+# ------------------------------------------------------------------ servers
+def qwenbox_server(st: Setup, name: str, config: Path, cache: CacheState, extra: list[str] = ()) -> Server:
+    sock = st.sock(name)
+    return Server(f"qwenbox ({name})", serve_argv(config, sock, list(extra)), sock, st.logs / f"{name}.log",
+                  env=cache.env())
+
+
+def vllm_server(st: Setup, name: str, config: Path, cache: CacheState) -> Server:
+    from qwenbox.config import load
+
+    sock = st.sock(name)
+    return Server(f"vllm serve ({name})", vllm_argv(load(config), sock), sock, st.logs / f"{name}.log",
+                  env={**cache.env(), **vllm_env()})
+
+
+def vllm_log_phases(log: Path, since: int = 0) -> dict[str, Any]:
+    """vLLM's own phase figures from its log (the lines qwenbox's engine reads off its child)."""
+    from qwenbox.engine import _ChildLogTap
+
+    out: dict[str, Any] = {}
+    try:
+        text = log.read_text(errors="replace")[since:]
+    except OSError:
+        return out
+    for line in text.splitlines():
+        for key, pat in _ChildLogTap.PATTERNS.items():
+            m = pat.search(line)
+            if m:
+                v = m.group(1).replace(",", "")
+                out[key] = int(v) if key == "kv_cache_tokens" else float(v)
+    return out
+
+
+def launch(srv: Server, cache: CacheState, st: Setup, drop: bool = False) -> dict[str, Any]:
+    """Start ``srv`` and wait for ready; what the launch looked like (raises ServerError)."""
+    entry: dict[str, Any] = {"argv": srv.argv[1:], "caches_at_launch": cache.snapshot()}
+    entry["cache_state"] = "cold" if entry["caches_at_launch"]["empty"] else "warm"
+    if drop:
+        entry["page_cache"] = drop_page_cache()
+    log_offset = srv.log_path.stat().st_size if srv.log_path.exists() else 0
+    srv.start()
+    srv.wait_ready(st.p["ready_timeout"])
+    entry.update(launch_to_listen_s=srv.launch_to_listen_s, launch_to_ready_s=srv.launch_to_ready_s,
+                 health_at_ready=srv.ready_health, pid=srv.proc.pid if srv.proc else None)
+    if isinstance(srv.ready_health, dict) and srv.ready_health.get("cold_start"):
+        entry["phases"] = srv.ready_health["cold_start"]
+    else:
+        entry["phases"] = {"vllm": vllm_log_phases(srv.log_path, log_offset)}
+    entry["gpu_memory_idle"] = gpu_memory()
+    return entry
+
+
+def model_id(sock: str) -> str:
+    status, body = get_json(sock, "/v1/models", timeout=30)
+    if status != 200 or not body or not body.get("data"):
+        raise ServerError(f"GET /v1/models answered {status}")
+    return body["data"][0]["id"]
+
+
+# ------------------------------------------------------------------ workloads
+def workloads(st: Setup, tok: Any, block_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """{name: [token-id prompts]} in the order they run, and the prompt check's facts.
+    The same seeds for every server, so every server gets the very same prompts."""
+    info = tok_info(tok)
+    p = st.p
+    sets: dict[str, Any] = {}
+    rng = random.Random("warmup")
+    sets["warmup"] = random_id_prompts(p["warmup_requests"], p["prompt_len"], info, rng)
+    for rep in range(p["repeats"]):
+        sets[f"burst{p['burst']}-r{rep}"] = random_id_prompts(p["burst"], p["prompt_len"], info,
+                                                              random.Random(f"burst-{rep}"))
+        for c, n in p["concurrency"].items():
+            sets[f"c{c}-r{rep}"] = random_id_prompts(n, p["prompt_len"], info, random.Random(f"c{c}-{rep}"))
+    every = [x for v in sets.values() for x in v]
+    check = check_prompt_set(every, "suite throughput prompts", allowed_prefix=0, block_size=block_size)
+    return sets, check
+
+
+def workload_plan(st: Setup, name: str) -> tuple[int, str]:
+    """(concurrency, kind) of a workload set by its name."""
+    if name == "warmup":
+        return 8, "warmup"
+    if name.startswith("burst"):
+        return st.p["burst"], "burst"
+    return int(name[1:].split("-")[0]), "concurrency"
+
+
+def summarize(kind_runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per workload: every repetition's output tok/s and p95 TTFT, and their medians."""
+    out = {}
+    for key, runs in kind_runs.items():
+        tps = [r["output_tokens_per_s"] for r in runs]
+        ttft = [r["ttft_s"]["p95"] for r in runs]
+        out[key] = {"output_tokens_per_s": tps, "output_tokens_per_s_median": median(tps),
+                    "ttft_p95_s": ttft, "ttft_p95_s_median": median(ttft),
+                    "failed": sum(r["failed"] for r in runs), "sent": sum(r["sent"] for r in runs),
+                    "runs": runs}
+    return out
+
+
+def _key(name: str) -> str:
+    return name.rsplit("-r", 1)[0]
+
+
+async def http_workloads(st: Setup, sock: str, model: str, sets: dict[str, Any]) -> dict[str, Any]:
+    runs: dict[str, list] = {}
+    async with unix_session(sock) as session:
+        for name, prompts in sets.items():
+            conc, _ = workload_plan(st, name)
+            specs = [L.Spec(None, st.p["out_len"], name, ids) for ids in prompts]
+            say(f"  {name}: {len(specs)} requests at concurrency {conc}")
+            fig = await L.run_phase(session, model, name, specs, conc, 3600.0, st.p["request_timeout"])
+            fig.pop("by_tag", None)
+            if name != "warmup":
+                runs.setdefault(_key(name), []).append(fig)
+                say(f"    {fmt(fig['output_tokens_per_s'])} output tok/s, p95 TTFT {fmt(fig['ttft_s']['p95'], 's')}, "
+                    f"{fig['ok']}/{fig['sent']} ok")
+    return summarize(runs)
+
+
+async def ttft_after_ready(st: Setup, sock: str, model: str, tok: Any) -> dict[str, Any]:
+    """The first request after ready vs the median of the next ``after_ready`` (one at a time)."""
+    prompts = random_id_prompts(1 + st.p["after_ready"], st.p["prompt_len"], tok_info(tok), random.Random("ttft"))
+    check_prompt_set(prompts, "first-request TTFT prompts", allowed_prefix=0)
+    out = []
+    async with unix_session(sock) as session:
+        for ids in prompts:
+            body = {"model": model, "prompt": ids, "max_tokens": st.p["ttft_out_len"], "temperature": 0.0,
+                    "ignore_eos": True}
+            r = await stream_completion(session, body, st.p["request_timeout"])
+            out.append(r.ttft_s if r.ok else None)
+    rest = [t for t in out[1:] if t is not None]
+    return {"first_ttft_s": out[0], "median_next_ttft_s": median(rest), "next_n": len(rest),
+            "first_over_median": ratio(out[0], median(rest))}
+
+
+# ------------------------------------------------------------------ phases
+def phase_cold(st: Setup, ph: dict[str, Any]) -> None:
+    from qwenbox.config import load
+
+    for name, make in (("qwenbox", qwenbox_server), ("vllm", vllm_server)):
+        cache = st.cache(name)
+        fresh(cache)
+        cfg = st.config(name, st.tuned_src, cache)
+        srv = make(st, f"{name}-cold", cfg, cache)
+        say(f"{name}: launch on empty caches ({cache.root})")
+        try:
+            entry = launch(srv, cache, st, drop=st.drop_page_cache)
+            tok = load_tokenizer(load(cfg).model.path)
+            entry["ttft_after_ready"] = asyncio.run(ttft_after_ready(st, srv.sock, model_id(srv.sock), tok))
+            ph[name] = entry
+            say(f"{name}: ready after {fmt(entry['launch_to_ready_s'], 's')}")
+        except Exception as e:
+            record_error(ph, name, e, srv)
+        finally:
+            ph.setdefault(name, {})["exit_code"] = srv.stop()
+            ph[name]["caches_after"] = cache.snapshot()
+
+
+def _served(st: Setup, ph: dict[str, Any], name: str, srv: Server, cache: CacheState, cfg: Path) -> None:
+    from qwenbox.config import load
+
+    c = load(cfg)
+    try:
+        tok = load_tokenizer(c.model.tokenizer or c.model.path)
+        sets, ph["prompt_check"] = workloads(st, tok, c.engine.block_size)
+        say(f"{name}: launch on its own caches ({cache.root})")
+        ph["launch"] = launch(srv, cache, st)
+        say(f"{name}: ready after {fmt(ph['launch']['launch_to_ready_s'], 's')} ({ph['launch']['cache_state']})")
+        ph["workloads"] = asyncio.run(http_workloads(st, srv.sock, model_id(srv.sock), sets))
+    except Exception as e:
+        record_error(ph, name, e, srv)
+    finally:
+        ph["exit_code"] = srv.stop()
+
+
+def phase_qwenbox(st: Setup, ph: dict[str, Any]) -> None:
+    cache = st.cache("qwenbox")
+    cache.create()
+    cfg = st.config("qwenbox", st.tuned_src, cache)
+    _served(st, ph, "qwenbox", qwenbox_server(st, "qwenbox-warm", cfg, cache), cache, cfg)
+
+
+def phase_vllm(st: Setup, ph: dict[str, Any]) -> None:
+    cache = st.cache("vllm")
+    cache.create()
+    cfg = st.config("vllm", st.tuned_src, cache)
+    _served(st, ph, "vllm", vllm_server(st, "vllm-warm", cfg, cache), cache, cfg)
+
+
+def worker_argv(st: Setup, cfg: Path) -> list[str]:
+    """The in-process worker's command line: the same mode, model and counts as ours."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--out", str(st.out), "--worker", "inproc",
+            "--worker-config", str(cfg), "--repeats", str(st.p["repeats"])]
+    return argv + (["--smoke"] if st.smoke else ["--model", st.model])
+
+
+def phase_inproc(st: Setup, ph: dict[str, Any]) -> None:
+    cache = st.cache("qwenbox")
+    cache.create()
+    cfg = st.config("qwenbox", st.tuned_src, cache)
+    out_json = st.work / "inproc.json"
+    out_json.unlink(missing_ok=True)
+    log = st.logs / "inproc.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    argv = worker_argv(st, cfg)
+    from qwenbox.tools.client import package_env
+
+    ph["caches_at_launch"] = cache.snapshot()
+    say(f"in-process AsyncLLM: worker on qwenbox's caches; log {log}")
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=package_env(cache.env()), process_group=0)
+        try:
+            rc = proc.wait(timeout=st.p["ready_timeout"] + 900)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait(30)
+    ph["worker_exit_code"] = rc
+    if rc == 0 and out_json.exists():
+        ph.update(json.loads(out_json.read_text()))
+    else:
+        ph.setdefault("errors", {})["inproc"] = f"worker exited with {rc}; log {log}: " + tail(log)
+
+
+def phase_recovery(st: Setup, ph: dict[str, Any]) -> None:
+    from qwenbox.config import load
+
+    cache = st.cache("qwenbox")
+    cache.create()
+    cfg = st.config("qwenbox", st.tuned_src, cache)
+    srv = qwenbox_server(st, "recovery", cfg, cache)
+    again: Server | None = None
+    try:
+        tok = load_tokenizer(load(cfg).model.path)
+        ph["launch"] = launch(srv, cache, st)
+        model = model_id(srv.sock)
+        ph.update(asyncio.run(recovery_run(st, srv, model, tok)))
+        again = ph.pop("_relaunched", None)
+    except Exception as e:
+        record_error(ph, "recovery", e, srv)
+    finally:
+        ph["exit_code"] = srv.stop()
+        if again is not None:
+            ph["relaunch_exit_code"] = again.stop()
+
+
+async def recovery_run(st: Setup, srv: Server, model: str, tok: Any) -> dict[str, Any]:
+    """Clients in a loop; SIGKILL the engine core; measure until the first answer after it."""
+    p = st.p
+    info = tok_info(tok)
+    rng = random.Random("recovery")
+    log: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"clients": p["recovery_clients"], "retry_pause_s": 0.1,
+                           "request": f"{p['recovery_prompt_len']} random token ids -> {p['recovery_out_len']} tokens"}
+    state = {"kill_at": None, "first_ok_after_kill": None, "stop": False}
+
+    async def client(i: int, session: Any) -> None:
+        while not state["stop"]:
+            ids = random_id_prompts(1, p["recovery_prompt_len"], info, rng)[0]
+            body = {"model": model, "prompt": ids, "max_tokens": p["recovery_out_len"], "temperature": 0.0,
+                    "ignore_eos": True}
+            t0 = time.monotonic()
+            r = await stream_completion(session, body, 60.0)
+            t1 = time.monotonic()
+            log.append({"client": i, "start": t0, "end": t1, "ok": r.ok, "failure": r.failure})
+            k = state["kill_at"]
+            if r.ok and k is not None and t0 >= k and state["first_ok_after_kill"] is None:
+                state["first_ok_after_kill"] = t1
+            if not r.ok:
+                await asyncio.sleep(out["retry_pause_s"])   # pacing after a failure, not synchronisation
+
+    async with unix_session(srv.sock) as session:
+        tasks = [asyncio.create_task(client(i, session)) for i in range(p["recovery_clients"])]
+        await asyncio.sleep(p["recovery_before_kill_s"])    # let the clients get going under load
+        cores = engine_cores(srv.proc.pid)
+        out["engine_cores"] = [{"pid": c.pid, "name": _safe(c.name)} for c in cores]
+        if not cores:
+            state["stop"] = True
+            await asyncio.gather(*tasks)
+            out["error"] = "no EngineCore process among the daemon's children"
+            return out
+        for c in cores:
+            os.kill(c.pid, signal.SIGKILL)
+        kill_at = state["kill_at"] = time.monotonic()
+        say(f"recovery: SIGKILLed engine core(s) {[c.pid for c in cores]}")
+        deadline = kill_at + p["recovery_deadline_s"]
+        relaunched: Server | None = None
+        while time.monotonic() < deadline and state["first_ok_after_kill"] is None:
+            if relaunched is None and srv.proc.poll() is not None:
+                out["daemon_exit_code"] = srv.proc.returncode
+                out["daemon_exit_after_kill_s"] = time.monotonic() - kill_at
+                say(f"recovery: the daemon exited with {srv.proc.returncode} after "
+                    f"{fmt(out['daemon_exit_after_kill_s'], 's')}; relaunching it at once (as systemd's Restart=)")
+                relaunched = Server(srv.name + " relaunched", srv.argv, srv.sock, srv.log_path)
+                relaunched.env = srv.env
+                relaunched.start()
+                out["relaunched_at_s"] = time.monotonic() - kill_at
+            h = relaunched.health() if relaunched is not None else srv.health()
+            if relaunched is not None and h is not None and h[0] == 200 and "relaunch_to_ready_s" not in out:
+                out["relaunch_to_ready_s"] = time.monotonic() - kill_at - out["relaunched_at_s"]
+            if h is not None:
+                out.setdefault("health_seen", [])
+                status = (h[1] or {}).get("status") if isinstance(h[1], dict) else None
+                if not out["health_seen"] or out["health_seen"][-1][1] != status:
+                    out["health_seen"].append([round(time.monotonic() - kill_at, 2), status, h[0]])
+            await asyncio.sleep(0.1)     # polling the state, bounded by the deadline
+        if state["first_ok_after_kill"] is not None:
+            settle = time.monotonic() + 2.0
+            while time.monotonic() < settle:
+                await asyncio.sleep(0.1)
+        state["stop"] = True
+        await asyncio.gather(*tasks)
+    first = state["first_ok_after_kill"]
+    after = [r for r in log if r["start"] >= kill_at and (first is None or r["start"] <= first)]
+    in_flight = [r for r in log if r["start"] < kill_at <= r["end"]]
+    fails: dict[str, int] = {}
+    for r in after:
+        if not r["ok"]:
+            fails[r["failure"]] = fails.get(r["failure"], 0) + 1
+    out.update(kill_to_first_ok_s=(first - kill_at) if first else None,
+               requests_before_kill=sum(1 for r in log if r["end"] < kill_at),
+               in_flight_at_kill=len(in_flight), in_flight_at_kill_ok=sum(1 for r in in_flight if r["ok"]),
+               sent_after_kill_until_first_ok=len(after), failed_after_kill=sum(fails.values()),
+               failed_after_kill_by_status=fails, deadline_s=p["recovery_deadline_s"])
+    if relaunched is not None:
+        out["_relaunched"] = relaunched
+    return out
+
+
+def _safe(fn) -> str | None:
+    try:
+        return fn()
+    except Exception:
+        return None
+
+
+def phase_sleep(st: Setup, ph: dict[str, Any]) -> None:
+    from qwenbox.config import load
+
+    if not gpu_memory().get("available"):
+        ph["skipped"] = "needs a GPU build of vLLM (sleep mode); no nvidia-smi GPU here"
+        return
+    cache = st.cache("qwenbox-sleep")
+    cache.create()
+    cfg = st.config("qwenbox-sleep", st.tuned_src, cache,
+                    {"engine": {"enable_sleep_mode": True},
+                     "standby": {"idle_sleep_after_s": st.p["sleep_after_s"], "sleep_level": 1}})
+    srv = qwenbox_server(st, "sleep", cfg, cache)
+    try:
+        tok = load_tokenizer(load(cfg).model.path)
+        ph["launch"] = launch(srv, cache, st)
+        ph.update(asyncio.run(sleep_run(st, srv, model_id(srv.sock), tok)))
+    except Exception as e:
+        record_error(ph, "sleep", e, srv)
+    finally:
+        ph["exit_code"] = srv.stop()
+
+
+async def sleep_run(st: Setup, srv: Server, model: str, tok: Any) -> dict[str, Any]:
+    prompts = random_id_prompts(8, st.p["prompt_len"], tok_info(tok), random.Random("sleep"))
+    check_prompt_set(prompts, "sleep prompts", allowed_prefix=0)
+    out: dict[str, Any] = {"idle_sleep_after_s": st.p["sleep_after_s"]}
+
+    async def one(session: Any, ids: list[int]) -> Result:
+        body = {"model": model, "prompt": ids, "max_tokens": st.p["ttft_out_len"], "temperature": 0.0,
+                "ignore_eos": True}
+        return await stream_completion(session, body, st.p["request_timeout"])
+
+    async with unix_session(srv.sock) as session:
+        awake = [await one(session, ids) for ids in prompts[:5]]
+        out["ttft_awake_median_s"] = median(r.ttft_s for r in awake if r.ok)
+        idle_from = time.monotonic()
+        deadline = idle_from + st.p["sleep_deadline_s"]
+        h = None
+        while time.monotonic() < deadline:
+            h = srv.health()
+            if h and isinstance(h[1], dict) and h[1].get("status") == "sleeping":
+                break
+            await asyncio.sleep(0.2)     # polling the state, bounded by the deadline
+        asleep = bool(h and isinstance(h[1], dict) and h[1].get("status") == "sleeping")
+        out["fell_asleep"] = asleep
+        out["idle_to_asleep_s"] = time.monotonic() - idle_from if asleep else None
+        out["gpu_memory_asleep"] = gpu_memory()
+        if asleep:
+            r = await one(session, prompts[5])
+            out["waking_request"] = {"ok": r.ok, "ttft_s": r.ttft_s, "e2e_s": r.e2e_s, "failure": r.failure}
+            h = srv.health()
+            out["wake_s"] = dig(h[1] if h else None, "standby", "last_wake_s")
+            after = [await one(session, ids) for ids in prompts[6:]]
+            out["ttft_after_wake_median_s"] = median(x.ttft_s for x in after if x.ok)
+    return out
+
+
+def phase_cost(st: Setup, ph: dict[str, Any], which: str) -> None:
+    from qwenbox import cli
+
+    src = st.untuned_src if which == "untuned" else st.tuned_src
+    cache = st.cache("untuned" if which == "untuned" else "qwenbox")
+    cache.create()
+    cfg = st.config(f"cost-{which}", src, cache)
+    args = cli.build_parser().parse_args(["bench", "load", "--config", str(cfg), *st.p["load"],
+                                          "--ready-timeout", str(st.p["ready_timeout"])])
+    levels = L.validate(args)
+    ph["params"] = {k: getattr(args, k) for k in ("levels", "per_level", "sweep_words", "mix", "mix_requests",
+                                                 "burst", "burst_factor", "p95_bound", "prompt_kind", "max_tokens",
+                                                 "gpu_hour_cost")}
+    ph["caches_at_launch"] = cache.snapshot()
+    try:
+        from qwenbox.tools.client import socket_dir
+        with socket_dir() as sd:
+            ph["run"] = L.run_with_daemon(str(cfg), which, sd, st.logs / f"cost-{which}.log", args, levels,
+                                          lambda s: say(s), env=cache.env())
+    except Exception as e:
+        record_error(ph, f"cost-{which}", e, None)
+
+
+def record_error(ph: dict[str, Any], name: str, e: BaseException, srv: Server | None) -> None:
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    ph.setdefault("errors", {})[name] = msg
+    ph.setdefault("tracebacks", {})[name] = traceback.format_exc()[-3000:]
+    if srv is not None:
+        ph.setdefault("log_tails", {})[name] = srv.tail(40)
+    say(f"{name}: FAILED ({msg}); recorded, going on")
+
+
+def tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+RUNNERS = {"cold": phase_cold, "qwenbox": phase_qwenbox, "vllm": phase_vllm, "inproc": phase_inproc,
+           "recovery": phase_recovery, "sleep": phase_sleep,
+           "cost-untuned": lambda st, ph: phase_cost(st, ph, "untuned"),
+           "cost-tuned": lambda st, ph: phase_cost(st, ph, "tuned")}
+
+
+def reap_leftovers(st: Setup) -> list[int]:
+    """Kill the process groups of servers an earlier, interrupted command of this suite left
+    behind (they run in their own groups, so a killed parent does not take them along):
+    anything whose command line names this run's work dir, socket dir or output dir."""
+    import psutil
+
+    marks = (str(st.work), str(Path(st.sock("x")).parent), str(st.out))
+    me = os.getpid()
+    spare = {me} | {p.pid for p in psutil.Process(me).parents()}     # this command and whoever started it
+    groups = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.info["pid"] not in spare and any(m in a for a in (p.info["cmdline"] or []) for m in marks):
+                groups.add(os.getpgid(p.info["pid"]))
+        except (psutil.Error, OSError):
+            continue
+    groups.discard(os.getpgid(me))
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except OSError:
+            pass
+    return sorted(groups)
+
+
+def run_phase(st: Setup, name: str) -> None:
+    reaped = reap_leftovers(st)
+    if reaped:
+        say(f"killed process groups left behind by an earlier command: {reaped}")
+    gpu = gpu_memory()
+    ph: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
+                          "gpu": gpu.get("name") if gpu.get("available") else None}
+    t0 = time.monotonic()
+    say(f"phase {name}: start")
+    try:
+        RUNNERS[name](st, ph)
+    except Exception as e:      # a bug of the suite itself: recorded like a server failure
+        record_error(ph, name, e, None)
+    ph["wall_s"] = time.monotonic() - t0
+    res = load_results(st.out)
+    if res.setdefault("smoke", st.smoke) != st.smoke:
+        ph.setdefault("errors", {})["suite"] = "this output directory holds results of the other mode (--smoke)"
+    res["machine"], res["gpu"] = ph["machine"], ph["gpu"]
+    res["phases"][name] = ph
+    save_results(st.out, res)
+    say(f"phase {name}: done in {fmt(ph['wall_s'], 's')}" + (f"; errors: {ph['errors']}" if ph.get("errors") else ""))
+
+
+# ------------------------------------------------------------------ the in-process worker
+def worker_inproc(st: Setup, config: Path) -> int:
+    """Runs in its own process: AsyncLLM (qwenbox.engine.Engine) and the load share one loop."""
+    from qwenbox import eventlog
+    from qwenbox.config import load
+
+    cfg = load(config)
+    eventlog.setup(cfg.logging.level, cfg.logging.format)
+    result = asyncio.run(_inproc(st, cfg))
+    write_json(st.work / "inproc.json", result)
+    return 0
+
+
+async def _inproc(st: Setup, cfg: Any) -> dict[str, Any]:
+    from qwenbox.engine import Engine
+    from qwenbox.generation import GenerationRequest, Sampling
+
+    t0 = time.monotonic()
+    engine = await Engine.open(cfg)
+    out: dict[str, Any] = {"open_s": time.monotonic() - t0, "cold_start": engine.cold_start.as_dict()}
+    try:
+        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        sets, out["prompt_check"] = workloads(st, tok, cfg.engine.block_size)
+
+        async def one(ids: list[int], tag: str) -> Result:
+            r = Result(tag=tag)
+            r.started = time.monotonic()
+            req = GenerationRequest(request_id=f"suite-{uuid.uuid4().hex[:16]}", prompt_token_ids=ids,
+                                    sampling=Sampling(max_tokens=st.p["out_len"], temperature=0.0, ignore_eos=True),
+                                    stream=True)
+            r.prompt_tokens = len(ids)
+            try:
+                async for deltas in engine.generate(req):
+                    n = sum(d.num_tokens for d in deltas)
+                    if n:
+                        r.output_at(time.monotonic())
+                        r.output_tokens += n
+                r.ok, r.status = True, 200
+            except Exception as e:
+                r.failure, r.error_code = "engine_error", f"{type(e).__name__}: {e}"
+            r.e2e_s = time.monotonic() - r.started
+            return r
+
+        runs: dict[str, list] = {}
+        for name, prompts in sets.items():
+            conc, _ = workload_plan(st, name)
+            queue = list(reversed(prompts))
+            results: list[Result] = []
+
+            async def worker() -> None:
+                while queue:
+                    results.append(await one(queue.pop(), name))
+
+            t1 = time.monotonic()
+            await asyncio.gather(*(worker() for _ in range(min(conc, len(prompts)))))
+            fig = L.phase_figures(results, time.monotonic() - t1)
+            fig.pop("by_tag", None)
+            fig.update(name=name, concurrency=conc)
+            if name != "warmup":
+                runs.setdefault(_key(name), []).append(fig)
+        out["workloads"] = summarize(runs)
+    finally:
+        await engine.close()
+    return out
+
+
+# ------------------------------------------------------------------ report
+def _med_range(w: dict[str, Any] | None, key: str, unit: str = "") -> str:
+    if not w:
+        return "-"
+    xs = [x for x in w.get(key) or [] if x is not None]
+    if not xs:
+        return "-"
+    m = statistics.median(xs)
+    if len(xs) == 1:
+        return fmt(m, unit)
+    return f"{fmt(m, unit)} ({fmt(min(xs), unit)}-{fmt(max(xs), unit)})"
+
+
+def report(out: Path, doc: Path | None) -> str:
+    res = load_results(out)
+    ph = res.get("phases", {})
+    g = lambda *p: dig(ph, *p)  # noqa: E731
+    gpu = res.get("gpu") or "no GPU (nvidia-smi absent)"
+    smoke = res.get("smoke")
+    lines = [f"# Benchmarks: qwenbox vs `vllm serve` vs AsyncLLM in-process", "",
+             f"Card: **{gpu}**. Run: `{out}` (tests/gpu/suite.py{' --smoke, demo model on CPU: NOT a benchmark' if smoke else ''}), "
+             f"results created {res.get('created')}; machine {dig(res, 'machine', 'host')}, "
+             f"{dig(res, 'machine', 'cpus')} CPUs, Python {dig(res, 'machine', 'python')}. vLLM "
+             f"{dig(ph, 'qwenbox', 'launch', 'health_at_ready', 'engine', 'vllm') or dig(ph, 'cold', 'qwenbox', 'health_at_ready', 'engine', 'vllm') or '?'}.",
+             ""]
+    burst = (SMOKE if smoke else GPU)["burst"]
+    p = SMOKE if smoke else GPU
+    q, v, i = g("qwenbox", "workloads") or {}, g("vllm", "workloads") or {}, g("inproc", "workloads") or {}
+    rows = []
+
+    def start_row(label: str, qk: tuple, vk: tuple) -> None:
+        qa, va = g(*qk), g(*vk)
+        qs = fmt(dig(qa, "launch_to_ready_s"), "s") + (f" ({dig(qa, 'cache_state')})" if qa else "")
+        vs = fmt(dig(va, "launch_to_ready_s"), "s") + (f" ({dig(va, 'cache_state')})" if va else "")
+        same = qa and va and dig(qa, "cache_state") == dig(va, "cache_state")
+        rows.append([label, qs, vs, "-", fmt(ratio(dig(qa, "launch_to_ready_s"), dig(va, "launch_to_ready_s")), "x")
+                     if same else "- (cache states differ)" if qa and va else "-"])
+
+    start_row("launch -> ready, empty caches", ("cold", "qwenbox"), ("cold", "vllm"))
+    start_row("launch -> ready, warm caches (restart on its own caches)", ("qwenbox", "launch"), ("vllm", "launch"))
+    key = f"burst{burst}"
+    for label, k in ((f"{burst} requests at once, {p['prompt_len']} -> {p['out_len']} tokens: output tok/s", key),
+                     *[(f"concurrency {c}: output tok/s", f"c{c}") for c in p["concurrency"]]):
+        rows.append([label, _med_range(q.get(k), "output_tokens_per_s"), _med_range(v.get(k), "output_tokens_per_s"),
+                     _med_range(i.get(k), "output_tokens_per_s"),
+                     fmt(ratio(dig(q, k, "output_tokens_per_s_median"), dig(v, k, "output_tokens_per_s_median")), "x")])
+        if k != key:
+            c = k[1:]
+            rows.append([f"concurrency {c}: p95 TTFT", _med_range(q.get(k), "ttft_p95_s", "s"),
+                         _med_range(v.get(k), "ttft_p95_s", "s"), _med_range(i.get(k), "ttft_p95_s", "s"),
+                         fmt(ratio(dig(q, k, "ttft_p95_s_median"), dig(v, k, "ttft_p95_s_median")), "x")])
+    fails = [f"{n}: {dig(w, k, 'failed')}/{dig(w, k, 'sent')}" for n, w in (("qwenbox", q), ("vllm", v), ("in-process", i))
+             for k in (w or {}) if dig(w, k, "failed")]
+    rec = ph.get("recovery") or {}
+    if rec:
+        what = (f"{fmt(rec.get('kill_to_first_ok_s'), 's')}; {rec.get('failed_after_kill', '-')} of "
+                f"{rec.get('sent_after_kill_until_first_ok', '-')} requests sent after the kill failed "
+                f"({', '.join(f'{k} {n}' for k, n in (rec.get('failed_after_kill_by_status') or {}).items()) or 'none'}"
+                f"; {rec.get('clients')} clients, each retrying {fmt(rec.get('retry_pause_s'), 's')} after a failure)")
+        if rec.get("daemon_exit_code") is not None:
+            what += (f"; the daemon exited {rec['daemon_exit_code']} after {fmt(rec.get('daemon_exit_after_kill_s'), 's')}"
+                     f" and was relaunched at once, ready {fmt(rec.get('relaunch_to_ready_s'), 's')} later"
+                     f" (+ systemd's RestartSec in production)")
+        seen = rec.get("health_seen") or []
+        if seen:
+            what += "; /health after the kill: " + ", ".join(f"{t} s {st} ({code})" for t, st, code in seen)
+        if rec.get("error"):
+            what = f"not measured: {rec['error']}"
+        rows.append(["engine core SIGKILLed under load -> first answer", what, "-", "-", "-"])
+    sl = ph.get("sleep") or {}
+    if sl:
+        if sl.get("skipped"):
+            rows.append(["idle sleep -> wake; the waking request's TTFT", f"n/a ({sl['skipped']})", "-", "-", "-"])
+        else:
+            rows.append(["idle sleep -> wake; the waking request's TTFT",
+                         f"{fmt(sl.get('wake_s'), 's')}; {fmt(dig(sl, 'waking_request', 'ttft_s'), 's')} "
+                         f"(awake: {fmt(sl.get('ttft_awake_median_s'), 's')})", "-", "-", "-"])
+    lines.append(_md(["figure", "qwenbox", "`vllm serve` (same engine arguments)", "AsyncLLM in-process",
+                      "qwenbox / vllm"], rows))
+    lines += ["", f"Throughput cells: median of {p['repeats']} repetitions (min-max); prompts are random token ids, "
+              "the same for every server, checked distinct with no shared KV block; client-side timing over the unix "
+              "socket (in-process: no HTTP). Failed requests in the throughput runs: " + (", ".join(fails) or "none") + "."]
+
+    # start-up phases
+    prow = []
+    for label, path in (("qwenbox, empty caches", ("cold", "qwenbox")), ("qwenbox, warm caches", ("qwenbox", "launch")),
+                        ("vllm serve, empty caches", ("cold", "vllm")), ("vllm serve, warm caches", ("vllm", "launch"))):
+        e = g(*path)
+        if not e:
+            continue
+        phs = e.get("phases") or {}
+        flat = {k: v for k, v in phs.items() if isinstance(v, (int, float))}   # qwenbox: /health cold_start
+        flat.update(phs.get("vllm") or {})                                      # vllm: read off its log
+        prow.append([label, fmt(e.get("launch_to_ready_s"), "s"),
+                     ", ".join(f"{k} {fmt(v, '' if k.endswith('tokens') else 's')}" for k, v in flat.items()) or "-",
+                     "empty" if dig(e, "caches_at_launch", "empty") else
+                     f"{dig(e, 'caches_at_launch', 'dirs', 'VLLM_CACHE_ROOT', 'files')} files in VLLM_CACHE_ROOT"])
+    if prow:
+        lines += ["", "## Launch -> ready and its phases", "",
+                  _md(["launch", "launch -> ready", "phases (qwenbox: /health cold_start; vllm: its log)",
+                       "caches at launch"], prow)]
+    ta = [(n, g("cold", n, "ttft_after_ready")) for n in ("qwenbox", "vllm")]
+    if any(t for _, t in ta):
+        lines += ["", "First request after ready (empty-cache launch) vs the median of the next ones: " + "; ".join(
+            f"{n} {fmt(dig(t, 'first_ttft_s'), 's')} vs {fmt(dig(t, 'median_next_ttft_s'), 's')} "
+            f"({fmt(dig(t, 'first_over_median'), 'x')})" for n, t in ta if t) + "."]
+
+    # cost table
+    a, b = g("cost-untuned", "run"), g("cost-tuned", "run")
+    if a or b:
+        lines += ["", "## Cost: `qwenbox bench load`, untuned defaults vs the shipped profile", ""]
+        if a and b:
+            rows = L.comparison(a, b)
+            lines.append(_md(["metric", "untuned", "tuned (shipped)", "tuned / untuned"],
+                             [[r["metric"], fmt(r["a"], r["unit"]), fmt(r["b"], r["unit"]), fmt(r["b_over_a"], "x")
+                               if r["b_over_a"] is not None else "-" + (f" ({r['note']})" if r.get("note") else "")]
+                              for r in rows]))
+        for lbl, run in (("untuned", a), ("tuned", b)):
+            if run:
+                lines += ["", f"{lbl}: " + L.economics_lines(run["load"]).replace("\n", "; ")]
+    errs = {k: v.get("errors") for k, v in ph.items() if v.get("errors")}
+    if errs:
+        lines += ["", "## Failures recorded", ""] + [f"- {k}: {v}" for k, v in errs.items()]
+    lines += ["", "Phases run: " + ", ".join(f"{k} ({fmt(v.get('wall_s'), 's')})" for k, v in ph.items()) + ".",
+              "Every figure comes from the JSON beside this file (benchmarks.json)."]
+    text = "\n".join(lines) + "\n"
+    for target in [out / "benchmarks.md"] + ([doc] if doc else []):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        write_json(target.with_suffix(".json"), res)
+    return text
+
+
+def _md(headers: list[str], rows: list[list[Any]]) -> str:
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+                     + ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows])
+
+
+# ------------------------------------------------------------------ command line
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tests/gpu/suite.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", nargs="?", choices=("run", "report"), default="run")
+    ap.add_argument("--out", required=True, help="output directory (results.json, logs/, caches/)")
+    ap.add_argument("--model", help="model directory (GPU mode; the smoke mode uses the demo model)")
+    ap.add_argument("--phase", action="append", choices=(*PHASES, "all"),
+                    help="phase(s) to run (repeatable; all = every phase in order)")
+    ap.add_argument("--smoke", action="store_true", help="the demo model on CPU, small counts")
+    ap.add_argument("--drop-page-cache", action="store_true",
+                    help="drop the page cache before each empty-cache launch (root only)")
+    ap.add_argument("--doc", help="report: also write this markdown file (and .json beside it)")
+    ap.add_argument("--repeats", type=int, help="repetitions of the throughput workloads (default: 3 GPU, 1 smoke)")
+    ap.add_argument("--worker", choices=("inproc",), help=argparse.SUPPRESS)
+    ap.add_argument("--worker-config", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if a.command == "report":
+        print(report(out, Path(a.doc).resolve() if a.doc else None))
+        return 0
+    st = Setup(a)
+    if a.repeats:
+        st.p = {**st.p, "repeats": a.repeats}
+    if a.worker == "inproc":
+        return worker_inproc(st, Path(a.worker_config))
+    if not a.phase:
+        ap.error("--phase NAME (or report)")
+    raise_open_files_limit()
+    # A SIGTERM (a time limit, Ctrl-C's cousin) unwinds like an exception: every phase's
+    # `finally` stops its servers, which run in process groups of their own.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    names = list(PHASES) if "all" in a.phase else a.phase
+    for name in names:
+        run_phase(st, name)
+    return 0
+
+
+if __name__ == "__main__":   # vLLM's engine core is spawned: this guard is required
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The GPU suite (tests/gpu/suite.py) end to end in its smoke mode: the demo model on CPU,
+every phase, small counts, then the report. It proves the suite runs before it meets the
+card; the figures it prints are not benchmarks and nothing here asserts on them."""
+import json
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from helpers import ROOT
+
+SUITE = ROOT / "tests" / "gpu" / "suite.py"
+
+
+@pytest.mark.engine
+def test_gpu_suite_smoke_mode_runs_every_phase_and_the_report(tmp_path):
+    out = tmp_path / "suite"
+    proc = subprocess.run([sys.executable, str(SUITE), "--out", str(out), "--smoke", "--phase", "all"],
+                          capture_output=True, text=True, timeout=3000, cwd=str(ROOT))
+    print(proc.stdout[-6000:])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # every server a phase started is gone: nothing runs on this output directory any more
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(str(out) in a for a in (p.info["cmdline"] or [])):
+                left.append((p.pid, p.info["cmdline"]))
+        except psutil.Error:
+            continue
+    assert left == []
+
+    res = json.loads((out / "results.json").read_text())
+    sys.path.insert(0, str(SUITE.parent))
+    import suite
+    assert list(res["phases"]) == list(suite.PHASES) and res["smoke"] is True
+    for name, ph in res["phases"].items():
+        assert not ph.get("errors"), (name, ph.get("errors"), ph.get("log_tails"))
+
+    cold = res["phases"]["cold"]
+    for server in ("qwenbox", "vllm"):
+        launch = cold[server]
+        assert launch["caches_at_launch"]["empty"] and launch["cache_state"] == "cold"
+        assert set(launch["caches_at_launch"]["dirs"]) >= {"VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "HOME"}
+        assert launch["launch_to_ready_s"] > 0 and launch["ttft_after_ready"]["next_n"] == suite.SMOKE["after_ready"]
+    assert cold["qwenbox"]["phases"]["engine_s"] > 0        # qwenbox's /health cold_start
+
+    # the same workloads, every request answered, on all three paths
+    p = suite.SMOKE
+    expected = {f"burst{p['burst']}": p["burst"], **{f"c{c}": n for c, n in p["concurrency"].items()}}
+    for name in ("qwenbox", "vllm", "inproc"):
+        ph = res["phases"][name]
+        assert ph["prompt_check"]["distinct"] == ph["prompt_check"]["n"]
+        assert set(ph["workloads"]) == set(expected), name
+        for key, n in expected.items():
+            w = ph["workloads"][key]
+            assert w["sent"] == n * p["repeats"] and w["failed"] == 0, (name, key, w["sent"], w["failed"])
+            assert all(t > 0 for t in w["output_tokens_per_s"])
+    for name in ("qwenbox", "vllm"):
+        assert res["phases"][name]["launch"]["cache_state"] in ("cold", "warm")
+
+    rec = res["phases"]["recovery"]
+    assert rec["engine_cores"], "no engine core found to kill"
+    # whatever the daemon does, the suite measured it: serving again, or an exit and a relaunch
+    assert rec["kill_to_first_ok_s"] is not None or rec.get("daemon_exit_code") is not None
+    assert rec["failed_after_kill"] == sum(rec["failed_after_kill_by_status"].values())
+
+    assert "skipped" in res["phases"]["sleep"] or res["phases"]["sleep"].get("fell_asleep") is not None
+
+    for which in ("untuned", "tuned"):
+        d = res["phases"][f"cost-{which}"]["run"]["load"]["decision"]
+        assert {"gpu_memory_idle_mib", "p95_latency_concurrency_1_s", "highest_stable_concurrency",
+                "requests_per_day", "cost_per_1k_requests", "burst_failure_rate"} <= set(d)
+
+    rep = subprocess.run([sys.executable, str(SUITE), "--out", str(out), "report"], capture_output=True, text=True,
+                         timeout=300, cwd=str(ROOT))
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    md = (out / "benchmarks.md").read_text()
+    print(md)
+    assert md.startswith("# Benchmarks") and "Card: **" in md and "NOT a benchmark" in md
+    assert "| launch -> ready, empty caches |" in md and "tuned / untuned" in md
+    assert json.loads((out / "benchmarks.json").read_text())["phases"].keys() == res["phases"].keys()
