@@ -370,6 +370,11 @@ async def run_load(sock: str, args: Any, levels: list[int], say=lambda s: None, 
         out["mix"] = await run_phase(session, model, "mix", specs["mix"], mc, args.phase_time_limit,
                                      args.request_timeout)
         n_burst = burst_size(args, stable, levels)
+        fds = raise_open_files_limit()
+        if n_burst > fds - 64:      # one socket per request: past the limit the client, not the server, fails
+            out["burst_capped_by_open_files_limit"] = {"wanted": n_burst, "limit": fds}
+            n_burst = max(0, fds - 64)
+            say(f"burst: capped at {n_burst} requests by this process's open-files limit ({fds})")
         out["burst_size"] = n_burst
         if n_burst:
             say(f"burst: {n_burst} requests at once")
