@@ -147,8 +147,8 @@ class RecoveryConfig:
 @dataclass(frozen=True)
 class AdmissionConfig:
     max_in_flight: int = _opt(128, min=1)
-    max_queued: int = _opt(256, min=0)
-    max_queued_prompt_tokens: int = _opt(262144, min=0)
+    max_queued: int = _opt(512, min=0)
+    max_queued_prompt_tokens: int = _opt(524288, min=0)
     queue_timeout_s: float = _opt(30.0, min=0.0, min_exclusive=True)
 
 
