@@ -27,9 +27,9 @@ log = logging.getLogger("qwenbox.ui")
 SETTINGS = Settings.from_env()
 CLIENT = ChatClient(SETTINGS)
 
-THINKING = "⏳ *Thinking…* (a long message is answered in one piece)"
-STARTING = "🔄 **The model is starting.** Your message will be answered as soon as it is ready (retry {n}, next in {s:.0f} s)."
-BUSY = "🔄 **The model is busy.** Your message waits for a free place (retry {n}, next in {s:.0f} s)."
+THINKING = "*Thinking…* (a long message is answered in one piece)"
+STARTING = "**The model is starting.** Your message will be answered as soon as it is ready (retry {n}, next in {s:.0f} s)."
+BUSY = "**The model is busy.** Your message waits for a free place (retry {n}, next in {s:.0f} s)."
 
 
 def _new_history() -> list[dict[str, str]]:
@@ -88,7 +88,13 @@ async def _turn(text: str, history: list[dict[str, str]], session_id: str) -> No
     try:
         if stream:
             batcher = Batcher(answer.stream_token, SETTINGS.flush_interval_s)
-            reply = await CLIENT.reply(messages, session_id, stream=True, on_delta=batcher.add, on_wait=on_wait)
+            try:
+                reply = await CLIENT.reply(messages, session_id, stream=True, on_delta=batcher.add, on_wait=on_wait)
+            except ChatFailure:
+                if answer.streaming:            # end the half-shown answer; the failure is said next
+                    await batcher.close()
+                    await answer.send()
+                raise
             await batcher.close()
             if not reply.text:
                 answer.content = "*(the model gave an empty answer)*"
@@ -110,7 +116,7 @@ async def _turn(text: str, history: list[dict[str, str]], session_id: str) -> No
     kept.append({"role": "assistant", "content": reply.text})
     cl.user_session.set("history", kept)
     if dropped:
-        await _say(f"ℹ️ This chat is longer than the model can read at once: the {dropped} oldest "
+        await _say(f"Note: this chat is longer than the model can read at once: the {dropped} oldest "
                    f"message(s) were left out of this answer. Start a new chat for a fresh context.")
 
 

@@ -108,9 +108,9 @@ def friendly(e: BaseException) -> ChatFailure:
     """Any failure of one request -> what the page says (never the exception's repr)."""
     if isinstance(e, ChatFailure):
         return e
-    if isinstance(e, openai.APITimeoutError):
+    if isinstance(e, (openai.APITimeoutError, httpx.TimeoutException)):
         return ChatFailure("The model took too long to answer. Please try again.")
-    if isinstance(e, openai.APIConnectionError):
+    if isinstance(e, (openai.APIConnectionError, httpx.TransportError)):
         return ChatFailure("The chat service cannot reach the model right now. Please try again in a minute.")
     if isinstance(e, openai.APIStatusError):
         code, msg = _message_of(e)
@@ -159,10 +159,11 @@ class ChatClient:
             try:
                 return await (self._stream(messages, session_id, delta) if stream
                               else self._complete(messages, session_id))
-            except (openai.APIConnectionError, openai.APIStatusError) as e:
+            except (openai.APIConnectionError, openai.APIStatusError, httpx.TransportError) as e:
+                # httpx's own errors arrive raw from inside a stream (the daemon gone mid-answer)
                 status = getattr(e, "status_code", None)
-                retryable = isinstance(e, openai.APIConnectionError) and not isinstance(e, openai.APITimeoutError) \
-                    or status in (429, 503)
+                timed_out = isinstance(e, (openai.APITimeoutError, httpx.TimeoutException))
+                retryable = (not timed_out and not isinstance(e, openai.APIStatusError)) or status in (429, 503)
                 if not retryable or shown["any"]:
                     if shown["any"]:
                         raise ChatFailure("The answer was interrupted (the model restarted). "
