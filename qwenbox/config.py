@@ -180,7 +180,7 @@ class UiConfig:
     state_dir: str = "/var/lib/qwenbox-ui"
     stream_below_chars: int = _opt(200, min=0)
     flush_interval_ms: int = _opt(40, min=0, max=1000)
-    max_message_chars: int = _opt(16000, min=1)
+    max_message_chars: int = _opt(16000, min=1, max=200_000)   # socket.io's 1 MB message limit
     start_wait_s: float = _opt(300.0, min=0.0)
     allow_origins: list = _opt([], list_of="")
     title: str = "qwenbox"

@@ -286,6 +286,7 @@ def test_shipped_site_says_what_the_issue_asks():
     assert int(re.search(r"proxy_read_timeout (\d+)s;", v1).group(1)) >= 300       # restart + load
     assert "proxy_pass http://qwenbox_chat;" in chat                               # no URI: /chat kept
     assert "proxy_set_header Upgrade $http_upgrade;" in chat
+    assert "if ($qwenbox_foreign_origin)" in chat
     assert int(re.search(r"proxy_read_timeout (\d+)s;", chat).group(1)) > 45       # socket.io ping
     assert re.search(r"allow 127\.0\.0\.1;\s+allow ::1;\s+deny all;", metrics)
     assert "limit_req_status 429;" in site and "limit_conn_status 429;" in site
@@ -505,7 +506,13 @@ def test_stream_through_nginx_arrives_in_pieces(stack):
 
 
 @stack_test
-def test_metrics_only_from_loopback_and_body_limit(stack):
+def test_nginx_access_rules(stack):
+    """/metrics from loopback only; the body limit; no cross-site use of the chat socket."""
+    port = stack.nginx.port
+    poll = "/chat/ws/socket.io/?EIO=4&transport=polling"
+    assert http("GET", poll, port, headers={"Origin": f"http://127.0.0.1:{port}"})[0] == 200
+    assert http("GET", poll, port)[0] == 200                                         # no Origin: not a browser
+    assert http("GET", poll, port, headers={"Origin": "https://evil.example"})[0] == 403
     def gap_samples() -> float:
         status, _, data = http("GET", "/metrics", stack.nginx.port)
         assert status == 200 and b"qwenbox_session_turn_gap_seconds" in data
