@@ -273,6 +273,21 @@ def test_ui_command_refuses_a_bad_setup_with_exit_78(tmp_path):
     assert r.returncode == 78 and "ui.listen" in r.stderr, r.stderr
 
 
+def test_daemon_reload_ignores_the_ui_section(tmp_path):
+    """[ui] is read by `qwenbox ui` only: a SIGHUP reload neither applies nor reports it."""
+    old = qconfig.load(write_config(tmp_path / "a.toml"))
+    new = qconfig.load(write_config(tmp_path / "b.toml", {"ui": {"listen": "127.0.0.1:9999"},
+                                                           "limits": {"max_n": 2}}))
+    cfg, applied, ignored = qconfig.reloaded(old, new)
+    assert applied == ["limits.max_n"] and ignored == [] and cfg.ui.listen == "127.0.0.1:9999"
+
+
+def test_ui_needs_the_daemons_unix_socket(tmp_path):
+    cfg = qconfig.load(write_config(tmp_path / "q.toml", {"server": {"socket": "", "tcp": "127.0.0.1:8000"}}))
+    with pytest.raises(launch.UiSetupError, match="server.socket is empty"):
+        launch.prepare(cfg)
+
+
 def test_shipped_site_says_what_the_issue_asks():
     site = uistack.SITE.read_text()
 

@@ -90,6 +90,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def prepare(cfg: Config, environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     ui = cfg.ui
+    if not cfg.server.socket:
+        raise UiSetupError("server.socket is empty: the chat page reaches the daemon through its unix socket")
     python = Path(ui.python)
     if not (python.is_file() and os.access(python, os.X_OK)):
         raise UiSetupError(f"ui.python: {ui.python} is not an executable Python; build the UI environment "
