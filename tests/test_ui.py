@@ -37,7 +37,7 @@ from qwenbox.ui import launch, textcheck
 from qwenbox.ui.batcher import Batcher
 from qwenbox.ui.settings import ENV, Settings
 import uistack
-from uistack import Browser, ChatPage, Nginx, http, scratch_dir, screenshot_dir, share_socket
+from uistack import Browser, ChatPage, Nginx, http, scratch_dir, screenshot_dir, share_socket, wait_answer
 
 CHAT = "/v1/chat/completions"
 
@@ -373,20 +373,6 @@ def stack(demo_model):
         if env.figures:
             print("\nUI figures: " + json.dumps(env.figures))
         uistack.shutil.rmtree(work, ignore_errors=True)
-
-
-INDICATORS = ("Thinking…", "The model is starting", "The model is busy")
-
-
-def wait_answer(b: Browser, count: int, timeout: float = 240.0) -> str:
-    """The ``count``-th assistant message once the turn has finished (a note about dropped
-    turns may follow it): the stop button gone and no indicator in its place (Chainlit's
-    stop button can be gone for a moment while the turn still runs)."""
-    def done():
-        texts = b.assistant_texts()
-        return (len(texts) >= count and not b.running() and texts[count - 1]
-                and not any(i in texts[count - 1] for i in INDICATORS) and texts[count - 1])
-    return wait_for(done, timeout, lambda: f"answer {count}: {b.assistant_texts()[-3:]}")
 
 
 def request_lines(d: Daemon) -> list[dict]:

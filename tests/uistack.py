@@ -295,6 +295,20 @@ class Browser:
         return path
 
 
+INDICATORS = ("Thinking…", "The model is starting", "The model is busy")
+
+
+def wait_answer(b: "Browser", count: int, timeout: float = 240.0) -> str:
+    """The ``count``-th assistant message once the turn has finished (a note about dropped
+    turns may follow it): the stop button gone and no indicator in its place (Chainlit's
+    stop button can be gone for a moment while the turn still runs)."""
+    def done():
+        texts = b.assistant_texts()
+        return (len(texts) >= count and not b.running() and texts[count - 1]
+                and not any(i in texts[count - 1] for i in INDICATORS) and texts[count - 1])
+    return wait_for(done, timeout, lambda: f"answer {count}: {b.assistant_texts()[-3:]}")
+
+
 def screenshot_dir() -> Path:
     """Test artifacts; QWENBOX_UI_SCREENSHOTS=docs/screenshots refreshes the README's."""
     return Path(os.environ.get("QWENBOX_UI_SCREENSHOTS") or ROOT / ".run" / "ui-screenshots")
