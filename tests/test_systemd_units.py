@@ -34,7 +34,7 @@ from conftest import require_engine_marker, wait_for
 from helpers import ROOT, jrequest, request, sse_events, write_config
 from qwenbox.eventlog import parse_line
 from systemd_manager import SystemdManager, unavailable_reason
-from uistack import free_port, http as http_get
+from uistack import Browser, free_port, http as http_get, missing as ui_missing, wait_answer
 
 UNITS = ROOT / "systemd"
 SERVICE, SOCKET = "qwenbox.service", "qwenbox.socket"
@@ -58,7 +58,7 @@ def engine_under_manager(fn):
 # short stall time; vLLM's cache left to the unit's XDG_CACHE_HOME (the production path).
 UI_PYTHON = ROOT / ".venv-ui" / "bin" / "python"
 TEST_SECTIONS = {
-    "ui": {"python": str(UI_PYTHON), "state_dir": "/var/lib/qwenbox-ui"},
+    "ui": {"python": str(UI_PYTHON), "state_dir": "/var/lib/qwenbox-ui", "start_wait_s": 600.0},
     "server": {"socket": "/run/qwenbox/qwenbox.sock", "drain_timeout_s": 20.0,
                "queue_while_loading_s": 180.0, "start_step_timeout_s": 120.0},
     "engine": {"cache_dir": ""},
@@ -84,6 +84,8 @@ def _service_dropin() -> str:
              "# The checkout's venv and the demo config instead of /usr/bin/qwenbox and /etc/qwenbox.",
              "ExecStart=",
              f"ExecStart={py} -m qwenbox serve --config {CONFIG_NS}",
+             "# This checkout's qwenbox, whatever the venv's editable install points at (git worktrees).",
+             f"Environment=PYTHONPATH={ROOT}",
              "Environment=PYTHONDONTWRITEBYTECODE=1",
              "# A short watchdog so the frozen-engine test takes seconds.",
              f"WatchdogSec={WATCHDOG_SEC}",
@@ -703,6 +705,42 @@ def test_ui_service_serves_the_page_in_its_sandbox(sd):
     journal = sd.m.journal(UI_SERVICE)
     assert "Traceback" not in journal, journal[-3000:]
     print(f"\nqwenbox-ui.service under the real manager: page 200; journal tail:\n{journal[-600:]}")
+
+
+@pytest.mark.ui
+@engine_under_manager
+def test_ui_service_answers_in_its_sandbox(sd):
+    """The sandboxed chat page (MemoryDenyWriteExecute, the syscall filter, IPAddressAllow)
+    answers a message from a real browser through the daemon's socket."""
+    why = ui_missing()
+    if why:
+        pytest.skip(why)
+    ensure_active(sd)
+    sd.m.systemctl("start", UI_SERVICE, timeout=120)
+    try:
+        wait_for(lambda: _get_ok(sd.ui_port), 120, lambda: f"the chat page: {sd.m.journal(UI_SERVICE)[-3000:]}")
+        browser = Browser(sd.work / "chromium-profile")
+        try:
+            browser.open(f"http://127.0.0.1:{sd.ui_port}/chat/", "sandbox")
+            browser.send("Hello from the sandbox")
+            answer = wait_answer(browser, 1, 300)
+        finally:
+            browser.quit()
+    finally:
+        journal = sd.m.journal(UI_SERVICE)
+        (sd.work / "journal-ui.txt").write_text(journal)
+    print(f"\nsandboxed page answered ({len(answer)} chars)")
+    assert "went wrong" not in answer and "not ready" not in answer and "cannot reach" not in answer, (
+        f"{answer}\nUI:\n{journal[-2500:]}")
+    assert "Traceback" not in journal, journal[-3000:]
+    sd.m.systemctl("stop", UI_SERVICE, timeout=60)
+
+
+def _get_ok(port: int) -> bool:
+    try:
+        return http_get("GET", "/chat/", port, timeout=5)[0] == 200
+    except OSError:
+        return False
 
 
 @under_manager
