@@ -23,19 +23,18 @@ import subprocess
 import sys
 import time
 import tomllib
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from conftest import wait_for
 from helpers import ROOT, Daemon, write_config
-from qwenbox.tools.client import get_json
 from qwenbox import config as qconfig
+from qwenbox.tools.client import get_json
 from qwenbox.ui import client as uiclient
 from qwenbox.ui import launch, textcheck
 from qwenbox.ui.batcher import Batcher
-from qwenbox.ui.settings import ENV, Settings
+from qwenbox.ui.settings import Settings
 import uistack
 from uistack import Browser, ChatPage, Nginx, http, scratch_dir, screenshot_dir, share_socket, wait_answer
 
