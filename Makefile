@@ -9,7 +9,7 @@ CONFIG   := etc/qwenbox/demo.toml
 STAMP    := $(VENV)/.qwenbox-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv demo-model bench clean
+.PHONY: run test venv demo-model bench clean ui ui-venv ui-test-deps
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,8 +32,36 @@ run: venv demo-model
 	@echo "  curl --unix-socket $(CURDIR)/.run/qwenbox.sock http://localhost/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"qwenbox-demo\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 32}'"
 	exec $(BIN)/qwenbox serve --config $(CONFIG)
 
+# ---- the chat page (issue 10; docs/ui.md) -------------------------------------------
+# Chainlit cannot share vLLM's environment (mcp<2 vs mcp>=2): it gets its own, exactly pinned.
+UI_VENV  := .venv-ui
+UI_STAMP := $(UI_VENV)/.qwenbox-ui-installed
+# What the UI tests use from Debian: a real Nginx and a real browser.
+UI_APT   := nginx chromium chromium-driver
+
+$(UI_STAMP): packaging/ui-requirements.txt
+	test -x $(UI_VENV)/bin/python || $(PY) -m venv $(UI_VENV)
+	$(UI_VENV)/bin/pip install -q --disable-pip-version-check -r packaging/ui-requirements.txt
+	touch $@
+
+ui-venv: $(UI_STAMP)
+
+# As root (CI) install what is missing; otherwise say so (those tests then skip, naming it).
+ui-test-deps:
+	@missing=""; for p in $(UI_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "make: the UI tests need:$$missing (apt-get install$$missing)" >&2; exit 0; fi; \
+	echo "make: apt-get install$$missing"; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing \
+	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; }
+
+# The chat page on 127.0.0.1:8300/chat/ for `make run`'s daemon (Nginx in front: docs/ui.md).
+ui: venv demo-model ui-venv
+	exec $(BIN)/qwenbox ui --config $(CONFIG)
+# --------------------------------------------------------------------------------------
+
 # pytest exits 5 when it collected no tests: that must never pass as green.
-test: venv demo-model
+test: venv demo-model ui-venv ui-test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

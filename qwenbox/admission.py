@@ -20,6 +20,11 @@ Contract:
   when the queue is long.
 - ``SessionTracker`` says which session ids are active: their last turn ended less than
   ``keepalive_s`` ago. It remembers at most ``max_tracked`` ids (oldest forgotten first).
+  It also keeps the figures an operator sizes ``keepalive_s`` with (``usage()``): the gap
+  between the end of one turn of a session and the start of its next (every gap, also
+  those longer than the keep-alive: they say whether it is long enough), and the turns per
+  visit (a visit ends when a session stays idle for ``keepalive_s``; counted when it ends
+  or is forgotten). The most recent ``USAGE_WINDOW`` of each.
 """
 from __future__ import annotations
 
@@ -60,11 +65,17 @@ class Ticket:
         return 0 if self.session_active else 1     # vLLM runs lower values first
 
 
+USAGE_WINDOW = 10_000
+
+
 class SessionTracker:
     def __init__(self, cfg: SessionsConfig) -> None:
         self.cfg = cfg
         self._last_end: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._open: collections.Counter[str] = collections.Counter()
+        self._visit_turns: dict[str, int] = {}     # turns of each remembered session's current visit
+        self.gaps_s: collections.deque[float] = collections.deque(maxlen=USAGE_WINDOW)
+        self.visit_turns: collections.deque[int] = collections.deque(maxlen=USAGE_WINDOW)
 
     def is_active(self, sid: str | None, now: float | None = None) -> bool:
         if not sid or self.cfg.keepalive_s <= 0:
@@ -75,8 +86,39 @@ class SessionTracker:
         return last is not None and (now or time.monotonic()) - last < self.cfg.keepalive_s
 
     def turn_started(self, sid: str | None) -> None:
-        if sid:
-            self._open[sid] += 1
+        if not sid:
+            return
+        last = self._last_end.get(sid)
+        if last is not None and not self._open[sid]:
+            gap = time.monotonic() - last
+            self.gaps_s.append(gap)
+            if gap >= self.cfg.keepalive_s:          # the previous visit ended before this turn
+                self._end_visit(sid)
+        self._visit_turns[sid] = self._visit_turns.get(sid, 0) + 1
+        self._open[sid] += 1
+
+    def _end_visit(self, sid: str) -> None:
+        n = self._visit_turns.pop(sid, 0)
+        if n:
+            self.visit_turns.append(n)
+
+    def close_idle_visits(self, now: float | None = None) -> None:
+        """Count the visits that ended (idle for keepalive_s) since the last call; oldest
+        first, so this stops at the first session still inside its window."""
+        now = now or time.monotonic()
+        for sid, last in self._last_end.items():
+            if now - last < self.cfg.keepalive_s:
+                break
+            if sid in self._visit_turns and not self._open.get(sid):
+                self._end_visit(sid)
+
+    def usage(self) -> dict[str, Any]:
+        """P50/P90 of the gap between turns (seconds) and of the turns per visit."""
+        self.close_idle_visits()
+        gaps, turns = list(self.gaps_s), list(self.visit_turns)
+        return {"turn_gap_s": {"count": len(gaps), "p50": _quantile(gaps, 0.5), "p90": _quantile(gaps, 0.9)},
+                "turns_per_visit": {"count": len(turns), "p50": _quantile(turns, 0.5),
+                                    "p90": _quantile(turns, 0.9)}}
 
     def turn_ended(self, sid: str | None) -> None:
         if not sid:
@@ -87,7 +129,9 @@ class SessionTracker:
         self._last_end[sid] = time.monotonic()
         self._last_end.move_to_end(sid)
         while len(self._last_end) > self.cfg.max_tracked:
-            self._last_end.popitem(last=False)
+            gone, _ = self._last_end.popitem(last=False)
+            if not self._open.get(gone):
+                self._end_visit(gone)
 
     def active_count(self) -> int:
         now = time.monotonic()
@@ -99,6 +143,17 @@ class SessionTracker:
             if not self._open.get(sid):
                 n += 1
         return n + len(self._open)
+
+
+def _quantile(xs: list, q: float) -> float | None:
+    """The q-quantile by linear interpolation between order statistics; None when empty."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    pos = (len(xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
 
 
 class Admission:
@@ -157,13 +212,14 @@ class Admission:
         self._export_queue()
         if self.metrics is not None:
             self.metrics.active_sessions.set(self.sessions.active_count())
+            self.metrics.set_session_usage(self.sessions.usage())
 
     def health(self) -> dict[str, Any]:
         return {"admission": {"in_flight": self.in_flight, "queued": self.queued,
                               "queued_prompt_tokens": self.queued_tokens,
                               "max_in_flight": self.cfg.max_in_flight, "session_extra_slots": self.session_extra,
                               "max_queued": self.cfg.max_queued},
-                "active_sessions": self.sessions.active_count()}
+                "active_sessions": self.sessions.active_count(), "session_usage": self.sessions.usage()}
 
     def _slots(self, session_active: bool) -> int:
         return self.cfg.max_in_flight + (self.session_extra if session_active else 0)

@@ -111,6 +111,18 @@ def logs_options(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui import launch
+
+    overrides = {"server.socket": _abs(args.socket) if args.socket else None, "ui.listen": args.listen}
+    cfg = load(args.config, overrides)
+    try:
+        return launch.main(cfg)
+    except launch.UiSetupError as e:
+        print(f"qwenbox ui: {e}", file=sys.stderr)
+        return ExitCode.CONFIG
+
+
 def _dist_version(*names: str) -> str | None:
     for n in names:
         try:
@@ -176,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Cold starts, latency percentiles, error classes and traffic from "
                                "qwenbox's log lines (logfmt or JSON, bare or journald 'short').",
                    add_options=logs_options).set_defaults(func=cmd_logs)
+    u = sub.add_parser("ui", help="run the chat page (Chainlit, in its own environment; see docs/ui.md)")
+    u.add_argument("--config", "-c", default=os.environ.get("QWENBOX_CONFIG", DEFAULT_CONFIG_PATH),
+                   help=f"TOML config file (default: {DEFAULT_CONFIG_PATH})")
+    u.add_argument("--socket", help="the daemon's API socket (overrides server.socket)")
+    u.add_argument("--listen", help="HOST:PORT for the chat page (overrides ui.listen)")
+    u.set_defaults(func=cmd_ui)
     return p
 
 

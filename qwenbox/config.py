@@ -49,10 +49,11 @@ class ConfigError(Exception):
 
 
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,
-         choices: tuple | None = None, min_exclusive: bool = False) -> Any:
-    """A dataclass field with its validation bounds kept next to its default."""
+         choices: tuple | None = None, min_exclusive: bool = False, list_of: Any = None) -> Any:
+    """A dataclass field with its validation bounds kept next to its default (``list_of``:
+    an example item, for a list whose default is empty)."""
     meta = {"min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive,
-            "list_of": default[0] if isinstance(default, list) and default else None}
+            "list_of": default[0] if isinstance(default, list) and default else list_of}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -181,6 +182,20 @@ class StandbyConfig:
 
 
 @dataclass(frozen=True)
+class UiConfig:
+    """`qwenbox ui` (qwenbox/ui/): the chat page, a client of the API on server.socket."""
+    listen: str = "127.0.0.1:8300"
+    python: str = "/usr/lib/qwenbox-ui/bin/python"
+    state_dir: str = "/var/lib/qwenbox-ui"
+    stream_below_chars: int = _opt(200, min=0)
+    flush_interval_ms: int = _opt(40, min=0, max=1000)
+    max_message_chars: int = _opt(16000, min=1, max=200_000)   # socket.io's 1 MB message limit
+    start_wait_s: float = _opt(300.0, min=0.0)
+    allow_origins: list = _opt([], list_of="")
+    title: str = "qwenbox"
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -194,6 +209,7 @@ class Config:
     standby: StandbyConfig = field(default_factory=StandbyConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
     source: str = field(default="<defaults>", compare=False)
     # The command-line overrides ``load`` applied, as (dotted key, value) pairs: a reload
     # of ``source`` applies them again.
@@ -299,6 +315,7 @@ def _semantic_checks(cfg: Config, err_at) -> None:
         host, _, port = cfg.server.tcp.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             err_at("server.tcp", f"expected \"HOST:PORT\" (e.g. \"127.0.0.1:8000\") or \"\", got {cfg.server.tcp!r}")
+    _check_ui(cfg.ui, err_at)
     if not cfg.server.socket and not cfg.server.tcp:
         err_at("server.socket", "no listener: set server.socket or server.tcp")
     if cfg.limits.max_tokens_cap >= cfg.model.max_model_len:
@@ -326,6 +343,16 @@ def _semantic_checks(cfg: Config, err_at) -> None:
             err_at("model.path", f"{str(p)!r} is not a model directory (no config.json in it)")
 
 
+def _check_ui(ui: UiConfig, err_at) -> None:
+    host, _, port = ui.listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        err_at("ui.listen", f"expected \"HOST:PORT\" (e.g. \"127.0.0.1:8300\"), got {ui.listen!r}")
+    for o in ui.allow_origins:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", o):
+            err_at("ui.allow_origins", f"expected origins like \"https://chat.example.org\" "
+                                       f"(scheme://host[:port], no path), got {o!r}")
+
+
 def _looks_local(path: str) -> bool:
     """A Hugging Face id is 'org/name'; anything path-like is treated as a local directory."""
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.isdir(path)
@@ -333,9 +360,10 @@ def _looks_local(path: str) -> bool:
 
 def _resolve_relative(cfg: Config, base: Path) -> Config:
     """Relative file paths in the config are relative to the config file's directory."""
-    def fix(p: str) -> str:
+    def fix(p: str, follow_links: bool = True) -> str:
         if p and not os.path.isabs(os.path.expanduser(p)) and p.startswith("."):
-            return str((base / p).resolve())
+            # a venv's bin/python is a link to the base interpreter: following it leaves the venv
+            return str((base / p).resolve()) if follow_links else os.path.normpath(base / p)
         return os.path.expanduser(p) if p else p
     return dataclasses.replace(
         cfg,
@@ -343,6 +371,7 @@ def _resolve_relative(cfg: Config, base: Path) -> Config:
         server=dataclasses.replace(cfg.server, socket=fix(cfg.server.socket)),
         engine=dataclasses.replace(cfg.engine, cache_dir=fix(cfg.engine.cache_dir)),
         logging=dataclasses.replace(cfg.logging, file=fix(cfg.logging.file)),
+        ui=dataclasses.replace(cfg.ui, python=fix(cfg.ui.python, follow_links=False), state_dir=fix(cfg.ui.state_dir)),
     )
 
 
@@ -417,6 +446,9 @@ def reloaded(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
     merged: dict[str, Any] = {}
     for section in SECTIONS:
         o, n = getattr(old, section), getattr(new, section)
+        if section == "ui":      # read by `qwenbox ui` only; the daemon keeps the file's value
+            merged[section] = n
+            continue
         keys = RELOADABLE.get(section, ())
         take = {}
         for f in dataclasses.fields(o):

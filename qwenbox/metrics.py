@@ -36,6 +36,15 @@ class Metrics:
         self.queued = Gauge("qwenbox_requests_queued", "Requests waiting for admission", **r)
         self.queued_tokens = Gauge("qwenbox_queued_prompt_tokens", "Prompt tokens of queued requests", **r)
         self.active_sessions = Gauge("qwenbox_active_sessions", "Sessions inside their keep-alive window", **r)
+        self.session_turn_gap = Gauge("qwenbox_session_turn_gap_seconds",
+                                      "Gap between the end of a session's turn and the start of its next "
+                                      "(recent turns; quantile 0.5 and 0.9)", ["quantile"], **r)
+        self.session_turns = Gauge("qwenbox_session_turns_per_visit",
+                                   "Turns per session visit (a visit ends after sessions.keepalive_s idle; "
+                                   "recent visits; quantile 0.5 and 0.9)", ["quantile"], **r)
+        self.session_usage_count = Gauge("qwenbox_session_usage_samples",
+                                         "How many gaps / visits the session quantiles are computed from",
+                                         ["figure"], **r)
         self.sleeping = Gauge("qwenbox_sleeping", "1 while the engine sleeps (idle standby)", **r)
         self.sleeps = Counter("qwenbox_sleeps_total", "Times the idle engine was put to sleep", **r)
         self.wake = Histogram("qwenbox_wake_seconds", "Seconds from a request arriving at a sleeping engine to "
@@ -64,6 +73,15 @@ class Metrics:
                 self.cold_start.labels(k[:-2]).set(v)
         if "warmup_s" in figures:
             self.warmup.set(figures["warmup_s"])
+
+    def set_session_usage(self, usage: dict) -> None:
+        """From ``SessionTracker.usage()``; a quantile with no sample yet is NaN."""
+        for gauge, key in ((self.session_turn_gap, "turn_gap_s"), (self.session_turns, "turns_per_visit")):
+            fig = usage[key]
+            for q in ("0.5", "0.9"):
+                v = fig["p50" if q == "0.5" else "p90"]
+                gauge.labels(q).set(float("nan") if v is None else v)
+            self.session_usage_count.labels(key).set(fig["count"])
 
     def observe_request(self, route: str | None, status: int, seconds: float) -> None:
         """One finished HTTP request; ``route`` is the matched pattern (bounded label set)."""

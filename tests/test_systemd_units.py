@@ -34,9 +34,11 @@ from conftest import require_engine_marker, wait_for
 from helpers import CHAT, ROOT, Clients, chat_body, jrequest, request, sse_events, write_config
 from qwenbox.eventlog import parse_line
 from systemd_manager import SystemdManager, unavailable_reason
+from uistack import Browser, free_port, http as http_get, missing as ui_missing, wait_answer
 
 UNITS = ROOT / "systemd"
 SERVICE, SOCKET = "qwenbox.service", "qwenbox.socket"
+UI_SERVICE = "qwenbox-ui.service"
 CONFIG_NS = "/run/qwenbox-test/qwenbox.toml"      # where the service sees the test's config
 WATCHDOG_SEC = 6
 
@@ -53,7 +55,9 @@ def engine_under_manager(fn):
 # The demo profile, with what this suite needs: socket activation ignores server.socket;
 # a restart must queue for the whole demo cold start even on a busy 2-core machine; a
 # short stall time; vLLM's cache left to the unit's XDG_CACHE_HOME (the production path).
+UI_PYTHON = ROOT / ".venv-ui" / "bin" / "python"
 TEST_SECTIONS = {
+    "ui": {"python": str(UI_PYTHON), "state_dir": "/var/lib/qwenbox-ui", "start_wait_s": 600.0},
     "server": {"socket": "/run/qwenbox/qwenbox.sock", "drain_timeout_s": 20.0,
                "queue_while_loading_s": 180.0, "start_step_timeout_s": 120.0},
     "engine": {"cache_dir": ""},
@@ -79,6 +83,8 @@ def _service_dropin() -> str:
              "# The checkout's venv and the demo config instead of /usr/bin/qwenbox and /etc/qwenbox.",
              "ExecStart=",
              f"ExecStart={py} -m qwenbox serve --config {CONFIG_NS}",
+             "# This checkout's qwenbox, whatever the venv's editable install points at (git worktrees).",
+             f"Environment=PYTHONPATH={ROOT}",
              "Environment=PYTHONDONTWRITEBYTECODE=1",
              "# A short watchdog so the frozen-engine test takes seconds.",
              f"WatchdogSec={WATCHDOG_SEC}",
@@ -96,6 +102,33 @@ def _service_dropin() -> str:
         lines += [f"# {', '.join(sorted(places))}: ProtectHome=yes would hide it.", "ProtectHome=read-only"]
     if any(p.startswith(("/tmp/", "/var/tmp/")) for p in places):
         lines += [f"# {', '.join(sorted(places))}: PrivateTmp=yes would hide it.", "PrivateTmp=no"]
+    return "\n".join(lines) + "\n"
+
+
+def _sandbox_visibility(paths: set[str]) -> list[str]:
+    """Drop-in lines that keep ``paths`` (interpreters, the checkout) visible in the sandbox."""
+    lines = []
+    if any(p.startswith(("/root/", "/home/")) or p in ("/root", "/home") for p in paths):
+        lines += [f"# {', '.join(sorted(paths))}: ProtectHome=yes would hide it.", "ProtectHome=read-only"]
+    if any(p.startswith(("/tmp/", "/var/tmp/")) for p in paths):
+        lines += [f"# {', '.join(sorted(paths))}: PrivateTmp=yes would hide it.", "PrivateTmp=no"]
+    return lines
+
+
+def _ui_dropin(port: int) -> str:
+    lines = ["# Test machine adaptations of the shipped qwenbox-ui.service (tests/test_systemd_units.py).",
+             "[Unit]", "DefaultDependencies=no", "[Service]",
+             "# The checkout's venv and the test config instead of /usr/bin/qwenbox and /etc/qwenbox.",
+             "ExecStart=", f"ExecStart={_python()} -m qwenbox ui --config {CONFIG_NS} --listen 127.0.0.1:{port}",
+             "# This checkout's qwenbox, whatever the venv's editable install points at (git worktrees).",
+             f"Environment=PYTHONPATH={ROOT}"]
+    try:
+        pwd.getpwnam("qwenbox-ui")
+    except KeyError:
+        lines += ["# No static qwenbox-ui user on this machine (the Debian package creates it).",
+                  "User=root", "Group=root"]
+    lines += _sandbox_visibility({os.path.dirname(os.path.realpath(_python())), str(ROOT),
+                                  os.path.dirname(os.path.realpath(UI_PYTHON))})
     return "\n".join(lines) + "\n"
 
 
@@ -125,8 +158,10 @@ def sd(request, tmp_path_factory, demo_model):
     env = SimpleNamespace(m=m, work=work, dirs=dirs, config=config, sock=str(dirs["run-qwenbox"] / "qwenbox.sock"),
                           figures={}, frozen=[])
     try:
-        for unit in (SERVICE, SOCKET):
+        for unit in (SERVICE, SOCKET, UI_SERVICE):
             shutil.copy(UNITS / unit, m.units / unit)
+        env.ui_port = free_port()
+        m.write_dropin(UI_SERVICE, "test", _ui_dropin(env.ui_port))
         m.write_dropin(SERVICE, "test", _service_dropin())
         m.write_dropin(SOCKET, "test", _socket_dropin())
         m.mask("modprobe@nvidia_uvm.service")          # no NVIDIA module to load in a test namespace
@@ -215,7 +250,7 @@ def wait_restarted(sd, old_pid: int, nrestarts: int, timeout: float = 300.0) -> 
 def _verify_target() -> tuple[list[str], str]:
     """The unit files to verify; with the Debian package absent, ExecStart's /usr/bin/qwenbox
     does not exist here, and verify says so: check a copy that names the checkout's entry point."""
-    files = [str(UNITS / SERVICE), str(UNITS / SOCKET)]
+    files = [str(UNITS / SERVICE), str(UNITS / SOCKET), str(UNITS / UI_SERVICE)]
     if os.access("/usr/bin/qwenbox", os.X_OK):
         return files, ""
     entry = ROOT / ".venv" / "bin" / "qwenbox"
@@ -233,11 +268,11 @@ def test_unit_files_verify_clean(tmp_path):
         copy.mkdir()
         for f in files:
             shutil.copy(f, copy)
-        svc = copy / SERVICE
-        text = svc.read_text()
-        assert text.count("ExecStart=/usr/bin/qwenbox ") == 1
-        svc.write_text(text.replace("ExecStart=/usr/bin/qwenbox ", f"ExecStart={entry} "))
-        files = [str(copy / SERVICE), str(copy / SOCKET)]
+        for svc in (copy / SERVICE, copy / UI_SERVICE):
+            text = svc.read_text()
+            assert text.count("ExecStart=/usr/bin/qwenbox ") == 1
+            svc.write_text(text.replace("ExecStart=/usr/bin/qwenbox ", f"ExecStart={entry} "))
+        files = [str(copy / SERVICE), str(copy / SOCKET), str(copy / UI_SERVICE)]
         print(f"\n/usr/bin/qwenbox is not installed here: verifying with ExecStart={entry}")
     r = subprocess.run(["systemd-analyze", "verify", *files], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stdout + r.stderr
@@ -266,15 +301,31 @@ def test_unit_files_say_what_the_issue_asks():
         assert has(sock, line), line
 
 
-def test_security_exposure():
+def test_ui_unit_says_what_the_issue_asks():
+    svc = (UNITS / UI_SERVICE).read_text()
+    service = svc.split("[Service]")[1].split("[Install]")[0]
+
+    def has(line: str) -> bool:
+        return re.search(rf"^{re.escape(line)}$", service, re.M) is not None
+
+    for line in ("ExecStart=/usr/bin/qwenbox ui --config /etc/qwenbox/qwenbox.toml", "User=qwenbox-ui",
+                 "SupplementaryGroups=www-data", "StateDirectory=qwenbox-ui", "RestartPreventExitStatus=78",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateDevices=yes", "CapabilityBoundingSet="):
+        assert has(line), line
+    # the page must keep running (and say "the model is starting") while the daemon is down
+    assert not re.search(r"^(Requires|BindsTo|PartOf)=qwenbox\.(service|socket)", svc, re.M)
+
+
+@pytest.mark.parametrize("unit, limit", [(SERVICE, 4.0), (UI_SERVICE, 2.0)])
+def test_security_exposure(unit, limit):
     if shutil.which("systemd-analyze") is None:
         pytest.skip("no systemd-analyze")
-    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNITS / SERVICE)],
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNITS / unit)],
                        capture_output=True, text=True, timeout=60)
     m = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", r.stdout + r.stderr)
     assert m, r.stdout[-2000:] + r.stderr
-    print(f"\nsystemd-analyze security --offline=yes: {m.group(1)} {m.group(2)}")
-    assert float(m.group(1)) <= 4.0, "hardening regressed (was 3.0 OK)"
+    print(f"\n{unit}: systemd-analyze security --offline=yes: {m.group(1)} {m.group(2)}")
+    assert float(m.group(1)) <= limit, f"hardening regressed (qwenbox.service was 3.0, qwenbox-ui.service 1.1)"
 
 
 # ---------------------------------------------------------------- under the real manager
@@ -578,6 +629,69 @@ def test_stop_lets_a_long_stream_finish(sd):
     assert sd.m.show(SOCKET, "ActiveState")["ActiveState"] == "active"
     sd.figures["stop_during_stream"] = (f"stream finished {t_end - t_stop:.1f}s after stop "
                                         f"(drain_timeout_s 20), stop took {stop_done['took']:.1f}s, exit 0")
+
+
+@under_manager
+def test_ui_service_serves_the_page_in_its_sandbox(sd):
+    """qwenbox-ui.service as shipped (hardening included) runs Chainlit from the UI venv;
+    no message is sent, so the daemon is not needed (or started) for this."""
+    if not UI_PYTHON.exists():
+        pytest.skip(f"no UI environment at {UI_PYTHON} (make ui-venv)")
+    sd.m.systemctl("start", UI_SERVICE, timeout=120)
+
+    def page():
+        st = sd.m.show(UI_SERVICE, "ActiveState", "Result")
+        assert st["ActiveState"] in ("active", "activating"), f"{st}\n{sd.m.journal(UI_SERVICE)[-3000:]}"
+        try:
+            return http_get("GET", "/chat/", sd.ui_port, timeout=5)
+        except OSError:
+            return None
+    status, _, body = wait_for(page, 120, lambda: f"the chat page: {sd.m.journal(UI_SERVICE)[-3000:]}")
+    assert status == 200 and b'content="/chat"' in body, body[:500]
+    pid = sd.m.host_pid(int(sd.m.show(UI_SERVICE, "MainPID")["MainPID"]))
+    assert "chainlit" in " ".join(psutil.Process(pid).cmdline())       # exec'd: systemd watches Chainlit itself
+    state = sd.dirs["var-lib"] / "qwenbox-ui"
+    assert (state / ".chainlit" / "config.toml").is_file() and oct(state.stat().st_mode & 0o777) == "0o700"
+    sd.m.systemctl("stop", UI_SERVICE, timeout=60)
+    journal = sd.m.journal(UI_SERVICE)
+    assert "Traceback" not in journal, journal[-3000:]
+    print(f"\nqwenbox-ui.service under the real manager: page 200; journal tail:\n{journal[-600:]}")
+
+
+@pytest.mark.ui
+@engine_under_manager
+def test_ui_service_answers_in_its_sandbox(sd):
+    """The sandboxed chat page (MemoryDenyWriteExecute, the syscall filter, IPAddressAllow)
+    answers a message from a real browser through the daemon's socket."""
+    why = ui_missing()
+    if why:
+        pytest.skip(why)
+    ensure_active(sd)
+    sd.m.systemctl("start", UI_SERVICE, timeout=120)
+    try:
+        wait_for(lambda: _get_ok(sd.ui_port), 120, lambda: f"the chat page: {sd.m.journal(UI_SERVICE)[-3000:]}")
+        browser = Browser(sd.work / "chromium-profile")
+        try:
+            browser.open(f"http://127.0.0.1:{sd.ui_port}/chat/", "sandbox")
+            browser.send("Hello from the sandbox")
+            answer = wait_answer(browser, 1, 300)
+        finally:
+            browser.quit()
+    finally:
+        journal = sd.m.journal(UI_SERVICE)
+        (sd.work / "journal-ui.txt").write_text(journal)
+    print(f"\nsandboxed page answered ({len(answer)} chars)")
+    assert "went wrong" not in answer and "not ready" not in answer and "cannot reach" not in answer, (
+        f"{answer}\nUI:\n{journal[-2500:]}")
+    assert "Traceback" not in journal, journal[-3000:]
+    sd.m.systemctl("stop", UI_SERVICE, timeout=60)
+
+
+def _get_ok(port: int) -> bool:
+    try:
+        return http_get("GET", "/chat/", port, timeout=5)[0] == 200
+    except OSError:
+        return False
 
 
 @under_manager

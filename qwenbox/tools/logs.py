@@ -7,7 +7,9 @@ Contract:
   output) are skipped, except that tracebacks there are still scanned for out-of-memory.
 - ``analyze(lines)`` returns one plain dict (what ``--json`` prints): cold starts and their
   phases; the latency distribution of successful requests (``stats.summary``, a
-  histogram); error classes with counts and first/last times; traffic per hour.
+  histogram); error classes with counts and first/last times; traffic per hour; session
+  usage (``session_usage``: gap between a session's turns and turns per visit, P50/P90;
+  a visit ends when a session is idle ``keepalive_s``, the daemon's own definition).
 - ``request_values(path, ids, key)``: one field of chosen request lines, for the
   benchmarks' server-side figures.
 - Tolerant by design: unknown events and fields are ignored, missing fields are fine, so
@@ -204,7 +206,31 @@ def _reject_reason(rec: dict[str, Any]) -> str:
     return "unspecified"
 
 
-def analyze(lines: Iterable[str]) -> dict[str, Any]:
+def session_usage(turns: dict[str, list[tuple[float, float]]], keepalive_s: float) -> dict[str, Any]:
+    """``turns``: session -> [(start, end) epoch seconds] -> P50/P90 of the gap between one
+    turn's end and the next turn's start (turns that overlap have no gap), and of the turns
+    per visit (a gap of ``keepalive_s`` or more starts a new visit)."""
+    gaps: list[float] = []
+    visits: list[int] = []
+    for spans in turns.values():
+        spans.sort()
+        n, end = 0, None
+        for start, stop in spans:
+            if end is not None and start >= end:
+                gaps.append(start - end)
+                if start - end >= keepalive_s:
+                    visits.append(n)
+                    n = 0
+            n += 1
+            end = stop if end is None else max(end, stop)
+        visits.append(n)
+    g, v = percentiles(gaps, (50, 90)), percentiles(visits, (50, 90))
+    return {"keepalive_s": keepalive_s, "sessions": len(turns),
+            "turn_gap_s": {"n": len(gaps), "p50": g[50], "p90": g[90]},
+            "turns_per_visit": {"n": len(visits), "p50": v[50], "p90": v[90]}}
+
+
+def analyze(lines: Iterable[str], keepalive_s: float = 120.0) -> dict[str, Any]:
     n_lines = n_parsed = 0
     events: Counter = Counter()
     first_t = last_t = None
@@ -213,6 +239,7 @@ def analyze(lines: Iterable[str]) -> dict[str, Any]:
     by_status: Counter = Counter()
     by_path: Counter = Counter()
     sessions: set[str] = set()
+    session_turns: dict[str, list[tuple[float, float]]] = {}
     ok_lat: list[float] = []
     all_lat: list[float] = []
     ok_ttft: list[float] = []
@@ -301,6 +328,9 @@ def analyze(lines: Iterable[str]) -> dict[str, Any]:
                 sessions.add(str(rec["session"]))
             lat = rec.get("latency_s")
             lat = float(lat) if isinstance(lat, (int, float)) else None
+            if rec.get("session") not in (None, "") and t is not None:     # the line is written at the end
+                end = t.timestamp()
+                session_turns.setdefault(str(rec["session"]), []).append((end - (lat or 0.0), end))
             if lat is not None:
                 all_lat.append(lat)
             if status is not None and 200 <= status < 400:
@@ -336,6 +366,7 @@ def analyze(lines: Iterable[str]) -> dict[str, Any]:
                     "histogram": histogram(ok_lat), "histogram_fine": histogram(ok_lat, per_decade=12)},
         "errors": {c: classes[c].as_dict(_BY_NAME[c]) for c in ERROR_CLASSES},
         "traffic_per_hour": traffic,
+        "session_usage": session_usage(session_turns, keepalive_s),
         # per minute only for short logs (under three hours), where per hour says little
         "traffic_per_minute": ([{"minute": m, "requests": n} for m, n in sorted(minutes.items())]
                                if len(traffic) < 3 else []),
@@ -423,6 +454,14 @@ def render(rep: dict[str, Any], source: str = "") -> str:
         bar = "#" * max(1, round(30 * b["requests"] / peak))
         out.append(f"  {b['hour'].replace('T', ' ')}  {b['requests']:>7} req  {b['4xx']:>5} 4xx  {b['5xx']:>5} 5xx  "
                    f"p95 {fmt(b['p95_s'], 's'):>9}  {bar}")
+
+    su = rep.get("session_usage")
+    if su and su["sessions"]:
+        gap, visit = su["turn_gap_s"], su["turns_per_visit"]
+        out.append(f"\nSessions: {su['sessions']} (a visit ends after {fmt(su['keepalive_s'], 's')} idle, "
+                   "sessions.keepalive_s)")
+        out.append(f"  gap between turns (n={gap['n']}): p50 {fmt(gap['p50'], 's')}  p90 {fmt(gap['p90'], 's')}")
+        out.append(f"  turns per visit (n={visit['n']}): p50 {fmt(visit['p50'])}  p90 {fmt(visit['p90'])}")
     return "\n".join(out)
 
 
@@ -501,6 +540,17 @@ def plot(rep: dict[str, Any], path: str) -> None:
 
 
 # ------------------------------------------------------------------ CLI
+def _seconds(v: str) -> float:
+    import argparse
+    try:
+        f = float(v)
+    except ValueError:
+        f = -1.0
+    if not (f >= 0 and math.isfinite(f)):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {v!r}")
+    return f
+
+
 def add_arguments(p: Any) -> None:
     p.add_argument("files", nargs="*", metavar="FILE", help="log files ('-' for stdin, .gz is fine)")
     p.add_argument("--journal", action="store_true", help="read the journal: journalctl -o cat -u UNIT")
@@ -508,6 +558,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--since", help="with --journal: passed to journalctl --since (e.g. '-1h', 'today')")
     p.add_argument("--plot", metavar="FILE.png", help="draw the latency histogram and the traffic curve")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    p.add_argument("--keepalive", type=_seconds, default=120.0, metavar="SECONDS",
+                   help="session visits end after this long idle, as sessions.keepalive_s (default: 120)")
 
 
 def main(args: Any) -> int:
@@ -523,12 +575,12 @@ def main(args: Any) -> int:
     try:
         if args.journal:
             lines, source = read_journal(args.unit, args.since), f"journal (unit {args.unit})"
-            rep = analyze(lines)
+            rep = analyze(lines, args.keepalive)
         elif args.files:
             source = ", ".join(args.files)
-            rep = analyze(read_files(args.files))
+            rep = analyze(read_files(args.files), args.keepalive)
         elif not sys.stdin.isatty():
-            source, rep = "stdin", analyze(sys.stdin)
+            source, rep = "stdin", analyze(sys.stdin, args.keepalive)
         else:
             print("qwenbox logs: give log FILE(s), '-' for stdin, or --journal [-u UNIT]", file=sys.stderr)
             return 2
