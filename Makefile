@@ -9,7 +9,7 @@ CONFIG   := etc/qwenbox/demo.toml
 STAMP    := $(VENV)/.qwenbox-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv demo-model bench clean ui ui-venv ui-test-deps
+.PHONY: run test venv demo-model bench clean ui ui-venv ui-test-deps deb
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -68,5 +68,25 @@ test: venv demo-model ui-venv ui-test-deps
 bench: venv demo-model
 	$(BIN)/qwenbox bench --config $(CONFIG)
 
+# ---- Debian packages (issue 9; docs/packaging.md) ----------------------------------
+# `make deb` builds qwenbox, qwenbox-runtime-cpu, qwenbox-runtime-gpu and qwenbox-ui into
+# $(DEB_DIR) from a copy of this tree (tracked and untracked, not ignored, files).
+#   make deb PROFILES=pkg.qwenbox.nogpu              skip the GPU runtime (about 5 GiB)
+#   make deb DEB_COMPRESS="-Zzstd -z1"                fast compression (the package test)
+# Build dependencies: apt-get install debhelper python3-venv python3-pip (and lintian).
+DEB_DIR      ?= build/deb
+PROFILES     ?=
+DEB_COMPRESS ?=
+DEB_BUILD    ?= -b
+deb:
+	rm -rf $(DEB_DIR)/src && mkdir -p $(DEB_DIR)/src/qwenbox
+	git ls-files -z -c -o --exclude-standard | xargs -0 tar -c --no-recursion -f - | tar -x -C $(DEB_DIR)/src/qwenbox
+	cd $(DEB_DIR)/src/qwenbox && \
+	  $(if $(DEB_COMPRESS),QWENBOX_DEB_COMPRESS="$(DEB_COMPRESS)") \
+	  dpkg-buildpackage -us -uc $(DEB_BUILD) $(if $(PROFILES),--build-profiles=$(PROFILES))
+	mv $(DEB_DIR)/src/*.deb $(DEB_DIR)/src/*.buildinfo $(DEB_DIR)/src/*.changes $(DEB_DIR)/
+	rm -rf $(DEB_DIR)/src
+	@ls -l $(DEB_DIR)/*.deb
+
 clean:
-	rm -rf .run bench-results
+	rm -rf .run bench-results build
