@@ -78,9 +78,15 @@ DEB_DIR      ?= build/deb
 PROFILES     ?=
 DEB_COMPRESS ?=
 DEB_BUILD    ?= -b
+# A local rebuild with a higher version (the package test's upgrade): make deb DEB_LOCAL_VERSION=+local1
+DEB_LOCAL_VERSION ?=
 deb:
 	rm -rf $(DEB_DIR)/src && mkdir -p $(DEB_DIR)/src/qwenbox
 	git ls-files -z -c -o --exclude-standard | xargs -0 tar -c --no-recursion -f - | tar -x -C $(DEB_DIR)/src/qwenbox
+	$(if $(DEB_LOCAL_VERSION),cd $(DEB_DIR)/src/qwenbox && \
+	  { printf 'qwenbox (%s%s) UNRELEASED; urgency=medium\n\n  * Local rebuild.\n\n -- %s  %s\n\n' \
+	    "$$(dpkg-parsechangelog -S Version)" '$(DEB_LOCAL_VERSION)' "$$(dpkg-parsechangelog -S Maintainer)" "$$(date -R)"; \
+	    cat debian/changelog; } > debian/changelog.new && mv debian/changelog.new debian/changelog)
 	cd $(DEB_DIR)/src/qwenbox && \
 	  $(if $(DEB_COMPRESS),QWENBOX_DEB_COMPRESS="$(DEB_COMPRESS)") \
 	  dpkg-buildpackage -us -uc $(DEB_BUILD) $(if $(PROFILES),--build-profiles=$(PROFILES))

@@ -11,6 +11,13 @@ bind-mounted on /run/systemd/system, and drives it with ``nsenter ... systemctl`
         m.show("x.service", "ActiveState", "NRestarts")   # {"ActiveState": "active", ...}
         m.journal("x.service")                              # its journal, as text
 
+With ``overlay=True`` the manager boots in a throwaway root instead: an overlayfs with the
+host's / as its read-only lower layer and a tmpfs as its upper layer, a private network
+namespace (loopback only) and the host's /dev and /sys. Whatever runs there (dpkg, apt,
+maintainer scripts, the units they install) writes only to that tmpfs, which dies with
+the namespace; ``m.root`` is that root as the host sees it, ``m.upper`` the upper layer
+(everything changed since boot; a deleted file is a 0:0 character device there).
+
 Nothing leaks to the host: the manager's cgroup is our own and is killed and removed on
 exit; it is also killed if the test process dies (PR_SET_PDEATHSIG on ``unshare``,
 ``--kill-child`` on the manager). Only its bind mounts touch host folders, and only the
@@ -33,6 +40,7 @@ SYSTEMD = "/lib/systemd/systemd"
 TARGET = "qwenbox-test.target"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _PR_SET_PDEATHSIG = 1
+LAYER = "/run/qwenbox-test-layer"      # with overlay=True: the overlay's tmpfs, inside the namespace
 
 
 def _cgroup_roots() -> tuple[Path, Path | None]:
@@ -75,8 +83,9 @@ def _preexec(cgroup_dirs: list[Path]):
 
 class SystemdManager:
     def __init__(self, workdir: Path, binds: dict[str | Path, str] | None = None,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", overlay: bool = False) -> None:
         self.workdir = Path(workdir)
+        self.overlay = overlay
         self.units = self.workdir / "units"          # bind-mounted on /run/systemd/system
         self.binds = {str(k): v for k, v in (binds or {}).items()}
         self.log_level = log_level
@@ -108,19 +117,39 @@ class SystemdManager:
         self._cgroups = [unified / name] + ([named / name] if named else [])
         for d in self._cgroups:
             d.mkdir()
-        binds = "\n".join(f"mkdir -p '{ns}'\nmount --bind '{host}' '{ns}'" for host, ns in self.binds.items())
+        old = "/.oldroot" if self.overlay else ""      # where host paths are once the root is pivoted
+        binds = "\n".join(f"mkdir -p '{ns}'\nmount --bind '{old}{host}' '{ns}'" for host, ns in self.binds.items())
+        pivot = finish = ""
+        if self.overlay:
+            layer, new = self.workdir / "layer", self.workdir / "newroot"
+            layer.mkdir(exist_ok=True)
+            new.mkdir(exist_ok=True)
+            pivot = f"""mount -t tmpfs -o mode=700 tmpfs '{layer}'
+mkdir '{layer}/upper' '{layer}/work'
+mount -t overlay overlay -o 'lowerdir=/,upperdir={layer}/upper,workdir={layer}/work' '{new}'
+mkdir -p '{new}{old}'
+cd '{new}'
+pivot_root . '.{old}'
+cd /
+mount -t proc proc /proc
+mount --rbind {old}/dev /dev
+mount --rbind {old}/sys /sys
+ip link set lo up
+"""
+            binds += f"\nmkdir -p {LAYER}\nmount --bind '{old}{layer}' {LAYER}"
+            finish = f"umount -l {old}\nrmdir {old}\n"
         inner = self.workdir / "inner.sh"
         inner.write_text(f"""#!/bin/sh
 set -e
 mount --make-rprivate /
-umount -R /sys/fs/cgroup 2>/dev/null || umount -l /sys/fs/cgroup 2>/dev/null || true
+{pivot}umount -R /sys/fs/cgroup 2>/dev/null || umount -l /sys/fs/cgroup 2>/dev/null || true
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/systemd/system /run/lock /run/systemd/journald.conf.d
-mount --bind '{self.units}' /run/systemd/system
+mount --bind '{old}{self.units}' /run/systemd/system
 printf '[Journal]\\nStorage=volatile\\nRateLimitBurst=0\\n' > /run/systemd/journald.conf.d/test.conf
 {binds}
-hostname qwenbox-test
+{finish}hostname qwenbox-test
 exec env -i container=qwenbox-test PATH={PATH} LANG=C.UTF-8 \\
   {SYSTEMD} --system --unit={TARGET} --log-level={self.log_level} --show-status=0
 """)
@@ -128,7 +157,7 @@ exec env -i container=qwenbox-test PATH={PATH} LANG=C.UTF-8 \\
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount", "--uts", "--cgroup",
-             "--mount-proc", str(inner)],
+             "--mount-proc", *(["--net"] if self.overlay else []), str(inner)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=_preexec(self._cgroups), env={"PATH": PATH, "LANG": "C.UTF-8"})
         log.close()
@@ -209,6 +238,18 @@ exec env -i container=qwenbox-test PATH={PATH} LANG=C.UTF-8 \\
                 except OSError:
                     pass
         return pids
+
+    @property
+    def root(self) -> Path:
+        """The manager's root directory as the host sees it (the throwaway root with ``overlay``)."""
+        assert self.pid is not None, "manager not running"
+        return Path(f"/proc/{self.pid}/root")
+
+    @property
+    def upper(self) -> Path:
+        """With ``overlay``: the upper layer, i.e. every file created, changed or deleted in the root."""
+        assert self.overlay, "no overlay root"
+        return self.root / LAYER.lstrip("/") / "upper"
 
     # ------------------------------------------------------------ units
     def write_unit(self, name: str, text: str) -> Path:
