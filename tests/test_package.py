@@ -43,7 +43,8 @@ from conftest import wait_for
 from helpers import CHAT, DEMO_CONFIG, ROOT, chat_body, request, sse_events, write_config
 from systemd_manager import SystemdManager, unavailable_reason
 
-pytestmark = [pytest.mark.package, pytest.mark.systemd, pytest.mark.engine]
+# The first test also builds the packages (module fixture): about 4 minutes on 2 idle cores.
+pytestmark = [pytest.mark.package, pytest.mark.systemd, pytest.mark.engine, pytest.mark.timeout(1800)]
 
 UPGRADE_SUFFIX = "+pkgtest1"
 SOCK = "/run/qwenbox/qwenbox.sock"
@@ -257,8 +258,11 @@ def test_chat_page_through_nginx(pkg):
         r = sh(env, "curl -sS --max-time 10 -w '\\n%{http_code}' http://127.0.0.1/chat/", check=False)
         return r.stdout if r.stdout.endswith("\n200") else None
 
-    body = wait_for(page, 180, lambda: f"/chat/ through nginx: {sh(env, 'curl -sS -i http://127.0.0.1/chat/; '
-                                                                      'journalctl -u qwenbox-ui --no-pager | tail -20', check=False).stdout}")
+    def why() -> str:
+        return "/chat/ through nginx: " + sh(env, "curl -sS -i http://127.0.0.1/chat/; "
+                                                  "journalctl -u qwenbox-ui --no-pager | tail -20", check=False).stdout
+
+    body = wait_for(page, 180, why)
     assert 'id="root"' in body and "/chat/assets/" in body, body[:1000]
 
 
