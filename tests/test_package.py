@@ -287,8 +287,8 @@ class Stream(threading.Thread):
 
     def run(self) -> None:
         from qwenbox.tools.client import UnixHTTPConnection
+        c = UnixHTTPConnection(self.sock, timeout=600)
         try:
-            c = UnixHTTPConnection(self.sock, timeout=600)
             c.request("POST", CHAT, json.dumps(chat_body(self.max_tokens, stream=self.stream)),
                       {"Content-Type": "application/json"})
             r = c.getresponse()
@@ -303,6 +303,7 @@ class Stream(threading.Thread):
         except Exception as e:              # reported by the test, not raised in a thread
             self.result["error"] = f"{type(e).__name__}: {e}"
         finally:
+            c.close()
             self.started.set()
 
 
