@@ -58,8 +58,8 @@ APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q", "--no-ins
        "-o", "Dpkg::Use-Pty=0"]
 # Not ours to judge in the before-install / after-purge diff (piuparts ignores the same kind):
 # package manager state and logs, and the account databases (Debian keeps system users on
-# purge; files owned by them are checked separately).
-IGNORED = re.compile(r"^/(var/log|var/cache/apt|var/cache/debconf|var/lib/dpkg|var/lib/apt|var/cache/ldconfig"
+# purge; files owned by them are checked separately), and Nginx's own temp dirs (the test started Nginx).
+IGNORED = re.compile(r"^/(var/log|var/cache/apt|var/cache/debconf|var/lib/dpkg|var/lib/apt|var/cache/ldconfig|var/lib/nginx"
                      r"|etc/(passwd|group|shadow|gshadow|subuid|subgid)-?$|etc/\.pwd\.lock$|tmp|var/tmp|root)(/|$)")
 
 
