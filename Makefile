@@ -38,6 +38,8 @@ UI_VENV  := .venv-ui
 UI_STAMP := $(UI_VENV)/.qwenbox-ui-installed
 # What the UI tests use from Debian: a real Nginx and a real browser.
 UI_APT   := nginx chromium chromium-driver
+# What the package test (tests/test_package.py) uses: the Debian build tools.
+DEB_APT  := debhelper python3.11-venv python3-pip curl iproute2
 
 $(UI_STAMP): packaging/ui-requirements.txt
 	test -x $(UI_VENV)/bin/python || $(PY) -m venv $(UI_VENV)
@@ -47,8 +49,9 @@ $(UI_STAMP): packaging/ui-requirements.txt
 ui-venv: $(UI_STAMP)
 
 # As root (CI) install what is missing; otherwise say so (those tests then skip, naming it).
+# Also the package test's build tools (DEB_APT).
 ui-test-deps:
-	@missing=""; for p in $(UI_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(UI_APT) $(DEB_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then echo "make: the UI tests need:$$missing (apt-get install$$missing)" >&2; exit 0; fi; \
 	echo "make: apt-get install$$missing"; \
