@@ -29,7 +29,7 @@ import pytest
 from helpers import DEMO_MODEL, Daemon
 
 # A fixture that starts the engine (or needs the systemd manager) -> the marker its users must carry.
-FIXTURE_MARKERS = {"daemon": "engine", "sd": "systemd"}
+FIXTURE_MARKERS = {"daemon": "engine", "sd": "systemd", "pkg": "package"}
 # Set (to the test's node id) while a test without the engine marker runs; read by the guards.
 NO_ENGINE_ENV = "QWENBOX_TEST_NO_ENGINE"
 
