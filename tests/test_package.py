@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import wait_for
-from helpers import CHAT, DEMO_CONFIG, ROOT, chat_body, request, sse_events, write_config
+from helpers import CHAT, DEMO_CONFIG, ROOT, chat_body, sse_events, write_config
 from systemd_manager import SystemdManager, unavailable_reason
 
 # The first test also builds the packages (module fixture): about 4 minutes on 2 idle cores.
