@@ -24,6 +24,7 @@ def _abs(p: str | None) -> str | None:
 
 
 def _load(args: argparse.Namespace):
+    """The config as starting the engine needs it: a hub id must have been pulled."""
     overrides = {}
     if getattr(args, "socket", None) is not None:
         overrides["server.socket"] = _abs(args.socket) if args.socket else ""
@@ -34,7 +35,7 @@ def _load(args: argparse.Namespace):
         overrides["server.tcp"] = args.tcp
     if getattr(args, "no_warmup", False):
         overrides["warmup.enabled"] = False
-    cfg = load(args.config, overrides)
+    cfg = load(args.config, overrides, need_model=True)
     from .engine import check_backend  # no vllm import: reads package metadata only
     check_backend(cfg)
     return cfg
