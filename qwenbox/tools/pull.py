@@ -5,9 +5,12 @@ Contract:
   ``<models_dir>/<org>/<name>`` (``models.pulled_dir``), the directory ``serve`` loads.
 - Only what vLLM loads is fetched: top-level config/tokenizer/generation files and the
   ``*.safetensors`` weights with their index (``*.bin`` only for a repo without safetensors).
-- The download goes straight into that directory through huggingface_hub (``HF_ENDPOINT``,
-  ``HF_TOKEN`` and its progress bars, on a terminal, as it does them), which keeps partial
-  files under ``.cache/huggingface/``: an interrupted pull resumes where it stopped.
+- Each file is fetched with huggingface_hub's own calls (``HF_ENDPOINT``, ``HF_TOKEN``, its
+  redirects, retries and progress bars - on a terminal - as it does them) into
+  ``.cache/qwenbox-pull/<file>.<hash>.part`` in that directory and renamed into place when
+  complete. A later pull resumes a part with a Range request: huggingface_hub's own
+  ``snapshot_download`` (2.x) resumes only within one process and deletes partial files when
+  it fails, which for a model of many GiB means starting the shard over.
 - Then every file is checked against the hub's tree listing of the resolved commit: size, and
   sha256 (LFS files) or the git blob sha1 (the others). huggingface_hub itself only checks
   sizes. A file that does not match is deleted (so the next pull fetches it again) and the
@@ -23,15 +26,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .. import models
 from ..config import DEFAULT_CONFIG_PATH, load
@@ -43,6 +47,7 @@ WANTED = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "merges
           "LICENSE*")
 WEIGHTS_FALLBACK = ("*.bin",)        # PyTorch weights, only for a repo that has no safetensors
 _CHUNK = 1 << 20
+PARTS = Path(".cache") / "qwenbox-pull"   # unfinished files, inside the model's directory
 
 
 class PullError(Exception):
@@ -105,15 +110,20 @@ def pull(repo_id: str, models_dir: str, *, revision: str | None = None) -> dict[
     owner = _service_owner(models_dir)
     try:
         try:
-            dest.mkdir(parents=True, exist_ok=True)
+            (dest / PARTS).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise PullError(f"cannot create {dest}: {e.strerror}", ExitCode.DOWNLOAD_FAILED) from None
         (dest / models.MARKER).unlink(missing_ok=True)   # from here on the directory is in flux
         _remove_stale(dest, files)
         with _hub_errors(repo_id, revision):
-            huggingface_hub.snapshot_download(repo_id, revision=commit, local_dir=dest, token=token or False,
-                                              allow_patterns=[glob.escape(f) for f in files])
+            for f in files:
+                fetch(repo_id, commit, tree[f], dest, token or False)
         checked = verify(dest, [tree[f] for f in files])
+        shutil.rmtree(dest / PARTS, ignore_errors=True)  # parts of other revisions' files
+        try:
+            (dest / PARTS).parent.rmdir()
+        except OSError:
+            pass                                          # not empty: not only ours
         record = {"repo": repo_id, "revision": revision or "main", "commit": commit,
                   "endpoint": api.endpoint, "pulled_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   "files": checked}
@@ -133,9 +143,40 @@ def select(tree: dict[str, Any]) -> list[str]:
     return sorted(chosen)
 
 
+def fetch(repo_id: str, commit: str, entry: Any, dest: Path, token: str | bool) -> None:
+    """One file into ``dest``, through a part file that a later run continues with a Range
+    request. A file already there at its size is left for ``verify`` to judge."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    target = dest / entry.path
+    size = entry.lfs.size if entry.lfs else entry.size
+    if target.is_file() and target.stat().st_size == size:
+        return
+    # Named by the content it will hold: a part of another revision's file is never continued.
+    part = dest / PARTS / f"{entry.path}.{entry.lfs.sha256 if entry.lfs else entry.blob_id}.part"
+    url = hf_hub_url(repo_id, entry.path, revision=commit)
+    meta = get_hf_file_metadata(url, token=token)
+    headers = build_hf_headers(token=token)
+    if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+        headers.pop("authorization", None)   # a CDN's signed URL: the token is the hub's alone
+    with open(part, "r+b" if part.exists() else "w+b") as f:
+        done = f.seek(0, os.SEEK_END)
+        if done > size:                      # not ours to continue
+            f.truncate(0)
+            done = f.seek(0)
+        http_get(meta.location, f, resume_size=done, headers=headers, expected_size=size,
+                 displayed_filename=entry.path)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(part, 0o644)
+    os.replace(part, target)
+
+
 def verify(dest: Path, entries: list[Any]) -> list[dict[str, Any]]:
-    """Each file's size and hash against the hub's listing; a bad file is deleted (and its
-    download record, so the next pull fetches it again) and ``PullError`` raised."""
+    """Each file's size and hash against the hub's listing; a bad file is deleted (so the next
+    pull fetches it again) and ``PullError`` raised."""
     total = sum((e.lfs.size if e.lfs else e.size) for e in entries)
     print(f"qwenbox pull: verifying {len(entries)} files ({_size(total)})", file=sys.stderr)
     checked = []
@@ -195,8 +236,6 @@ def _hash_file(path: Path, h: Any) -> str:
 
 def _discard(dest: Path, rel: str) -> None:
     (dest / rel).unlink(missing_ok=True)
-    # huggingface_hub's record of a finished file: without it the file counts as not there
-    (dest / ".cache" / "huggingface" / "download" / f"{rel}.metadata").unlink(missing_ok=True)
 
 
 def _remove_stale(dest: Path, files: list[str]) -> None:
