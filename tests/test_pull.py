@@ -206,6 +206,18 @@ def test_an_unreachable_hub_is_one_line(tmp_path):
     assert line.startswith(f"qwenbox pull: download of '{REPO}' failed: ConnectError"), line
 
 
+def test_one_pull_at_a_time_per_model(tmp_path, hub):
+    import fcntl
+    lock = pulled(tmp_path) / ".cache" / "qwenbox-pull.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)                     # as a pull that is running would
+        r = qwenbox("pull", "-c", str(write_config(tmp_path)), hub=hub, home=tmp_path)
+    assert r.returncode == EX_DOWNLOAD_FAILED, (r.stdout, r.stderr)
+    assert one_line(r.stderr) == f"qwenbox pull: another qwenbox pull is writing {pulled(tmp_path)}"
+    assert [q for q in hub.requests if "/resolve/" in q[1]] == []
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a pull by root into a directory another user owns")
 def test_a_pull_by_root_leaves_the_files_to_the_owner_of_models_dir(tmp_path, hub):
     """The package's /var/lib/qwenbox/models belongs to the qwenbox user; `sudo qwenbox pull`
@@ -226,3 +238,26 @@ def test_a_pull_by_root_leaves_the_files_to_the_owner_of_models_dir(tmp_path, hu
         assert (f"{REPO}/model.safetensors", 65534, 65534) in owned
     finally:
         shutil.rmtree(base)
+
+
+# ---------------------------------------------------------------- the daemon on a pulled model
+@pytest.mark.engine
+def test_the_daemon_serves_a_pulled_model_by_its_id_without_asking_the_hub(tmp_path, hub):
+    """The engine loads models_dir's copy; clients name the id; starting asks the hub nothing."""
+    from helpers import CHAT, Daemon, jrequest
+    models_dir = tmp_path / "models"
+    r = qwenbox("pull", REPO, "-c", str(write_config(tmp_path)), hub=hub, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    asked = len(hub.requests)
+    d = Daemon(tmp_path / "d", sections={"model": {"path": REPO, "models_dir": str(models_dir), "served_name": ""}},
+               env={"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf")}).start()
+    try:
+        d.wait_ready()
+        status, _, body = jrequest(d.sock, "GET", "/v1/models")
+        assert status == 200 and [m["id"] for m in body["data"]] == [REPO], body
+        status, _, body = jrequest(d.sock, "POST", CHAT, {"model": REPO, "max_tokens": 4,
+                                                         "messages": [{"role": "user", "content": "Hello"}]})
+        assert status == 200 and body["model"] == REPO, body
+    finally:
+        d.stop()
+    assert hub.requests[asked:] == []

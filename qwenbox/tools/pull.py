@@ -25,7 +25,9 @@ Contract:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -34,7 +36,7 @@ import sys
 import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from .. import models
@@ -82,6 +84,9 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("qwenbox pull: interrupted; run it again to resume", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except OSError as e:                       # the models directory itself: permissions, space
+        print(f"qwenbox pull: {e}", file=sys.stderr)
+        return ExitCode.DOWNLOAD_FAILED
     size = _size(sum(f["size"] for f in record["files"]))
     print(f"qwenbox pull: {name} at commit {record['commit'][:12]} is in "
           f"{models.pulled_dir(cfg.model.models_dir, name)} ({len(record['files'])} files, {size}, verified)")
@@ -110,24 +115,23 @@ def pull(repo_id: str, models_dir: str, *, revision: str | None = None) -> dict[
     owner = _service_owner(models_dir)
     try:
         try:
-            (dest / PARTS).mkdir(parents=True, exist_ok=True)
+            dest.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise PullError(f"cannot create {dest}: {e.strerror}", ExitCode.DOWNLOAD_FAILED) from None
-        (dest / models.MARKER).unlink(missing_ok=True)   # from here on the directory is in flux
-        _remove_stale(dest, files)
-        with _hub_errors(repo_id, revision):
-            for f in files:
-                fetch(repo_id, commit, tree[f], dest, token or False)
-        checked = verify(dest, [tree[f] for f in files])
-        shutil.rmtree(dest / PARTS, ignore_errors=True)  # parts of other revisions' files
-        try:
-            (dest / PARTS).parent.rmdir()
-        except OSError:
-            pass                                          # not empty: not only ours
-        record = {"repo": repo_id, "revision": revision or "main", "commit": commit,
-                  "endpoint": api.endpoint, "pulled_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                  "files": checked}
-        write_marker(dest, record)
+            raise PullError(f"cannot create {dest}: {e.strerror} (run it as root or as the owner of {models_dir})",
+                            ExitCode.DOWNLOAD_FAILED) from None
+        with _only_pull(dest):
+            (dest / models.MARKER).unlink(missing_ok=True)   # from here on the directory is in flux
+            _remove_stale(dest, files)
+            (dest / PARTS).mkdir(parents=True, exist_ok=True)
+            with _hub_errors(repo_id, revision):
+                for f in files:
+                    fetch(repo_id, commit, tree[f], dest, token or False)
+            checked = verify(dest, [tree[f] for f in files])
+            shutil.rmtree(dest / PARTS, ignore_errors=True)  # parts of other revisions' files
+            record = {"repo": repo_id, "revision": revision or "main", "commit": commit,
+                      "endpoint": api.endpoint, "files": checked,
+                      "pulled_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+            write_marker(dest, record)
         return record
     finally:
         if owner is not None:     # also after a failure: the partial files are what a next pull resumes
@@ -223,6 +227,20 @@ def write_marker(dest: Path, record: dict[str, Any]) -> None:
         os.close(dirfd)
 
 
+@contextlib.contextmanager
+def _only_pull(dest: Path) -> Iterator[None]:
+    """Two pulls into one directory would append to the same part files: the second one waits
+    for nothing and fails at once."""
+    lock = dest / ".cache" / "qwenbox-pull.lock"
+    lock.parent.mkdir(exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PullError(f"another qwenbox pull is writing {dest}", ExitCode.DOWNLOAD_FAILED) from None
+        yield                                 # the lock goes with the file's closing
+
+
 def _size(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
@@ -275,30 +293,26 @@ def _give_to(owner: tuple[int, int], models_dir: Path, dest: Path) -> None:
                 os.chown(p, uid, gid, follow_symlinks=False)
 
 
-class _hub_errors:
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     """huggingface_hub's and the network's exceptions -> ``PullError`` with one line."""
-
-    def __init__(self, repo_id: str, revision: str | None):
-        self.repo_id, self.revision = repo_id, revision
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, tp: Any, e: BaseException | None, tb: Any) -> bool:
-        if e is None or isinstance(e, (PullError, KeyboardInterrupt)) or not isinstance(e, Exception):
-            return False
-        from huggingface_hub import errors
-        if isinstance(e, errors.GatedRepoError):
-            raise PullError(f"{self.repo_id!r} is gated: accept its terms on the hub and set HF_TOKEN "
-                            "(or run `hf auth login`)", ExitCode.NO_MODEL) from None
-        if isinstance(e, errors.RevisionNotFoundError):
-            raise PullError(f"{self.repo_id!r} has no revision {self.revision!r}", ExitCode.NO_MODEL) from None
-        if isinstance(e, errors.RepositoryNotFoundError):
-            raise PullError(f"no model {self.repo_id!r} on the hub (or it is private: set HF_TOKEN)",
-                            ExitCode.NO_MODEL) from None
+    from huggingface_hub import errors
+    try:
+        yield
+    except PullError:
+        raise
+    except errors.GatedRepoError:
+        raise PullError(f"{repo_id!r} is gated: accept its terms on the hub and set HF_TOKEN "
+                        "(or run `hf auth login`)", ExitCode.NO_MODEL) from None
+    except errors.RevisionNotFoundError:
+        raise PullError(f"{repo_id!r} has no revision {revision!r}", ExitCode.NO_MODEL) from None
+    except errors.RepositoryNotFoundError:
+        raise PullError(f"no model {repo_id!r} on the hub (or it is private: set HF_TOKEN)",
+                        ExitCode.NO_MODEL) from None
+    except Exception as e:                 # the network, the hub's 5xx, a full disk, offline mode
         if isinstance(e, errors.OfflineModeIsEnabled) or "HF_HUB_OFFLINE" in str(e):
             raise PullError("HF_HUB_OFFLINE is set: unset it to download", ExitCode.DOWNLOAD_FAILED) from None
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-        raise PullError(f"download of {self.repo_id!r} failed: {type(e).__name__}"
+        raise PullError(f"download of {repo_id!r} failed: {type(e).__name__}"
                         f"{': ' + first if first else ''}; run qwenbox pull again to resume",
                         ExitCode.DOWNLOAD_FAILED) from None
