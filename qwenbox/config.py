@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,9 +376,9 @@ def _check_pulled(cfg: Config, err_at) -> None:
             continue
         where = models.pulled_dir(cfg.model.models_dir, name)
         state = "is not completely downloaded to" if where.exists() else "is not downloaded to"
-        cmd = "qwenbox pull" + (f" {name}" if key == "model.tokenizer" else "")
+        cmd = f"qwenbox pull {name}"      # the id: it may be the tokenizer's, or from --model
         if cfg.source != DEFAULT_CONFIG_PATH:
-            cmd += f" -c {cfg.source}"
+            cmd += f" -c {shlex.quote(cfg.source)}"
         if cfg.model.models_dir == models.DEFAULT_MODELS_DIR:   # root's (the package's qwenbox user's)
             cmd = "sudo " + cmd
         err_at(key, f"model {name!r} {state} {cfg.model.models_dir}: run '{cmd}'")

@@ -83,7 +83,7 @@ def test_pull_downloads_what_vllm_needs_verifies_it_and_check_config_passes(tmp_
     r = qwenbox("check-config", "-c", str(cfg), hub=hub, home=tmp_path)
     assert r.returncode == EX_CONFIG, (r.stdout, r.stderr)
     assert r.stderr == (f"qwenbox: config error: {cfg}:2: model.path: model '{REPO}' is not downloaded to "
-                        f"{tmp_path / 'models'}: run 'qwenbox pull -c {cfg}'\n")
+                        f"{tmp_path / 'models'}: run 'qwenbox pull {REPO} -c {cfg}'\n")
     assert hub.requests == []                               # check-config never asks the hub
 
     r = qwenbox("pull", "-c", str(cfg), hub=hub, home=tmp_path)
