@@ -16,6 +16,7 @@ Contract:
   sizes. A file that does not match is deleted (so the next pull fetches it again) and the
   pull fails. Only after all match is ``models.MARKER`` written (temp file, fsync, rename):
   until then ``serve`` and ``check-config`` refuse the model.
+- One pull at a time per model directory (a lock in its ``.cache``); a second one fails at once.
 - Run as root while ``models_dir`` belongs to another user (the package's ``qwenbox``),
   everything the pull wrote (finished or not) is handed to that user and group at the end.
 - Failures are one line on stderr and an ``ExitCode``: NO_MODEL (no such repo or revision,
