@@ -40,6 +40,8 @@ UI_STAMP := $(UI_VENV)/.qwenbox-ui-installed
 UI_APT   := nginx chromium chromium-driver
 # What the package test (tests/test_package.py) uses: the Debian build tools.
 DEB_APT  := debhelper python3.11-venv python3-pip curl iproute2
+# Another apt run (unattended-upgrades, a second checkout's make) holds dpkg's lock: wait for it.
+APT_WAIT := -o DPkg::Lock::Timeout=600
 
 $(UI_STAMP): packaging/ui-requirements.txt
 	test -x $(UI_VENV)/bin/python || $(PY) -m venv $(UI_VENV)
@@ -55,8 +57,8 @@ ui-test-deps:
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then echo "make: the UI tests need:$$missing (apt-get install$$missing)" >&2; exit 0; fi; \
 	echo "make: apt-get install$$missing"; \
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing \
-	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; }
+	DEBIAN_FRONTEND=noninteractive apt-get $(APT_WAIT) install -y -q $$missing \
+	  || { apt-get $(APT_WAIT) update -q && DEBIAN_FRONTEND=noninteractive apt-get $(APT_WAIT) install -y -q $$missing; }
 
 # The chat page on 127.0.0.1:8300/chat/ for `make run`'s daemon (Nginx in front: docs/ui.md).
 ui: venv demo-model ui-venv

@@ -2,7 +2,8 @@
 
 Exit codes: ``exitcode.ExitCode`` (0 ok; 1 engine failed or died; 2 bad command line;
 69 the listener cannot be bound; 78 bad configuration, which systemd's
-RestartPreventExitStatus=78 keeps from restart-looping).
+RestartPreventExitStatus=78 keeps from restart-looping; ``qwenbox pull``: 65 a file failed
+verification, 66 no such model on the hub, 75 the download did not finish).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def _abs(p: str | None) -> str | None:
 
 
 def _load(args: argparse.Namespace):
+    """The config as starting the engine needs it: a hub id must have been pulled."""
     overrides = {}
     if getattr(args, "socket", None) is not None:
         overrides["server.socket"] = _abs(args.socket) if args.socket else ""
@@ -34,7 +36,7 @@ def _load(args: argparse.Namespace):
         overrides["server.tcp"] = args.tcp
     if getattr(args, "no_warmup", False):
         overrides["warmup.enabled"] = False
-    cfg = load(args.config, overrides)
+    cfg = load(args.config, overrides, need_model=True)
     from .engine import check_backend  # no vllm import: reads package metadata only
     check_backend(cfg)
     return cfg
@@ -111,6 +113,18 @@ def logs_options(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .tools import pull
+
+    return pull.main(args)
+
+
+def pull_options(p: argparse.ArgumentParser) -> None:
+    from .tools.pull import add_arguments
+
+    add_arguments(p)
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from .ui import launch
 
@@ -176,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("compile-cache", help="fill the compile caches with random weights of the "
                                "model's shapes, so that the first real start is a warm one")
                 ).set_defaults(func=cmd_compile_cache)
+    sub.add_parser("pull", help="download the model (default: the config's model.path) into model.models_dir, "
+                   "resumably, and verify it", usage="qwenbox pull [-h] [MODEL] [--config PATH] [--revision REV]",
+                   description="Download a Hugging Face model into model.models_dir (resuming an interrupted "
+                               "download), verify every file against the hub's checksums, then mark it complete "
+                               "for `qwenbox serve`. HF_ENDPOINT and HF_TOKEN work as in huggingface_hub.",
+                   add_options=pull_options).set_defaults(func=cmd_pull)
     d = sub.add_parser("demo-model", help="build the small random-weight demo model locally")
     d.add_argument("dir")
     d.add_argument("--force", action="store_true", help="rebuild even if a demo model is there")

@@ -7,6 +7,10 @@ Contract:
   ``/etc/qwenbox/qwenbox.toml:14: engine.max_num_seqs: expected an integer, got 'many'``.
 - Unknown keys, wrong types, out-of-range values and a missing local model path are errors;
   nothing is silently ignored or coerced (an int is accepted where a float is expected).
+- ``load(..., need_model=True)`` (serve, check-config, compile-cache) also requires that a
+  Hugging Face id in ``model.path``/``model.tokenizer`` has been pulled into
+  ``model.models_dir`` (``qwenbox pull``; ``models.py``): nothing downloads at start.
+  ``ModelConfig.local_dir``/``local_tokenizer_dir`` are what the engine loads.
 - Every key and its default is documented once, in the shipped ``etc/qwenbox/qwenbox.toml``;
   a test checks that file and these dataclasses agree.
 - ``reloaded(old, new)`` is what a SIGHUP may change on a running daemon: the sections and
@@ -18,11 +22,13 @@ import dataclasses
 import difflib
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
+from . import models
 from .generation import RULES, Rule
 
 if sys.version_info >= (3, 11):
@@ -67,11 +73,22 @@ class ModelConfig:
     max_model_len: int = _opt(8192, min=16)
     trust_remote_code: bool = False
     tokenizer: str = ""
+    models_dir: str = models.DEFAULT_MODELS_DIR
 
     @property
     def name(self) -> str:
         """The model id clients send; defaults to the path as given."""
         return self.served_name or self.path
+
+    @property
+    def local_dir(self) -> str:
+        """The directory the engine loads: ``path`` itself, or a hub id's pulled copy."""
+        return models.local_dir(self.path, self.models_dir)
+
+    @property
+    def local_tokenizer_dir(self) -> str | None:
+        """Likewise for ``tokenizer``; None = the model's own."""
+        return models.local_dir(self.tokenizer, self.models_dir) if self.tokenizer else None
 
 
 @dataclass(frozen=True)
@@ -335,12 +352,36 @@ def _semantic_checks(cfg: Config, err_at) -> None:
     path = cfg.model.path
     if not path:
         err_at("model.path", "must name a model directory or a Hugging Face model id")
-    if _looks_local(path):
+    if models.looks_local(path):
         p = Path(os.path.expanduser(path))
         if not p.is_dir():
             err_at("model.path", f"model directory {str(p)!r} does not exist")
         if not (p / "config.json").is_file():
             err_at("model.path", f"{str(p)!r} is not a model directory (no config.json in it)")
+    elif not models.is_hub_id(path):
+        err_at("model.path", f"expected a model directory or a Hugging Face id like \"org/name\", got {path!r}")
+    tok = cfg.model.tokenizer
+    if tok and models.looks_local(tok) and not Path(os.path.expanduser(tok)).is_dir():
+        err_at("model.tokenizer", f"tokenizer directory {tok!r} does not exist")
+    elif tok and not models.looks_local(tok) and not models.is_hub_id(tok):
+        err_at("model.tokenizer", f"expected a directory or a Hugging Face id like \"org/name\", got {tok!r}")
+    if not os.path.isabs(cfg.model.models_dir):
+        err_at("model.models_dir", f"expected an absolute path or one starting with \"./\", got {cfg.model.models_dir!r}")
+
+
+def _check_pulled(cfg: Config, err_at) -> None:
+    """A hub id is served only from a finished ``qwenbox pull``; the hint names the command."""
+    for key, name in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
+        if not models.is_hub_id(name) or models.is_pulled(name, cfg.model.models_dir):
+            continue
+        where = models.pulled_dir(cfg.model.models_dir, name)
+        state = "is not completely downloaded to" if where.exists() else "is not downloaded to"
+        cmd = f"qwenbox pull {name}"      # the id: it may be the tokenizer's, or from --model
+        if cfg.source != DEFAULT_CONFIG_PATH:
+            cmd += f" -c {shlex.quote(cfg.source)}"
+        if cfg.model.models_dir == models.DEFAULT_MODELS_DIR:   # root's (the package's qwenbox user's)
+            cmd = "sudo " + cmd
+        err_at(key, f"model {name!r} {state} {cfg.model.models_dir}: run '{cmd}'")
 
 
 def _check_ui(ui: UiConfig, err_at) -> None:
@@ -353,11 +394,6 @@ def _check_ui(ui: UiConfig, err_at) -> None:
                                        f"(scheme://host[:port], no path), got {o!r}")
 
 
-def _looks_local(path: str) -> bool:
-    """A Hugging Face id is 'org/name'; anything path-like is treated as a local directory."""
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.isdir(path)
-
-
 def _resolve_relative(cfg: Config, base: Path) -> Config:
     """Relative file paths in the config are relative to the config file's directory."""
     def fix(p: str, follow_links: bool = True) -> str:
@@ -367,7 +403,8 @@ def _resolve_relative(cfg: Config, base: Path) -> Config:
         return os.path.expanduser(p) if p else p
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, path=fix(cfg.model.path), tokenizer=fix(cfg.model.tokenizer)),
+        model=dataclasses.replace(cfg.model, path=fix(cfg.model.path), tokenizer=fix(cfg.model.tokenizer),
+                                  models_dir=fix(cfg.model.models_dir)),
         server=dataclasses.replace(cfg.server, socket=fix(cfg.server.socket)),
         engine=dataclasses.replace(cfg.engine, cache_dir=fix(cfg.engine.cache_dir)),
         logging=dataclasses.replace(cfg.logging, file=fix(cfg.logging.file)),
@@ -376,8 +413,9 @@ def _resolve_relative(cfg: Config, base: Path) -> Config:
 
 
 def from_dict(raw: dict, *, source: str = "<dict>", text: str = "",
-              base: Path | None = None) -> Config:
-    """Validate a parsed TOML document. ``text`` (the file body) lets errors carry lines."""
+              base: Path | None = None, need_model: bool = False) -> Config:
+    """Validate a parsed TOML document. ``text`` (the file body) lets errors carry lines;
+    ``need_model``: see ``load``."""
     def err_at(keypath: str, message: str):
         raise ConfigError(message, file=source, line=_line_of(text, keypath) if text else None,
                           key=keypath)
@@ -393,11 +431,17 @@ def from_dict(raw: dict, *, source: str = "<dict>", text: str = "",
     if base is not None:
         cfg = _resolve_relative(cfg, base)
     _semantic_checks(cfg, err_at)
+    if need_model:
+        _check_pulled(cfg, err_at)
     return cfg
 
 
-def load(path: str | os.PathLike = DEFAULT_CONFIG_PATH, overrides: dict[str, Any] | None = None) -> Config:
-    """Read, merge ``overrides`` ({"server.socket": ..., "model.path": ...}) and validate."""
+def load(path: str | os.PathLike = DEFAULT_CONFIG_PATH, overrides: dict[str, Any] | None = None,
+         *, need_model: bool = False) -> Config:
+    """Read, merge ``overrides`` ({"server.socket": ..., "model.path": ...}) and validate.
+    ``need_model``: also require a hub id's model (and tokenizer) to be pulled into
+    ``model.models_dir`` - what starting the engine needs; ``qwenbox pull`` and the UI load
+    without it."""
     source = str(path)
     try:
         raw_bytes = Path(path).read_bytes()
@@ -421,7 +465,7 @@ def load(path: str | os.PathLike = DEFAULT_CONFIG_PATH, overrides: dict[str, Any
     for dotted, value in applied:
         section, key = dotted.split(".", 1)
         raw.setdefault(section, {})[key] = value
-    cfg = from_dict(raw, source=source, text=text, base=Path(path).resolve().parent)
+    cfg = from_dict(raw, source=source, text=text, base=Path(path).resolve().parent, need_model=need_model)
     return dataclasses.replace(cfg, overrides=applied) if applied else cfg
 
 

@@ -59,6 +59,7 @@ _VLLM_ENV = {
     # the PyTorch sampler is within noise for serving.
     "VLLM_USE_FLASHINFER_SAMPLER": "0",
 }
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 @dataclass
@@ -244,6 +245,9 @@ class Engine:
         on_step("importing vLLM")
         for k, v in _VLLM_ENV.items():
             os.environ.setdefault(k, v)
+        # The engine loads a local directory (config.load(need_model=True) checked it is
+        # there); nothing may reach the hub from a service's start, not even the tokenizer.
+        os.environ.update(_OFFLINE_ENV)
         if cfg.engine.cache_dir:
             os.environ["VLLM_CACHE_ROOT"] = cfg.engine.cache_dir
         mod = await asyncio.to_thread(_import_vllm)
@@ -421,7 +425,7 @@ def engine_args_dict(cfg: Config) -> dict[str, Any]:
     in-process AsyncLLM does not get `vllm serve`'s defaults."""
     m, e = cfg.model, cfg.engine
     args: dict[str, Any] = dict(
-        model=m.path, served_model_name=[m.name], tokenizer=m.tokenizer or None, dtype=m.dtype,
+        model=m.local_dir, served_model_name=[m.name], tokenizer=m.local_tokenizer_dir, dtype=m.dtype,
         max_model_len=m.max_model_len, trust_remote_code=m.trust_remote_code,
         gpu_memory_utilization=e.gpu_memory_utilization, max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens, block_size=e.block_size,

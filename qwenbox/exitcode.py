@@ -8,6 +8,9 @@ class ExitCode(enum.IntEnum):
     OK = 0
     ENGINE_FAILED = 1     # the engine failed to start or died: systemd restarts us
     USAGE = 2             # bad command line (argparse's own code)
+    BAD_DOWNLOAD = 65     # EX_DATAERR: qwenbox pull got a file that does not match the hub's checksum
+    NO_MODEL = 66         # EX_NOINPUT: qwenbox pull: no such model or revision on the hub (or gated)
     UNAVAILABLE = 69      # EX_UNAVAILABLE: the listener cannot be bound
+    DOWNLOAD_FAILED = 75  # EX_TEMPFAIL: qwenbox pull did not finish (network, hub, disk): run it again to resume
     CONFIG = 78           # EX_CONFIG: RestartPreventExitStatus=78 stops a restart loop
     INTERRUPTED = 130     # a second stop signal: exit at once, without draining

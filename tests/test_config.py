@@ -218,10 +218,67 @@ def qwenbox(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def test_check_config_good_files_exit_0():
-    for f in (SHIPPED, DEMO_CONFIG):
-        r = qwenbox("check-config", "-c", str(f))
-        assert r.returncode == 0, r.stderr
-        assert "OK" in r.stdout and r.stderr == ""
+    r = qwenbox("check-config", "-c", str(DEMO_CONFIG))
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout and r.stderr == ""
+
+
+def shipped_with_models_dir(tmp_path: Path) -> Path:
+    text = SHIPPED.read_text().replace('models_dir = "/var/lib/qwenbox/models"', 'models_dir = "./models"')
+    return write(tmp_path, text)
+
+
+def test_check_config_shipped_file_needs_the_model_pulled(tmp_path):
+    """A hub id is served only from a finished `qwenbox pull` (its marker; tests/test_pull.py
+    pulls for real): without it check-config says to pull, and never downloads."""
+    p = shipped_with_models_dir(tmp_path)
+    r = qwenbox("check-config", "-c", str(p))
+    assert r.returncode == EX_CONFIG, (r.stdout, r.stderr)
+    assert r.stderr == (f"qwenbox: config error: {p}:10: model.path: model 'Qwen/Qwen3-4B-Instruct-2507' is not "
+                        f"downloaded to {tmp_path / 'models'}: run 'qwenbox pull Qwen/Qwen3-4B-Instruct-2507 -c {p}'\n")
+    pulled = tmp_path / "models" / "Qwen" / "Qwen3-4B-Instruct-2507"
+    pulled.mkdir(parents=True)
+    r = qwenbox("check-config", "-c", str(p))
+    assert r.returncode == EX_CONFIG and "is not completely downloaded to" in r.stderr
+    (pulled / ".qwenbox-pull.json").write_text('{"repo": "Qwen/Qwen3-4B-Instruct-2507"}')
+    r = qwenbox("check-config", "-c", str(p))
+    assert r.returncode == 0, r.stderr
+    assert "model 'Qwen/Qwen3-4B-Instruct-2507'" in r.stdout
+    cfg = config.load(p, need_model=True)
+    assert cfg.model.local_dir == str(pulled) and cfg.model.name == "Qwen/Qwen3-4B-Instruct-2507"
+
+
+def test_default_models_dir_hint_says_sudo(tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        config.load(write(tmp_path, '[model]\npath = "nobody-has/this-model"\n'), need_model=True)
+    assert str(ei.value).endswith("model 'nobody-has/this-model' is not downloaded to /var/lib/qwenbox/models: "
+                                  f"run 'sudo qwenbox pull nobody-has/this-model -c {tmp_path / 'qwenbox.toml'}'")
+    assert config.load(write(tmp_path, '[model]\npath = "nobody-has/this-model"\n')).model.local_dir == \
+        "/var/lib/qwenbox/models/nobody-has/this-model"       # loading without need_model: `pull`, `ui`
+
+
+def test_a_tokenizer_id_needs_its_own_pull(tmp_path, demo_model):
+    p = write(tmp_path, f'[model]\npath = "{demo_model}"\ntokenizer = "org/tok"\nmodels_dir = "./m"\n')
+    with pytest.raises(ConfigError) as ei:
+        config.load(p, need_model=True)
+    assert ei.value.key == "model.tokenizer" and ei.value.line == 3
+    assert str(ei.value).endswith(f"run 'qwenbox pull org/tok -c {p}'")
+    (tmp_path / "m" / "org" / "tok").mkdir(parents=True)
+    (tmp_path / "m" / "org" / "tok" / ".qwenbox-pull.json").write_text("{}")
+    cfg = config.load(p, need_model=True)
+    assert cfg.model.local_tokenizer_dir == str(tmp_path / "m" / "org" / "tok")
+    assert cfg.model.local_dir == str(demo_model)                  # a local path stays as it is
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[model]\npath = "a b"\n', "model.path"),
+    ('[model]\npath = "org/../x"\n', "model.path"),
+    ('[model]\ntokenizer = "./nowhere"\n', "model.tokenizer"),
+    ('[model]\nmodels_dir = "models"\n', "model.models_dir"),
+])
+def test_bad_model_names(tmp_path, text, key):
+    e = load_error(write(tmp_path, text))
+    assert e.key == key and e.line == 2, str(e)
 
 
 @pytest.mark.parametrize("text, words", [

@@ -432,7 +432,7 @@ def run_with_daemon(config: str, label: str, sock_dir: Path, log_path: Path, arg
     from ...config import load as load_config
 
     cfg = load_config(config)
-    tok = load_tokenizer(args.tokenizer or cfg.model.tokenizer or cfg.model.path)
+    tok = load_tokenizer(args.tokenizer or cfg.model.local_tokenizer_dir or cfg.model.local_dir)
     check = plan(args, levels, cfg.model.max_model_len, tok_info(tok))      # fails here, before a launch
     check_specs(tok, [s for lv in check["sweep"].values() for s in lv] + check["mix"] + check["burst"],
                 cfg.engine.block_size)
@@ -582,7 +582,7 @@ def _socket_tokenizer(args: Any) -> Any:
     except ConfigError as e:
         raise OptionError(f"--socket: name the served model's tokenizer with --tokenizer (the config "
                           f"{args.config} gives none: {e})") from None
-    return load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    return load_tokenizer(cfg.model.local_tokenizer_dir or cfg.model.local_dir)
 
 
 def _main(args: Any, levels: list[int], out: Path, logs_dir: Path, res: dict[str, Any]) -> int:

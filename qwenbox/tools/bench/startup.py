@@ -269,7 +269,7 @@ def check_prompts(cfg: Any, args: Any) -> dict[str, Any]:
     """Every prompt set this run sends, checked with the served model's tokenizer: the TTFT
     set and every throughput repetition are distinct token sequences sharing no KV block
     past the template and system prompt, and no two repetitions share a prompt."""
-    tok = load_tokenizer(args.tokenizer or cfg.model.tokenizer or cfg.model.path)
+    tok = load_tokenizer(args.tokenizer or cfg.model.local_tokenizer_dir or cfg.model.local_dir)
     bs = cfg.engine.block_size
     out = {"ttft": check_chat_set(tok, ttft_messages(cfg, args), "ttft", block_size=bs)}
     every = [m for rep in range(args.throughput_repeats) for m in throughput_messages(cfg, args, rep)]
