@@ -103,7 +103,7 @@ def test_pull_downloads_what_vllm_needs_verifies_it_and_check_config_passes(tmp_
     assert st["sha256"] == hashlib.sha256((demo_model / "model.safetensors").read_bytes()).hexdigest()
     assert st["size"] == (demo_model / "model.safetensors").stat().st_size
     assert "git-sha1" in files["config.json"]
-    assert not list(d.glob(f"{MARKER}.*"))                  # no temporary marker left behind
+    assert not [p for p in d.iterdir() if MARKER in p.name and p.name != MARKER]   # no temporary marker left behind
 
     r = qwenbox("check-config", "-c", str(cfg), hub=None, home=tmp_path)
     assert r.returncode == 0, r.stderr

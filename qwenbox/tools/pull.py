@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,6 +42,7 @@ from urllib.parse import urlsplit
 from .. import models
 from ..config import DEFAULT_CONFIG_PATH, load
 from ..exitcode import ExitCode
+from ..fileio import write_atomic
 
 # What vLLM reads from a model directory (top level only: subfolders such as onnx/ or
 # original/ hold other formats of the same weights).
@@ -209,23 +209,7 @@ def verify(dest: Path, entries: list[Any]) -> list[dict[str, Any]]:
 
 def write_marker(dest: Path, record: dict[str, Any]) -> None:
     """``models.MARKER``, atomically and durably: a crash leaves either no marker or this one."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{models.MARKER}.", suffix=".tmp", dir=dest)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest / models.MARKER)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dirfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    write_atomic(dest / models.MARKER, json.dumps(record, indent=2) + "\n", mode=0o644)
 
 
 @contextlib.contextmanager

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import qwenbox
 
 from ..config import Config
+from ..fileio import write_atomic
 from .settings import ENV, Settings
 
 ROOT_PATH = "/chat"
@@ -76,18 +76,6 @@ def chainlit_config(cfg: Config) -> str:
     ])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare(cfg: Config, environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     ui = cfg.ui
     if not cfg.server.socket:
@@ -98,8 +86,8 @@ def prepare(cfg: Config, environ: dict[str, str] | None = None) -> tuple[list[st
                            f"(`make ui-venv` in a checkout, or install the UI package) or point ui.python at it")
     state = Path(ui.state_dir)
     try:
-        _write_atomic(state / ".chainlit" / "config.toml", chainlit_config(cfg))
-        _write_atomic(state / "chainlit.md", "")
+        write_atomic(state / ".chainlit" / "config.toml", chainlit_config(cfg))
+        write_atomic(state / "chainlit.md", "")
     except OSError as e:
         raise UiSetupError(f"ui.state_dir: cannot write {e.filename or state}: {e.strerror}") from None
     host, _, port = ui.listen.rpartition(":")
