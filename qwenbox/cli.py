@@ -66,12 +66,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_compile_cache(args: argparse.Namespace) -> int:
     from . import eventlog
+    from .eventlog import Event
     from .precompile import fill
 
     cfg = _load(args)
     eventlog.setup(cfg.logging.level, cfg.logging.format, cfg.logging.file)
     figures = asyncio.run(fill(cfg))
-    eventlog.event("compile_cache", model=cfg.model.name, **figures)
+    eventlog.event(Event.COMPILE_CACHE, model=cfg.model.name, **figures)
     shown = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in figures.items() if k.endswith("_s") and isinstance(v, float))
     print(f"qwenbox: compile caches filled for {cfg.model.name!r} ({shown})")
     return 0

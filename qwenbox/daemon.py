@@ -30,7 +30,8 @@ from typing import Any
 import psutil
 from aiohttp import web
 
-from . import eventlog, warmup
+from . import eventlog
+from .eventlog import Event, warmup
 from .admission import Admission
 from .api.app import make_app
 from .config import Config, ConfigError, load as load_config, reloaded
@@ -83,7 +84,7 @@ class Daemon:
     def _on_phase(self, old: Phase, new: Phase, detail: str) -> None:
         status = f"{new.value}: {detail}" if detail else new.value
         if old != new:
-            eventlog.event("phase", phase=new.value, previous=old.value, detail=detail,
+            eventlog.event(Event.PHASE, phase=new.value, previous=old.value, detail=detail,
                            since_start_s=round(time.monotonic() - self._t0, 3))
         if new == Phase.READY and old != Phase.READY:
             self.notifier.ready(status)
@@ -126,7 +127,7 @@ class Daemon:
         """Frozen or stalled for exit_after_s and no systemd watchdog killed us: exit 1 now
         (a drain would wait on the hung engine)."""
         self._fatal = f"watchdog: {why}"
-        eventlog.event("engine_failed", level=logging.ERROR, reason=self._fatal)
+        eventlog.event(Event.ENGINE_FAILED, level=logging.ERROR, reason=self._fatal)
         self._force_exit()
 
     def _reload(self) -> None:
@@ -145,12 +146,12 @@ class Daemon:
                     eventlog.setup(old.logging.level, old.logging.format, old.logging.file)
                     raise ConfigError(f"cannot open the log file: {e}", file=old.source, key="logging.file")
         except ConfigError as e:
-            eventlog.event("reload", level=logging.ERROR, ok=False, error=str(e))
+            eventlog.event(Event.RELOAD, level=logging.ERROR, ok=False, error=str(e))
             note = f"reload failed, running config kept: {e}"
         else:
             self.cfg = cfg
             self.admission.configure(cfg.admission, cfg.sessions)
-            eventlog.event("reload", ok=True, applied=applied, needs_restart=ignored)
+            eventlog.event(Event.RELOAD, ok=True, applied=applied, needs_restart=ignored)
             note = f"reloaded {len(applied)} setting(s)" + (
                 f"; needs a restart: {', '.join(ignored)}" if ignored else "")
         if announce:
@@ -185,7 +186,7 @@ class Daemon:
         self.engine.cold_start.phases["total_s"] = time.monotonic() - self._t0
         self.cold_start = self.engine.cold_start.as_dict()
         self.metrics.set_cold_start(self.cold_start)
-        eventlog.event("cold_start", model=self.cfg.model.name, **self.cold_start,
+        eventlog.event(Event.COLD_START, model=self.cfg.model.name, **self.cold_start,
                        warmup_steps=len(report.steps))
 
     async def _build_engine(self, step, warming) -> warmup.WarmupReport:
@@ -201,7 +202,7 @@ class Daemon:
             await engine.close()
             raise
         self.engine = engine
-        eventlog.event("engine_loaded", vllm=engine.version, device=engine.device,
+        eventlog.event(Event.ENGINE_LOADED, vllm=engine.version, device=engine.device,
                        core_pids=engine.core_pids(), **engine.cold_start.as_dict())
         warming()
         report = await warmup.run(engine, self.cfg,
@@ -244,7 +245,7 @@ class Daemon:
         n = len(self._rebuilds)
         self.lifecycle.to(Phase.RECOVERING, f"engine died ({why}); rebuilding it ({n} of {rc.max_restarts} "
                                             f"allowed in {rc.window_s:g}s)")
-        eventlog.event("engine_died", level=logging.ERROR, reason=why, rebuild=n, max_restarts=rc.max_restarts,
+        eventlog.event(Event.ENGINE_DIED, level=logging.ERROR, reason=why, rebuild=n, max_restarts=rc.max_restarts,
                        window_s=rc.window_s, in_flight=self.gate.in_flight)
         self.recovery.update(rebuilds=self.recovery.get("rebuilds", 0) + 1, last_reason=why,
                              in_window=n, max_restarts=rc.max_restarts, window_s=rc.window_s)
@@ -260,7 +261,7 @@ class Daemon:
             # the engine build runs in a thread that cannot be interrupted: leave at once
             self._fatal = f"engine rebuild took longer than recovery.timeout_s ({rc.timeout_s:g}s)"
             self.metrics.engine_restarts.labels("failed").inc()
-            eventlog.event("engine_failed", level=logging.ERROR, reason=self._fatal)
+            eventlog.event(Event.ENGINE_FAILED, level=logging.ERROR, reason=self._fatal)
             self._force_exit()
         except Exception as e:
             self.metrics.engine_restarts.labels("failed").inc()
@@ -271,7 +272,7 @@ class Daemon:
         self.recovery.update(last_recovery_s=round(took, 3), last_phases=figures)
         self.metrics.engine_restarts.labels("recovered").inc()
         self.metrics.last_recovery.set(took)
-        eventlog.event("engine_recovered", seconds=round(took, 3), rebuild=n, **figures)
+        eventlog.event(Event.ENGINE_RECOVERED, seconds=round(took, 3), rebuild=n, **figures)
         self._serve()
 
     async def _dispose(self, dead: Any) -> None:
@@ -318,7 +319,7 @@ class Daemon:
         self._opener = asyncio.create_task(self.listeners.start(after=hold))
         if not hold:
             await self._opener
-        eventlog.event("listening", sockets=self.listeners.describe(), pid=os.getpid(),
+        eventlog.event(Event.LISTENING, sockets=self.listeners.describe(), pid=os.getpid(),
                        socket_activation=self.listeners.handover, queue_while_loading_s=hold,
                        max_connections=self.listeners.cap, open_files_limit=fd_limit)
 
@@ -354,7 +355,7 @@ class Daemon:
             return
         self._fatal = why
         self.exit_code = ExitCode.ENGINE_FAILED
-        eventlog.event("engine_failed", level=logging.ERROR, reason=why,
+        eventlog.event(Event.ENGINE_FAILED, level=logging.ERROR, reason=why,
                        error=f"{type(exc).__name__}: {exc}" if exc else None)
         if exc is not None:
             log.error("%s", why, exc_info=exc)
@@ -394,7 +395,7 @@ class Daemon:
         self.listeners.remove_own_socket()
         if self.lifecycle.can(Phase.STOPPED):
             self.lifecycle.to(Phase.STOPPED, "exit %d" % self.exit_code)
-        eventlog.event("stopped", exit_code=int(self.exit_code), uptime_s=round(time.monotonic() - self._t0, 3))
+        eventlog.event(Event.STOPPED, exit_code=int(self.exit_code), uptime_s=round(time.monotonic() - self._t0, 3))
 
     async def _close_engine(self) -> None:
         self.watchdog.closing()     # systemd still enforces WatchdogSec while we stop

@@ -3,7 +3,8 @@
 Contract:
 - ``setup(level, fmt, file)`` installs one handler on stdout (journald reads it) and, if
   ``file`` is set, one on that file; lines are ``logfmt`` or ``json`` (``fmt``).
-- ``event(kind, **fields)`` writes one line with ``event=kind`` and the fields, in order.
+- ``Event`` is the one list of events the daemon writes (and ``qwenbox logs`` reads);
+  ``event(kind, **fields)`` writes one line with ``event=kind`` and the fields, in order.
   Every line is written whatever the fields hold: a string field is cut to
   ``MAX_FIELD_CHARS``, and text UTF-8 cannot encode (a lone surrogate) is escaped, so a
   client's bytes can neither lose a line nor make one large.
@@ -14,6 +15,7 @@ Contract:
 from __future__ import annotations
 
 import datetime as _dt
+import enum
 import json
 import logging
 import re
@@ -21,6 +23,25 @@ import sys
 from typing import Any
 
 EVENTS = logging.getLogger("qwenbox.events")
+
+
+class Event(enum.StrEnum):
+    """Every ``event=`` value a qwenbox process writes; nothing else is ever written."""
+    LISTENING = "listening"             # sockets bound (or inherited) and served
+    PHASE = "phase"                     # a lifecycle transition
+    ENGINE_LOADED = "engine_loaded"     # an engine is built (first boot or rebuild), before warm-up
+    COLD_START = "cold_start"           # first boot done: the cold-start figures
+    ENGINE_DIED = "engine_died"         # the engine died while serving; an in-process rebuild starts
+    ENGINE_RECOVERED = "engine_recovered"   # that rebuild is serving
+    ENGINE_FAILED = "engine_failed"     # fatal: the process exits non-zero
+    RELOAD = "reload"                   # SIGHUP: applied or refused
+    SLEEP = "sleep"                     # idle standby put the engine to sleep
+    WAKE = "wake"                       # a request woke it
+    WATCHDOG = "watchdog"               # the health verdict changed
+    REQUEST = "request"                 # one finished API request (the access log)
+    STOPPED = "stopped"                 # the process is about to exit
+    COMPILE_CACHE = "compile_cache"     # ``qwenbox compile-cache`` finished
+    LOG = "log"                         # a plain ``logging`` call, in the same format
 MAX_FIELD_CHARS = 1024
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -36,7 +57,7 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
         out["event"] = record.getMessage()
         out.update((k, _bounded(v)) for k, v in fields.items())
     else:
-        out["event"] = "log"
+        out["event"] = Event.LOG.value
         out["logger"] = record.name
         out["msg"] = record.getMessage()
     if record.exc_info:
@@ -105,8 +126,8 @@ def setup(level: str = "info", fmt: str = "logfmt", file: str = "") -> None:
     root.setLevel(level.upper())
 
 
-def event(kind: str, level: int = logging.INFO, **fields: Any) -> None:
-    EVENTS.log(level, kind, extra={"qb_fields": fields})
+def event(kind: Event, level: int = logging.INFO, **fields: Any) -> None:
+    EVENTS.log(level, kind.value, extra={"qb_fields": fields})
 
 
 _LOGFMT_PAIR = re.compile(r'([A-Za-z0-9_.\-]+)=("(?:[^"\\]|\\.)*"|\S*)')

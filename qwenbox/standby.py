@@ -18,6 +18,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from . import eventlog
+from .eventlog import Event
 from .config import StandbyConfig
 from .lifecycle import Lifecycle, Phase
 
@@ -75,7 +76,7 @@ class Standby:
             took = time.monotonic() - t0
             self.lifecycle.to(Phase.SLEEPING, f"idle for {self.idle_for():.0f}s; wakes on the next request")
             # sleep_level, not level: ``level`` is event()'s own logging-level argument
-            eventlog.event("sleep", sleep_level=self.cfg.sleep_level, sleep_s=round(took, 3))
+            eventlog.event(Event.SLEEP, sleep_level=self.cfg.sleep_level, sleep_s=round(took, 3))
             self.on_sleep(took)
 
     async def ensure_awake(self) -> None:
@@ -91,6 +92,6 @@ class Standby:
             took = time.monotonic() - t0
             self.last_wake_s = took
             self.lifecycle.to(Phase.READY, f"awake (wake {took:.2f}s)")
-            eventlog.event("wake", wake_s=round(took, 3))
+            eventlog.event(Event.WAKE, wake_s=round(took, 3))
             self.on_wake(took)
             self.touch()

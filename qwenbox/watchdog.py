@@ -43,6 +43,7 @@ from typing import Any, Callable
 import psutil
 
 from . import eventlog
+from .eventlog import Event
 from .config import WatchdogConfig
 
 log = logging.getLogger("qwenbox.watchdog")
@@ -132,7 +133,7 @@ class Watchdog:
         was = self.verdict
         self.verdict = v
         if v.healthy != was.healthy or (not v.healthy and v.reasons != was.reasons):
-            eventlog.event("watchdog", level=logging.INFO if v.healthy else logging.ERROR,
+            eventlog.event(Event.WATCHDOG, level=logging.INFO if v.healthy else logging.ERROR,
                            healthy=v.healthy, reason=v.reason or None, pings=self.pings,
                            watchdog_sec=self.watchdog_sec)
         engine = self.gate.engine
@@ -152,7 +153,7 @@ class Watchdog:
             if limit and now - self.unhealthy_since >= limit and not self._fatal_called:
                 self._fatal_called = True
                 why = f"unhealthy for {now - self.unhealthy_since:.0f}s: {v.reason}"
-                eventlog.event("watchdog", level=logging.ERROR, healthy=False, action="exit", reason=why)
+                eventlog.event(Event.WATCHDOG, level=logging.ERROR, healthy=False, action="exit", reason=why)
                 self.on_fatal(why)
         return v
 

@@ -15,6 +15,7 @@ import uuid
 from aiohttp import web
 
 from .. import eventlog
+from ..eventlog import Event
 from ..admission import Rejected
 from .errors import to_response
 from .keys import CONFIG, GATE, METRICS
@@ -59,7 +60,7 @@ async def request_context(request: web.Request, handler):
         status = info.pop("status", status)
         if cfg.server.access_log and request.path not in ALWAYS_OPEN:
             path = request.path
-            eventlog.event("request", id=rid, method=request.method,
+            eventlog.event(Event.REQUEST, id=rid, method=request.method,
                            path=path if len(path) <= _MAX_LOGGED_PATH else path[:_MAX_LOGGED_PATH] + "...",
                            status=status, latency_s=round(time.monotonic() - request["t0"], 4), **info)
         resource = request.match_info.route.resource
