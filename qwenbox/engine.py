@@ -11,6 +11,8 @@ Contract:
   exceptions below, never as vllm types.
 - ``progress`` is updated on every engine step (the watchdog's evidence of life);
   ``core_pids()`` are the engine-core child processes.
+- ``Engine`` implements ``engine_protocol.ServingEngine``, the one interface the rest of
+  qwenbox programs against.
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
 
 import psutil
 
 from .config import Config, ConfigError
+from .engine_protocol import FigureValue
 from .generation import Delta, GenerationRequest, Progress
 
 log = logging.getLogger("qwenbox.engine")
@@ -38,7 +42,8 @@ class EngineError(Exception):
 
 
 class EngineDead(EngineError):
-    """The engine core is gone: fatal for the daemon (systemd restarts us)."""
+    """The engine core is gone: the requests on it end (or are resubmitted, ``gate.py``)
+    and the supervisor rebuilds the engine in-process, within its budget."""
 
 
 class EngineRequestError(EngineError):
@@ -66,9 +71,9 @@ _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 class ColdStart:
     """Seconds per start-up phase, in the order they happened, plus vLLM's own figures."""
     phases: dict[str, float] = field(default_factory=dict)
-    vllm: dict[str, float] = field(default_factory=dict)
+    vllm: dict[str, FigureValue] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, FigureValue]:
         return {**{k: round(v, 3) for k, v in self.phases.items()},
                 **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.vllm.items()}}
 
@@ -91,7 +96,7 @@ class _ChildLogTap:
         "kv_cache_tokens": re.compile(r"KV cache size: ([\d,]+) tokens"),
     }
 
-    def __init__(self, sink: dict[str, float]) -> None:
+    def __init__(self, sink: dict[str, FigureValue]) -> None:
         self.sink = sink
         self._saved: int | None = None
         self._thread: threading.Thread | None = None
@@ -179,7 +184,7 @@ class ChatTokenizer:
             return None
         return self.encode(text)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         """Apply the model's chat template with the assistant turn opened."""
         try:
             return self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -302,7 +307,10 @@ class Engine:
     def core_pids(self) -> list[int]:
         return [p.pid for p in self._children if _alive(p)]
 
-    def health(self) -> dict[str, Any]:
+    def figures(self) -> dict[str, FigureValue]:
+        return self.cold_start.as_dict()
+
+    def health(self) -> dict[str, object]:
         p = self.progress
         return {"engine": {"running": p.running, "waiting": p.waiting, "kv_cache_usage": round(p.kv_cache_usage, 4),
                            "generated_tokens": p.generated_tokens, "core_pids": self.core_pids(),
@@ -321,7 +329,7 @@ class Engine:
         return v.SamplingParams(**r.sampling.engine_kwargs(),
                                 output_kind=v.RequestOutputKind.DELTA if r.stream else v.RequestOutputKind.FINAL_ONLY)
 
-    async def generate(self, r: GenerationRequest) -> AsyncIterator[list[Delta]]:
+    async def generate(self, r: GenerationRequest) -> AsyncGenerator[list[Delta], None]:
         if self._llm is None:
             raise EngineDead("engine is closed")
         v = self._v

@@ -126,7 +126,8 @@ def setup(level: str = "info", fmt: str = "logfmt", file: str = "") -> None:
     root.setLevel(level.upper())
 
 
-def event(kind: Event, level: int = logging.INFO, **fields: Any) -> None:
+def event(kind: Event, level: int = logging.INFO, /, **fields: object) -> None:
+    """One line for ``kind`` at logging ``level`` (positional, so that no field can take its name)."""
     EVENTS.log(level, kind.value, extra={"qb_fields": fields})
 
 

@@ -1,6 +1,7 @@
 """The process exit codes, in one place (systemd's unit and the CLI both rely on them)."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 
@@ -14,3 +15,22 @@ class ExitCode(enum.IntEnum):
     DOWNLOAD_FAILED = 75  # EX_TEMPFAIL: qwenbox pull did not finish (network, hub, disk): run it again to resume
     CONFIG = 78           # EX_CONFIG: RestartPreventExitStatus=78 stops a restart loop
     INTERRUPTED = 130     # a second stop signal: exit at once, without draining
+
+
+@dataclasses.dataclass(frozen=True)
+class Halt:
+    """The one way out of ``qwenbox serve``: why the process stops and with which code.
+
+    ``drain``: finish the requests in flight first (a stop request); a failed engine has
+    nothing to drain. ``now``: leave at once, killing the engine's processes, without any
+    orderly step (a hung engine or build thread, a second stop signal): the one case where
+    waiting would never end.
+    """
+    reason: str
+    exit_code: ExitCode
+    drain: bool = False
+    now: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.exit_code not in (ExitCode.OK, ExitCode.INTERRUPTED)

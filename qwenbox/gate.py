@@ -1,5 +1,8 @@
 """The gate: whether a request may use the engine now, and the requests that are using it.
 
+The gate holds no engine: it asks the engine supervisor (``EngineHolder``) for the one to
+use now, and waits on it while none is attached.
+
 Contract:
 - ``refusal()`` is ``(message, code)`` while the phase serves no requests (loading,
   warming, draining, failed), else ``None``. Under socket activation a draining instance
@@ -13,21 +16,31 @@ Contract:
 - ``gate.generate(engine, gen)`` is ``engine.generate(gen)``, resubmitted once to the new
   engine when the engine died before producing anything for this request: its client has
   seen no token, so nothing is lost and nothing is repeated.
-- ``attach(engine, standby)`` / ``detach()``: the daemon hands over a new engine or takes
-  away a dead one; held requests wake on every attach and phase change.
+  Held requests wake on every attach, detach and phase change (``EngineHolder.wait_changed``).
 - ``with gate.running(rid):`` marks an admitted request as handed to the engine; the
   watchdog reads ``running_ids`` as evidence that work is pending.
-- ``abort_all(why)`` (drain timed out) aborts every running request in the engine;
-  ``raise_if_aborted(rid)`` turns that into a clean 503 for the request's client.
+- ``await drain(timeout, finish_accepted)``: the requests in flight finish up to ``timeout``
+  seconds, the rest are aborted in the engine (``raise_if_aborted(rid)`` turns that into a
+  clean 503 for the request's client). ``finish_accepted`` (socket activation, stopped while
+  ready): connections accepted before the listener closed still get their requests served.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Callable, Iterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from typing import Protocol
 
 from .engine import EngineDead
+from .engine_protocol import ServingEngine
+from .generation import Delta, GenerationRequest
 from .lifecycle import Lifecycle, Phase
+
+log = logging.getLogger("qwenbox.gate")
+
+_ACCEPTED_GRACE_S = 0.5   # socket activation: time for just-accepted connections to send their request
+_ABORTED_GRACE_S = 5.0    # after drain-abort: time for the aborted requests to answer their clients
 
 _REFUSALS = {
     Phase.STARTING: ("the server is starting; the model is not loaded yet", "model_loading"),
@@ -48,12 +61,24 @@ class NotServing(Exception):
         self.message, self.code = message, code
 
 
+class EngineHolder(Protocol):
+    """What the gate asks of the engine supervisor."""
+
+    @property
+    def engine(self) -> ServingEngine | None: ...
+
+    async def wait_changed(self, timeout: float) -> bool: ...
+
+    async def ensure_awake(self) -> None: ...
+
+    def note_activity(self) -> None: ...
+
+
 class Gate:
-    def __init__(self, lifecycle: Lifecycle, hold_s: Callable[[], float] = lambda: 0.0) -> None:
+    def __init__(self, lifecycle: Lifecycle, engines: EngineHolder, hold_s: Callable[[], float] = lambda: 0.0) -> None:
         self.lifecycle = lifecycle
+        self.engines = engines
         self.hold_s = hold_s
-        self.engine: Any = None           # set by the daemon once loaded
-        self.standby: Any = None
         self.finish_accepted = False
         self.in_flight = 0
         self.running_ids: set[str] = set()
@@ -61,20 +86,11 @@ class Gate:
         self._idle.set()
         self._aborted: set[str] = set()
         self._abort_reason = ""
-        self._changed = asyncio.Event()     # set (and replaced) on every attach, detach, phase change
-        lifecycle.observe(lambda old, new, detail: self._notify())
 
-    def attach(self, engine: Any, standby: Any) -> None:
-        self.engine, self.standby = engine, standby
-        self._notify()
-
-    def detach(self) -> None:
-        self.engine, self.standby = None, None
-        self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    @property
+    def engine(self) -> ServingEngine | None:
+        """The engine attached now (the supervisor's), awake or not; None while there is none."""
+        return self.engines.engine
 
     def refusal(self) -> tuple[str, str] | None:
         phase = self.lifecycle.phase
@@ -94,8 +110,7 @@ class Gate:
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
-            if self.standby is not None:
-                self.standby.touch()
+            self.engines.note_activity()
 
     async def wait_idle(self, timeout: float) -> bool:
         """True once no request is in flight; False if ``timeout`` passed first."""
@@ -105,7 +120,7 @@ class Gate:
         except asyncio.TimeoutError:
             return not self.in_flight
 
-    async def serving_engine(self, dead: Any = None) -> Any:
+    async def serving_engine(self, dead: ServingEngine | None = None) -> ServingEngine:
         """The engine, awake. ``dead``: an engine that just died under this request; wait
         for its replacement rather than take it again."""
         loop = asyncio.get_running_loop()
@@ -116,14 +131,10 @@ class Gate:
                 break
             if refusal is not None or not self._holding():
                 raise NotServing(*(refusal or ("the model is loading", "model_loading")))
-            changed = self._changed
-            try:
-                await asyncio.wait_for(changed.wait(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
+            if not await self.engines.wait_changed(deadline - loop.time()):
                 raise NotServing(f"the engine is restarting after a failure and was not back within "
-                                 f"{self.hold_s():g}s", "engine_restarting") from None
-        if self.standby is not None:
-            await self.standby.ensure_awake()
+                                 f"{self.hold_s():g}s", "engine_restarting")
+        await self.engines.ensure_awake()
         return engine
 
     def _holding(self) -> bool:
@@ -132,7 +143,7 @@ class Gate:
         phase = self.lifecycle.phase
         return self.hold_s() > 0 and (phase == Phase.RECOVERING or phase.serves_requests)
 
-    async def generate(self, engine: Any, gen: Any) -> AsyncIterator[Any]:
+    async def generate(self, engine: ServingEngine, gen: GenerationRequest) -> AsyncGenerator[list[Delta], None]:
         produced = False
         try:
             async with contextlib.aclosing(engine.generate(gen)) as outputs:
@@ -157,17 +168,32 @@ class Gate:
             self.running_ids.discard(rid)
             self._aborted.discard(rid)
 
+    async def drain(self, timeout: float, finish_accepted: bool = False) -> None:
+        """In-flight requests finish up to ``timeout``; the rest are aborted (503)."""
+        self.finish_accepted = finish_accepted
+        if finish_accepted:
+            # Connections accepted just before the listener closed may not have sent their
+            # request yet: give them a moment to become in-flight requests.
+            await asyncio.sleep(_ACCEPTED_GRACE_S)
+        if await self.wait_idle(timeout):
+            return
+        n = await self.abort_all("the server is shutting down; drain_timeout passed")
+        log.warning("drain timeout: aborted %d request(s)", n)
+        await self.wait_idle(_ABORTED_GRACE_S)
+
     async def abort_all(self, why: str) -> int:
         rids = list(self.running_ids)
         self._aborted.update(rids)
         self._abort_reason = why
-        for rid in rids:
-            await self.engine.abort(rid)
+        engine = self.engine
+        if engine is not None:
+            for rid in rids:
+                await engine.abort(rid)
         return len(rids)
 
     def raise_if_aborted(self, rid: str) -> None:
         if rid in self._aborted:
             raise NotServing(self._abort_reason or "aborted", "shutting_down")
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> dict[str, object]:
         return {"in_flight": self.in_flight}

@@ -75,7 +75,10 @@ class Lifecycle:
                 log.exception("lifecycle observer %r failed", fn)
 
     def note(self, detail: str) -> None:
-        """Progress within a phase (e.g. 'warming 3/5'): observers see old == new."""
+        """Progress within a phase (e.g. 'warming 3/5'): observers see old == new.
+        A note that repeats the current detail tells nothing new: observers are not called."""
+        if detail == self.detail:
+            return
         self.detail = detail
         for fn in self._observers:
             try:

@@ -1,6 +1,8 @@
 """Idle standby: put an idle engine to sleep, wake it on the next request.
 
 Contract:
+- ``Standby`` holds no engine: it asks ``engine()`` (the supervisor's attached engine) each
+  time, so one standby serves every engine the process builds.
 - ``run()`` (a task) puts the engine to sleep (vLLM sleep level 1: weights to CPU RAM,
   KV cache freed) once no API request has been in flight for ``idle_sleep_after_s``;
   the phase becomes ``sleeping``. Only API requests count as activity: /health and
@@ -15,22 +17,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from . import eventlog
 from .eventlog import Event
 from .config import StandbyConfig
+from .engine_protocol import ServingEngine
 from .lifecycle import Lifecycle, Phase
 
 log = logging.getLogger("qwenbox.standby")
 
 
 class Standby:
-    def __init__(self, cfg: StandbyConfig, lifecycle: Lifecycle, engine: Any,
-                 busy: Callable[[], int], rewarm: Callable[[], Awaitable[None]],
+    def __init__(self, settings: Callable[[], StandbyConfig], lifecycle: Lifecycle,
+                 engine: Callable[[], ServingEngine | None], busy: Callable[[], int],
+                 rewarm: Callable[[ServingEngine], Awaitable[None]],
                  on_wake: Callable[[float], None] = lambda s: None,
                  on_sleep: Callable[[float], None] = lambda s: None) -> None:
-        self.cfg = cfg
+        self.settings = settings
         self.lifecycle = lifecycle
         self.engine = engine
         self.busy = busy
@@ -41,10 +45,14 @@ class Standby:
         self.last_wake_s: float | None = None
 
     @property
+    def cfg(self) -> StandbyConfig:
+        return self.settings()
+
+    @property
     def enabled(self) -> bool:
         return self.cfg.idle_sleep_after_s > 0
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, object]:
         if not self.enabled:
             return {}
         return {"standby": {"idle_s": round(self.idle_for(), 1), "sleep_after_s": self.cfg.idle_sleep_after_s,
@@ -69,10 +77,12 @@ class Standby:
     async def _sleep(self) -> None:
         async with self.lock:
             # re-check under the lock: a request may have arrived while we waited for it
-            if self.lifecycle.phase != Phase.READY or self.busy() or self.idle_for() < self.cfg.idle_sleep_after_s:
+            engine = self.engine()
+            if (engine is None or self.lifecycle.phase != Phase.READY or self.busy()
+                    or self.idle_for() < self.cfg.idle_sleep_after_s):
                 return
             t0 = time.monotonic()
-            await self.engine.sleep(self.cfg.sleep_level)
+            await engine.sleep(self.cfg.sleep_level)
             took = time.monotonic() - t0
             self.lifecycle.to(Phase.SLEEPING, f"idle for {self.idle_for():.0f}s; wakes on the next request")
             # sleep_level, not level: ``level`` is event()'s own logging-level argument
@@ -84,11 +94,12 @@ class Standby:
         if self.lifecycle.phase != Phase.SLEEPING and not self.lock.locked():
             return
         async with self.lock:
-            if self.lifecycle.phase != Phase.SLEEPING:
+            engine = self.engine()
+            if engine is None or self.lifecycle.phase != Phase.SLEEPING:
                 return
             t0 = time.monotonic()
-            await self.engine.wake_up()
-            await self.rewarm()
+            await engine.wake_up()
+            await self.rewarm(engine)
             took = time.monotonic() - t0
             self.last_wake_s = took
             self.lifecycle.to(Phase.READY, f"awake (wake {took:.2f}s)")

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from fake_engine import FakeEngine
 from qwenbox import shaping
 from qwenbox.admission import Admission, Rejected, SessionTracker
 from qwenbox.config import AdmissionConfig, Config, SessionsConfig, StandbyConfig
@@ -150,17 +151,6 @@ def test_fit_messages_drops_oldest_keeps_system_and_last():
     assert shaping.pad([5, 6], 4, 0) == [0, 0, 5, 6] and shaping.pad([5, 6], 0, 0) == [5, 6]
 
 
-class RecordingEngine:
-    def __init__(self):
-        self.calls = []
-
-    async def sleep(self, level):
-        self.calls.append(("sleep", level))
-
-    async def wake_up(self):
-        self.calls.append(("wake",))
-
-
 def test_standby_sleeps_when_idle_and_wakes_once_for_many(caplog):
     caplog.set_level(logging.INFO, logger="qwenbox.events")
 
@@ -168,13 +158,14 @@ def test_standby_sleeps_when_idle_and_wakes_once_for_many(caplog):
         lc = Lifecycle()
         for p in (Phase.LOADING, Phase.WARMING, Phase.READY):
             lc.to(p)
-        eng = RecordingEngine()
+        eng = FakeEngine()
         busy = {"n": 0}
         rewarms = []
 
-        async def rewarm():
-            rewarms.append(1)
-        sb = Standby(StandbyConfig(idle_sleep_after_s=0.2), lc, eng, busy=lambda: busy["n"], rewarm=rewarm)
+        async def rewarm(engine):
+            rewarms.append(engine)
+        sb = Standby(lambda: StandbyConfig(idle_sleep_after_s=0.2), lc, lambda: eng, busy=lambda: busy["n"],
+                     rewarm=rewarm)
         busy["n"] = 1                       # a request in flight: never sleep under it,
         sb.last_activity -= 60              # however long ago the last one started
         await sb._sleep()
@@ -187,7 +178,7 @@ def test_standby_sleeps_when_idle_and_wakes_once_for_many(caplog):
             await asyncio.sleep(0.05)
         assert lc.phase == Phase.SLEEPING and eng.calls == [("sleep", 1)]
         await asyncio.gather(*(sb.ensure_awake() for _ in range(5)))
-        assert lc.phase == Phase.READY and eng.calls == [("sleep", 1), ("wake",)] and rewarms == [1]
+        assert lc.phase == Phase.READY and eng.calls == [("sleep", 1), ("wake", None)] and rewarms == [eng]
         assert sb.last_wake_s is not None
         task.cancel()
     run(main())
@@ -200,8 +191,8 @@ def test_standby_sleeps_when_idle_and_wakes_once_for_many(caplog):
 def test_standby_disabled_never_sleeps():
     async def main():
         lc = Lifecycle()
-        sb = Standby(StandbyConfig(idle_sleep_after_s=0), lc, RecordingEngine(), busy=lambda: 0,
-                     rewarm=lambda: asyncio.sleep(0))
+        sb = Standby(lambda: StandbyConfig(idle_sleep_after_s=0), lc, FakeEngine, busy=lambda: 0,
+                     rewarm=lambda engine: asyncio.sleep(0))
         await asyncio.wait_for(sb.run(), 1)   # returns at once when disabled
         assert not sb.enabled
     run(main())

@@ -1,52 +1,61 @@
 """The gate and admission's ticket: pure state machines, driven with asyncio (the real
-daemon runs them in test_api.py, test_cost_control.py and test_lifecycle_daemon.py)."""
+daemon runs them in test_api.py, test_cost_control.py and test_lifecycle_daemon.py).
+The gate asks a real ``EngineSupervisor`` for its engine; the supervisor builds the shared
+test double (``fake_engine.py``)."""
 import asyncio
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from fake_engine import FakeEngine, FakeOpener
 from qwenbox.admission import Admission, Rejected
-from qwenbox.config import AdmissionConfig, SessionsConfig
+from qwenbox.config import AdmissionConfig, Config, SessionsConfig
 from qwenbox.gate import Gate, NotServing
 from qwenbox.lifecycle import Lifecycle, Phase
 from qwenbox.metrics import Metrics
-from prometheus_client import CollectorRegistry
+from qwenbox.supervisor import EngineSupervisor
+from qwenbox.systemd import Notifier
 
 
-class AbortRecorder:
-    def __init__(self):
-        self.aborted = []
+def supervised(opener: FakeOpener, hold_s: float = 0.0) -> tuple[Gate, EngineSupervisor, Lifecycle, list]:
+    """A gate over a supervisor that builds ``opener``'s engines; ``halts``: what it gave up on."""
+    lc, halts = Lifecycle(), []
+    sup = EngineSupervisor(Config, lc, Metrics(CollectorRegistry()), Notifier(None, None), busy=lambda: 0,
+                           halt=halts.append, open_engine=opener)
+    return Gate(lc, sup, hold_s=lambda: hold_s), sup, lc, halts
 
-    async def abort(self, rid):
-        self.aborted.append(rid)
+
+async def until(cond) -> None:
+    """Wait (with a deadline) for a state the supervisor's tasks reach."""
+    async with asyncio.timeout(30):
+        while not cond():
+            await asyncio.sleep(0.001)
 
 
-def ready_gate() -> Gate:
-    lc = Lifecycle()
-    for p in (Phase.LOADING, Phase.WARMING, Phase.READY):
-        lc.to(p)
-    gate = Gate(lc)
-    gate.attach(AbortRecorder(), None)
-    return gate
+async def wait_phase(lc: Lifecycle, phase: Phase) -> None:
+    await until(lambda: lc.phase == phase)
 
 
 def test_refusal_follows_the_phase():
-    lc = Lifecycle()
-    gate = Gate(lc)
-    assert gate.refusal()[1] == "model_loading"
-    with pytest.raises(NotServing):
-        asyncio.run(gate.serving_engine())
-    for p in (Phase.LOADING, Phase.WARMING, Phase.READY):
-        lc.to(p)
-    assert gate.refusal() is None
-    lc.to(Phase.DRAINING)
-    assert gate.refusal()[1] == "shutting_down"
-    gate.finish_accepted = True               # socket activation: accepted connections are served
-    assert gate.refusal() is None
+    async def main():
+        gate, sup, lc, _ = supervised(FakeOpener())
+        assert gate.refusal()[1] == "model_loading"
+        with pytest.raises(NotServing):
+            await gate.serving_engine()
+        await sup.start()
+        assert lc.phase == Phase.READY and gate.refusal() is None
+        assert await gate.serving_engine() is sup.engine is not None
+        lc.to(Phase.DRAINING)
+        assert gate.refusal()[1] == "shutting_down"
+        gate.finish_accepted = True               # socket activation: accepted connections are served
+        assert gate.refusal() is None
+    asyncio.run(main())
 
 
 def test_wait_idle_and_drain_abort():
     async def main():
-        gate = ready_gate()
+        gate, sup, _, _ = supervised(FakeOpener())
+        await sup.start()
         release = asyncio.Event()
 
         async def request(rid):
@@ -64,7 +73,7 @@ def test_wait_idle_and_drain_abort():
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, NotServing) and r.code == "shutting_down" for r in results)
         assert await gate.wait_idle(1) and gate.in_flight == 0 and not gate.running_ids
-        assert sorted(gate.engine.aborted) == ["r0", "r1", "r2"]
+        assert sorted(rid for what, rid in sup.engine.calls if what == "abort") == ["r0", "r1", "r2"]
     asyncio.run(main())
 
 
@@ -88,67 +97,47 @@ def test_admit_yields_a_ticket_tracks_the_session_and_counts_rejections():
     asyncio.run(main())
 
 
-class StubEngine:
-    """Yields ``outputs``; raises EngineDead after ``die_after`` of them (None: never)."""
-
-    def __init__(self, outputs=("a", "b"), die_after=None):
-        self.outputs, self.die_after, self.dead, self.calls = list(outputs), die_after, False, 0
-
-    async def generate(self, gen):
-        from qwenbox.engine import EngineDead
-        self.calls += 1
-        for i, out in enumerate(self.outputs):
-            if self.die_after is not None and i >= self.die_after:
-                self.dead = True
-                raise EngineDead("engine core died")
-            yield out
-        if self.die_after is not None and self.die_after >= len(self.outputs):
-            self.dead = True
-            raise EngineDead("engine core died")
-
-
-def recovering_gate(hold_s: float) -> tuple[Gate, Lifecycle]:
-    lc = Lifecycle()
-    for p in (Phase.LOADING, Phase.WARMING, Phase.READY):
-        lc.to(p)
-    return Gate(lc, hold_s=lambda: hold_s), lc
-
-
 def test_requests_are_held_while_the_engine_is_rebuilt_and_get_the_new_one():
     async def main():
-        gate, lc = recovering_gate(hold_s=60)
-        old, new = StubEngine(), StubEngine()
-        gate.attach(old, None)
-        lc.to(Phase.RECOVERING, "engine died")
-        gate.detach()
+        old, new = FakeEngine(), FakeEngine()
+        opener = FakeOpener(old, new)
+        gate, sup, lc, halts = supervised(opener, hold_s=60)
+        await sup.start()
+        opener.release = asyncio.Event()         # the rebuild waits until the test lets it go
+        sup.engine_died("engine core process 1 has exited")
+        await until(lambda: old.closed)         # the dead engine is disposed of first
+        assert lc.phase == Phase.RECOVERING and sup.engine is None
         assert gate.refusal() is None            # let through the readiness gate, then held
         held = asyncio.create_task(gate.serving_engine())
         await asyncio.sleep(0)
         assert not held.done()
-        gate.attach(new, None)
-        await asyncio.sleep(0)
-        assert not held.done()                   # attached, but not serving until ready
-        lc.to(Phase.READY, "recovered")
-        assert await held is new
+        opener.release.set()
+        assert await held is new and lc.phase == Phase.READY and halts == []
+        assert sup.health()["recovery"]["rebuilds"] == 1
     asyncio.run(main())
 
 
 def test_a_hold_ends_in_503_after_hold_s_or_when_the_daemon_gives_up():
     async def main():
-        gate, lc = recovering_gate(hold_s=0.05)
-        lc.to(Phase.RECOVERING, "engine died")
-        with pytest.raises(NotServing) as e:
-            await gate.serving_engine()
-        assert e.value.code == "engine_restarting"
-        gate2, lc2 = recovering_gate(hold_s=60)
-        lc2.to(Phase.RECOVERING, "engine died")
-        held = asyncio.create_task(gate2.serving_engine())
-        await asyncio.sleep(0)
-        lc2.to(Phase.FAILED, "rebuild failed")
-        with pytest.raises(NotServing) as e:
-            await held
-        assert e.value.code == "engine_failed"
-        gate3, lc3 = recovering_gate(hold_s=0)   # holding off: refused at the readiness gate
+        for hold_s, end in ((0.05, None), (60, Phase.FAILED)):
+            opener = FakeOpener()
+            gate, sup, lc, _ = supervised(opener, hold_s=hold_s)
+            await sup.start()
+            opener.release = asyncio.Event()     # the rebuild never finishes here
+            sup.engine_died("engine died")
+            await wait_phase(lc, Phase.RECOVERING)
+            held = asyncio.create_task(gate.serving_engine())
+            await asyncio.sleep(0)
+            if end is not None:
+                lc.to(end, "rebuild failed")
+            with pytest.raises(NotServing) as e:
+                await held
+            assert e.value.code == ("engine_restarting" if end is None else "engine_failed")
+            opener.release.set()                 # a stop lets a build in progress finish, then closes it
+            await sup.stop()
+            assert all(e.closed for e in opener.built)
+        gate3, sup3, lc3, _ = supervised(FakeOpener(), hold_s=0)   # holding off: refused at the gate
+        await sup3.start()
         lc3.to(Phase.RECOVERING, "engine died")
         assert gate3.refusal()[1] == "engine_restarting"
     asyncio.run(main())
@@ -156,25 +145,26 @@ def test_a_hold_ends_in_503_after_hold_s_or_when_the_daemon_gives_up():
 
 def test_a_request_whose_engine_died_before_its_first_output_is_resubmitted_once():
     from qwenbox.engine import EngineDead
+    from qwenbox.generation import GenerationRequest, Sampling
+
+    def request() -> GenerationRequest:
+        return GenerationRequest(request_id="r1", prompt_token_ids=[1, 2], sampling=Sampling(max_tokens=2))
 
     async def collect(gate, engine):
-        return [d async for d in gate.generate(engine, object())]
+        return [d[0].text async for d in gate.generate(engine, request())]
 
     async def main():
-        gate, lc = recovering_gate(hold_s=60)
-        dead, new = StubEngine(die_after=0), StubEngine(outputs=("x", "y"))
-        gate.attach(dead, None)
-        task = asyncio.create_task(collect(gate, dead))
-        while not dead.dead:
+        dying, new = FakeEngine(), FakeEngine(outputs=("x", "y"))
+        gate, sup, lc, _ = supervised(FakeOpener(dying, new), hold_s=60)
+        await sup.start()
+        dying.die_after, dying.calls = 0, []     # warmed up; the next request kills it
+        task = asyncio.create_task(collect(gate, dying))
+        while not dying.dead:
             await asyncio.sleep(0)
-        lc.to(Phase.RECOVERING, "engine died")
-        gate.detach()
-        gate.attach(new, None)
-        lc.to(Phase.READY, "recovered")
-        assert await task == ["x", "y"] and (dead.calls, new.calls) == (1, 1)
+        sup.engine_died("the engine reported a fatal error")   # what the watchdog reports
+        assert await task == ["x", "y"] and dying.generated == 1 and new.calls[-1] == ("generate", "r1")
         # after its first output a death is the client's error: nothing is sent twice
-        half = StubEngine(outputs=("a", "b"), die_after=1)
-        gate.attach(half, None)
+        new.die_after = 1
         with pytest.raises(EngineDead):
-            await collect(gate, half)
+            await collect(gate, new)
     asyncio.run(main())

@@ -16,8 +16,9 @@ import psutil
 import pytest
 
 from conftest import wait_for
+from fake_engine import FakeEngine
 from qwenbox.config import WatchdogConfig
-from qwenbox.generation import Progress
+from qwenbox.lifecycle import Lifecycle, Phase
 from qwenbox.watchdog import Watchdog
 
 
@@ -31,16 +32,6 @@ class FakeNotifier:
         return True
 
 
-class FakeEngine:
-    def __init__(self, procs=()) -> None:
-        self.dead = False
-        self.progress = Progress()
-        self.procs = list(procs)
-
-    def core_processes(self):
-        return self.procs
-
-
 @pytest.fixture
 def child():
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
@@ -49,11 +40,25 @@ def child():
     p.wait()
 
 
-def make(engine, watchdog_sec=6.0, stall=10.0, exit_after=100.0, active=()):
+def ready_lifecycle() -> Lifecycle:
+    lc = Lifecycle()
+    for p in (Phase.LOADING, Phase.WARMING, Phase.READY):
+        lc.to(p)
+    return lc
+
+
+def make(engine, watchdog_sec=6.0, stall=10.0, exit_after=100.0, active=(), lifecycle=None):
+    """A watchdog over ``engine`` as the attached engine; ``gate`` is what it reads (the
+    attached engine, the running ids) and the deaths it reported; ``fatal`` its halts."""
     gate = SimpleNamespace(engine=engine, running_ids=set(active), deaths=[])
     fatal: list[str] = []
-    wd = Watchdog(gate, FakeNotifier(watchdog_sec), settings=lambda: WatchdogConfig(stall, exit_after),
-                  on_fatal=fatal.append, on_engine_dead=gate.deaths.append)
+
+    def halt(h):
+        assert h.now and h.exit_code == 1, h    # nobody watches: leave at once, exit 1
+        fatal.append(h.reason)
+    wd = Watchdog(lifecycle or ready_lifecycle(), lambda: gate.engine, lambda: gate.running_ids,
+                  FakeNotifier(watchdog_sec), settings=lambda: WatchdogConfig(stall, exit_after),
+                  halt=halt, on_engine_dead=gate.deaths.append)
     return wd, gate, fatal
 
 
@@ -66,7 +71,7 @@ def wait_status(proc: psutil.Process, want, timeout: float = 10.0) -> None:
 
 
 def test_healthy_idle_engine_pings_every_half_watchdogsec(child):
-    wd, gate, _ = make(FakeEngine([child]))
+    wd, gate, _ = make(FakeEngine(procs=[child]))
     t = time.monotonic()
     for dt in (0, 1, 2, 3, 4, 5, 6, 7):
         assert wd.check(now=t + dt).healthy
@@ -76,7 +81,7 @@ def test_healthy_idle_engine_pings_every_half_watchdogsec(child):
 
 
 def test_stopped_engine_process_is_unhealthy_until_continued(child):
-    wd, gate, _ = make(FakeEngine([child]))
+    wd, gate, _ = make(FakeEngine(procs=[child]))
     t = time.monotonic()
     assert wd.check(now=t).healthy and wd.pings == 1
     child.send_signal(signal.SIGSTOP)
@@ -92,7 +97,7 @@ def test_stopped_engine_process_is_unhealthy_until_continued(child):
 
 
 def test_exited_engine_process_and_engine_error_are_unhealthy(child):
-    eng = FakeEngine([child])
+    eng = FakeEngine(procs=[child])
     wd, gate, _ = make(eng)
     eng.dead = True
     assert "fatal error" in wd.check().reason
@@ -106,7 +111,7 @@ def test_exited_engine_process_and_engine_error_are_unhealthy(child):
 
 
 def test_frozen_engine_is_not_reported_dead(child):
-    wd, gate, _ = make(FakeEngine([child]))
+    wd, gate, _ = make(FakeEngine(procs=[child]))
     child.send_signal(signal.SIGSTOP)
     wait_status(child, psutil.STATUS_STOPPED)
     assert not wd.check().healthy
@@ -153,7 +158,7 @@ def test_slow_client_after_the_engine_finished_is_not_a_stall():
 
 
 def test_unhealthy_too_long_calls_on_fatal_once_and_never_before_2x_watchdogsec(child):
-    eng = FakeEngine([child])
+    eng = FakeEngine(procs=[child])
     wd, _, fatal = make(eng, watchdog_sec=30.0, exit_after=10.0)
     assert wd.exit_after_s == 60.0                      # systemd's watchdog gets to act first
     eng.dead = True
@@ -167,32 +172,50 @@ def test_unhealthy_too_long_calls_on_fatal_once_and_never_before_2x_watchdogsec(
 
 
 def test_closing_the_engine_on_purpose_keeps_the_pings(child):
-    """systemd enforces WatchdogSec while the unit stops: once the daemon closes its engine
-    deliberately, only the event loop counts, and a last ping goes out before exit."""
-    eng = FakeEngine([child])
+    """systemd enforces WatchdogSec while the unit stops: once the supervisor detaches its
+    engine to close it, only the event loop counts, and a last ping goes out before exit."""
+    eng = FakeEngine(procs=[child])
     wd, gate, _ = make(eng)
     t = time.monotonic()
     wd.check(now=t)
-    wd.closing()
+    gate.engine = None                  # detached, then closed: its death is no news
     eng.dead = True
     child.kill()
     child.wait(5)
-    assert wd.check(now=t + 3).healthy and wd.pings == 2
-    assert wd.health()["watchdog"]["closing"] is True
+    assert wd.check(now=t + 3).healthy and wd.pings == 2 and gate.deaths == []
+    assert wd.health()["watchdog"]["engine_attached"] is False
 
     async def started_then_stopped():
-        wd.start()
+        await wd.start()
         await asyncio.sleep(0)          # let the loop's first check run
         before = wd.pings
-        wd.stop(final_ping=True)
+        await wd.stop(final_ping=True)
         return before, wd.pings
 
     before, after = asyncio.run(started_then_stopped())
     assert after == before + 1
 
 
+def test_no_pings_and_no_health_part_before_the_first_ready():
+    """Started first (so it outlives every other part at shutdown), the watchdog is armed by
+    the first ``ready``, as systemd's is by READY=1: nothing is pinged during loading."""
+    lc = Lifecycle()
+    wd, gate, _ = make(None, lifecycle=lc)
+    t = time.monotonic()
+    for phase in (Phase.LOADING, Phase.WARMING):
+        lc.to(phase)
+        assert wd.check(now=t).healthy and wd.pings == 0 and wd.health() == {}
+        t += 10
+    gate.engine = FakeEngine()
+    lc.to(Phase.READY)
+    assert wd.check(now=t).healthy and wd.pings == 1 and wd.health()["watchdog"]["pinging"]
+    lc.to(Phase.RECOVERING)
+    gate.engine = None
+    assert wd.check(now=t + 3).healthy and wd.pings == 2, "a rebuild is progress: the pings go on"
+
+
 def test_without_systemd_no_pings_but_a_verdict(child):
-    wd, gate, fatal = make(FakeEngine([child]), watchdog_sec=None, exit_after=5.0)
+    wd, gate, fatal = make(FakeEngine(procs=[child]), watchdog_sec=None, exit_after=5.0)
     assert wd.check().healthy and wd.notifier.pings == [] and wd.exit_after_s == 5.0
     assert wd.health()["watchdog"]["pinging"] is False
 
@@ -206,15 +229,15 @@ def test_a_blocked_event_loop_sends_no_pings(child):
             await asyncio.sleep(0.05)
 
     async def main():
-        wd, _, _ = make(FakeEngine([child]), watchdog_sec=0.4)     # a ping every 0.2 s
-        wd.start()
+        wd, _, _ = make(FakeEngine(procs=[child]), watchdog_sec=0.4)     # a ping every 0.2 s
+        await wd.start()
         await pings_reach(wd, 2)
         before = len(wd.notifier.pings)
         t_block = time.monotonic()
         time.sleep(1.0)                                   # the loop is stuck (this IS the test)
         t_unblock = time.monotonic()
         await pings_reach(wd, before + 1)                 # and pings again once it runs
-        wd.stop()
+        await wd.stop(final_ping=False)
         return before, t_block, t_unblock, wd.notifier.pings, wd.max_loop_lag_s
 
     before, t_block, t_unblock, pings, lag = asyncio.run(main())
