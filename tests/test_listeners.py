@@ -212,3 +212,23 @@ def test_the_cap_keeps_descriptors_for_the_rest() -> None:
     assert listeners.connection_cap(4096, 512) == 256
     assert listeners.connection_cap(100, 1 << 20) == 100
     assert listeners.connection_cap(4096, 100) == 1
+
+
+def test_setup_cfg_claims_the_aiohttp_the_suite_runs_on() -> None:
+    """The cap leans on how aiohttp builds sites and handlers: setup.cfg's range starts at
+    the version the packages pin and this suite runs on, not at one nobody tests."""
+    import configparser
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).parent.parent
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    requires = [Requirement(line) for line in cfg["options"]["install_requires"].splitlines() if line]
+    wanted = next(r for r in requires if r.name == "aiohttp")
+    pins = {f.name: line.split("==", 1)[1].strip() for f in (root / "packaging").glob("*.txt")
+            for line in f.read_text().splitlines() if line.startswith("aiohttp==")}
+    assert set(pins.values()) == {version("aiohttp")}, pins
+    floor = next(s.version for s in wanted.specifier if s.operator == ">=")
+    assert floor == version("aiohttp") and wanted.specifier.contains(floor), wanted
