@@ -17,7 +17,8 @@ Contract:
   closes our copies of systemd's sockets so the next instance accepts what arrives.
   ``remove_own_socket()`` unlinks the socket file we bound (never one systemd owns).
 - A request aiohttp cannot parse is answered with the API's JSON error shape.
-- ``raise_fd_limit()`` lifts the soft RLIMIT_NOFILE to the hard one; ``limit_accept_errors``
+- ``raise_fd_limit()`` lifts the soft RLIMIT_NOFILE to the hard one (the daemon's and the
+  benchmarks' one way to do it); ``limit_accept_errors``
   and ``limit_server_errors`` turn asyncio's per-failure accept reports and aiohttp's
   per-request parse-error tracebacks into at most one line per kind per
   ``_ERROR_LOG_EVERY_S``.
@@ -46,6 +47,9 @@ log = logging.getLogger("qwenbox.listeners")
 _FD_RESERVE = 256          # descriptors kept for the engine, the model files, logs, pipes
 _ERROR_LOG_EVERY_S = 10.0
 _ACCEPT_BATCH = 64         # connections asyncio accepts per wake-up (it uses the listen backlog)
+# The soft open-files limit asked for when the hard one is unlimited: an unlimited soft one
+# is refused (the kernel caps descriptors at fs.nr_open, 1048576 by default).
+_UNLIMITED_FD_TARGET = 1 << 20
 
 
 class ListenerError(RuntimeError):
@@ -109,15 +113,20 @@ def bind_tcp(hostport: str, backlog: int = 1024) -> socket.socket:
 
 
 def raise_fd_limit() -> int:
-    """Lift the soft descriptor limit to the hard one; returns the soft limit now in force."""
+    """Lift the soft open-files limit to the hard one (to ``_UNLIMITED_FD_TARGET`` where the
+    hard one is unlimited); returns the soft limit in force afterwards. A refusal is logged
+    and leaves the limit as it was.
+
+    The one place the limit is raised: the daemon (its connection cap follows the limit)
+    and the benchmarks (a burst holds one socket per request) both call it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    want = _UNLIMITED_FD_TARGET if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (ValueError, OSError) as e:
-            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, e)
-    return soft
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, want, e)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def connection_cap(configured: int, fd_limit: int) -> int:

@@ -1,13 +1,14 @@
 """The listeners without an engine: a small aiohttp app behind ``Listeners`` on a unix
 socket, driven over real connections. The cap (a canned 503 past it, counted from
-accept, a slot freed by a close), the JSON answer to a request aiohttp cannot parse and
-the runner's cleanup stopping the sites.
+accept, a slot freed by a close), the JSON answer to a request aiohttp cannot parse, the
+runner's cleanup stopping the sites, and the open-files limit.
 (tests/test_hostile.py runs the same against the daemon under a real descriptor limit.)"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import resource
 import shutil
 import socket
 import tempfile
@@ -212,6 +213,28 @@ def test_the_cap_keeps_descriptors_for_the_rest() -> None:
     assert listeners.connection_cap(4096, 512) == 256
     assert listeners.connection_cap(100, 1 << 20) == 100
     assert listeners.connection_cap(4096, 100) == 1
+
+
+def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 64:
+        pytest.skip(f"needs a finite hard open-files limit, have {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard // 2, hard))
+    try:
+        assert listeners.raise_fd_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_raise_fd_limit_with_no_hard_limit_asks_for_a_finite_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unlimited hard limit cannot be the soft one (the kernel caps descriptors at
+    fs.nr_open): it asks for ``_UNLIMITED_FD_TARGET`` and returns what it got."""
+    limits = {"now": (1024, resource.RLIM_INFINITY)}
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda which, lim: limits.update(now=lim))
+    assert listeners.raise_fd_limit() == listeners._UNLIMITED_FD_TARGET
+    assert limits["now"] == (listeners._UNLIMITED_FD_TARGET, resource.RLIM_INFINITY)
 
 
 def test_setup_cfg_claims_the_aiohttp_the_suite_runs_on() -> None:

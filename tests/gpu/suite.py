@@ -64,8 +64,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:       # `python tests/gpu/suite.py` runs this checkout's qwenbox
     sys.path.insert(0, str(ROOT))
 
+from qwenbox.listeners import raise_fd_limit  # noqa: E402
 from qwenbox.tools.bench import load as L  # noqa: E402
-from qwenbox.tools.bench.results import gpu_memory, machine, raise_open_files_limit  # noqa: E402
+from qwenbox.tools.bench.results import gpu_memory, machine  # noqa: E402
 from qwenbox.tools.bench.servers import (CacheState, derived_config, engine_cores, vllm_argv,  # noqa: E402
                                          vllm_env)
 from qwenbox.tools.bench.tokens import check_prompt_set, load_tokenizer, random_id_prompts, tok_info  # noqa: E402
@@ -896,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker_inproc(st, Path(a.worker_config))
     if not a.phase:
         ap.error("--phase NAME (or report)")
-    raise_open_files_limit()
+    raise_fd_limit()
     # A SIGTERM (a time limit, Ctrl-C's cousin) unwinds like an exception: every phase's
     # `finally` stops its servers, which run in process groups of their own.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
