@@ -438,3 +438,30 @@ def test_gpu_suite_set_up_in_gpu_mode(tmp_path):
     argv = suite.worker_argv(st, tmp_path / "c.toml")
     assert argv[argv.index("--model") + 1] == str(model) and "--smoke" not in argv
     assert len(st.sock("x")) < 100
+
+
+def test_gpu_suite_report_publishes_no_path_of_the_machine_it_ran_on(tmp_path):
+    """The report (benchmarks.md and the JSON beside it, what docs/ gets) names the run by
+    its phases and writes the output, socket and model directories as $OUT, $SOCKETS and
+    $MODEL; results.json keeps them."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+    import suite
+    out, model = tmp_path / "suite-out", tmp_path / "the-model"
+    sock = str(suite.sock_dir(out) / "vllm-cold.sock")
+    launch = {"argv": ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--uds", sock],
+              "caches_at_launch": {"root": str(out / "caches" / "vllm")}, "launch_to_ready_s": 60.0,
+              "cache_state": "cold"}
+    suite.save_results(out, {"suite": "tests/gpu/suite.py", "created": "2026-12-04T00:00:00+0000", "gpu": "X",
+                             "machine": {"host": "h", "cpus": 2, "python": "3.11"},
+                             "phases": {"cold": {"vllm": launch, "wall_s": 1.0}}})
+    doc = tmp_path / "docs" / "benchmarks.md"
+    text = suite.report(out, doc)
+    published = doc.with_suffix(".json").read_text()
+    for where in (text, published):
+        assert str(tmp_path) not in where and "/tmp/" not in where
+    assert "Run: the GPU suite (tests/gpu/suite.py; phases cold)" in text
+    vllm = json.loads(published)["phases"]["cold"]["vllm"]
+    assert vllm["argv"][3:] == ["$MODEL", "--uds", "$SOCKETS/vllm-cold.sock"]
+    assert vllm["caches_at_launch"]["root"] == "$OUT/caches/vllm"
+    assert str(model) in (out / "results.json").read_text()
