@@ -343,10 +343,13 @@ THROUGHPUT_COLUMNS = (
     Column("p50 latency", ("e2e_s", "p50"), "s"),
     Column("p95 latency", ("e2e_s", "p95"), "s"),
 )
-API_RATIO_ROW: tuple[str, tuple[str | None, ...]] = ("ratio API / in-process",
-                 ("api_over_in_process_requests_per_s", None, "api_over_in_process_p50", "api_over_in_process_p95"))
-OWN_LOG_RATIO_ROW: tuple[str, tuple[str | None, ...]] = ("ratio API (own log) / in-process",
-                     (None, None, "api_server_side_over_in_process_p50", "api_server_side_over_in_process_p95"))
+RatioRow = tuple[str, tuple[str | None, ...]]      # a row's label, then a RATIOS key or None per column
+API_RATIO_ROW: RatioRow = (
+    "ratio API / in-process",
+    ("api_over_in_process_requests_per_s", None, "api_over_in_process_p50", "api_over_in_process_p95"))
+OWN_LOG_RATIO_ROW: RatioRow = (
+    "ratio API (own log) / in-process",
+    (None, None, "api_server_side_over_in_process_p50", "api_server_side_over_in_process_p95"))
 
 LAUNCH_COLUMNS = (
     Column("answers /health", ("launch_to_listen_s",), "s"),
