@@ -10,11 +10,15 @@ Contract:
   most ``max_connections`` open connections (and never more than ``fd_limit`` allows):
   past that a new connection gets a canned ``503`` with ``Retry-After`` and is closed, so
   the process never runs out of descriptors and keeps answering once connections close.
+  Built on aiohttp's public names only (``web.BaseSite``, the runner's ``web.Server`` as
+  the protocol factory, ``web.RequestHandler.handle_error``); tests/test_listeners.py
+  fails when one of them stops doing what the cap relies on.
 - ``start(after)`` begins accepting (after ``after`` seconds, or at once); ``stop_accepting``
   closes our copies of systemd's sockets so the next instance accepts what arrives.
   ``remove_own_socket()`` unlinks the socket file we bound (never one systemd owns).
 - A request aiohttp cannot parse is answered with the API's JSON error shape.
-- ``raise_fd_limit()`` lifts the soft RLIMIT_NOFILE to the hard one; ``limit_accept_errors``
+- ``raise_fd_limit()`` lifts the soft RLIMIT_NOFILE to the hard one (the daemon's and the
+  benchmarks' one way to do it); ``limit_accept_errors``
   and ``limit_server_errors`` turn asyncio's per-failure accept reports and aiohttp's
   per-request parse-error tracebacks into at most one line per kind per
   ``_ERROR_LOG_EVERY_S``.
@@ -34,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from .config import ServerConfig
 from .systemd import take_listen_fds
@@ -44,6 +47,9 @@ log = logging.getLogger("qwenbox.listeners")
 _FD_RESERVE = 256          # descriptors kept for the engine, the model files, logs, pipes
 _ERROR_LOG_EVERY_S = 10.0
 _ACCEPT_BATCH = 64         # connections asyncio accepts per wake-up (it uses the listen backlog)
+# The soft open-files limit asked for when the hard one is unlimited: an unlimited soft one
+# is refused (the kernel caps descriptors at fs.nr_open, 1048576 by default).
+_UNLIMITED_FD_TARGET = 1 << 20
 
 
 class ListenerError(RuntimeError):
@@ -107,15 +113,20 @@ def bind_tcp(hostport: str, backlog: int = 1024) -> socket.socket:
 
 
 def raise_fd_limit() -> int:
-    """Lift the soft descriptor limit to the hard one; returns the soft limit now in force."""
+    """Lift the soft open-files limit to the hard one (to ``_UNLIMITED_FD_TARGET`` where the
+    hard one is unlimited); returns the soft limit in force afterwards. A refusal is logged
+    and leaves the limit as it was.
+
+    The one place the limit is raised: the daemon (its connection cap follows the limit)
+    and the benchmarks (a burst holds one socket per request) both call it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    want = _UNLIMITED_FD_TARGET if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (ValueError, OSError) as e:
-            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, e)
-    return soft
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, want, e)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def connection_cap(configured: int, fd_limit: int) -> int:
@@ -201,22 +212,16 @@ def _refusal_bytes(retry_after_s: int) -> bytes:
     return head.encode() + body
 
 
-class _JsonErrors(RequestHandler):
+class _JsonErrors(web.RequestHandler):
     """aiohttp's connection handler, but a request it cannot even parse (a bad request line
     or header, an unsupported Content-Encoding) is answered in the API's JSON error shape,
     not text/plain. aiohttp logs each one with a traceback: ``limit_server_errors`` keeps
-    that log bounded."""
+    that log bounded.
 
-    __slots__ = ("__weakref__", "_open")
+    Never built directly: ``_answering_in_json`` re-classes a handler ``web.Server`` built,
+    so this class may add behaviour but no state (no slots of its own)."""
 
-    def __init__(self, *args: Any, open_set: "weakref.WeakSet[RequestHandler]", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._open = open_set
-        open_set.add(self)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
-        self._open.discard(self)
+    __slots__ = ()
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -229,53 +234,135 @@ class _JsonErrors(RequestHandler):
         return resp
 
 
-class _ConnectionCount:
-    """Connections the server holds, counted from the moment their handler is built, until
-    the connection is lost. (asyncio accepts a whole batch of connections and builds their
-    protocols before any is registered with the server, so the server's own list lags
-    behind a burst.) Weak: a handler whose connection never got made is simply dropped."""
+def _answering_in_json(handler: web.RequestHandler) -> web.RequestHandler:
+    """``handler``, now answering the requests it cannot parse with ``_JsonErrors``.
 
-    def __init__(self) -> None:
-        self.open: weakref.WeakSet[RequestHandler] = weakref.WeakSet()
+    aiohttp builds a connection's handler only in ``web.Server.__call__``, from settings it
+    keeps private (keep-alive timeout, access log, ...): re-classing the handler it built
+    keeps every one of them, where building a ``_JsonErrors`` here would have to read them.
+    A handler of any other class than aiohttp's own is left as it is."""
+    if type(handler) is web.RequestHandler:
+        handler.__class__ = _JsonErrors
+    return handler
+
+
+class _Counted(asyncio.Protocol):
+    """A connection within the cap: aiohttp's handler behind it, in ``open`` from the
+    moment it is built until its connection is lost.
+
+    Counted from construction, not from ``connection_made``: asyncio accepts a whole batch
+    of connections and builds their protocols before any of them is made, so a count
+    taken later lags behind a burst. ``open`` holds it weakly: one whose connection never
+    got made (asyncio dropped it) simply leaves the count. Every callback a transport makes
+    on its protocol (``FORWARDED``) goes to the handler unchanged."""
+
+    __slots__ = ("__weakref__", "_handler", "_open")
+
+    FORWARDED = ("connection_made", "connection_lost", "data_received", "eof_received",
+                 "pause_writing", "resume_writing")
+
+    def __init__(self, handler: asyncio.Protocol, open_set: weakref.WeakSet[_Counted]) -> None:
+        self._handler = handler
+        self._open = open_set
+        open_set.add(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._handler.connection_lost(exc)
+        finally:
+            self._open.discard(self)
+
+
+class _ConnectionCap:
+    """The protocol factory every site accepts with: one cap over all the sockets.
+
+    Below ``cap`` open connections, a new one gets the handler the runner's ``web.Server``
+    (aiohttp's public protocol factory) builds, answering unparseable requests in JSON and
+    counted (``_Counted``); past it, the canned 503 (``_Refuse``), logged at most once per
+    ``_ERROR_LOG_EVERY_S``."""
+
+    def __init__(self, server: web.Server, cap: int, retry_after_s: int) -> None:
+        self.server = server
+        self.cap = cap
+        self.open: weakref.WeakSet[_Counted] = weakref.WeakSet()
+        self.refused = 0
+        self._refusal = _refusal_bytes(retry_after_s)
+        self._reports = _EveryFewSeconds()
 
     def __len__(self) -> int:
         return len(self.open)
 
-
-class CappedSockSite(web.SockSite):
-    """aiohttp's ``SockSite`` with a cap on the connections the runner's server holds.
-
-    asyncio's accept loop takes up to its backlog of connections per wake-up, so the loop
-    is given a small batch (``_ACCEPT_BATCH``) while the kernel's queue keeps the full
-    backlog: the descriptors in use never run ahead of the cap by more than one batch
-    (and the cap keeps ``_FD_RESERVE`` descriptors free for that)."""
-
-    __slots__ = ("_cap", "_count", "_refusal", "_refused", "_reports")
-
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, cap: int, count: _ConnectionCount,
-                 retry_after_s: int, backlog: int = socket.SOMAXCONN) -> None:
-        super().__init__(runner, sock, backlog=backlog)
-        self._cap, self._count, self._refusal = cap, count, _refusal_bytes(retry_after_s)
-        self._refused, self._reports = 0, _EveryFewSeconds()
-
-    def _protocol(self) -> asyncio.BaseProtocol:
-        server = self._runner.server
-        assert server is not None
-        if len(self._count) < self._cap:
-            # what web.Server() builds, with JSON error answers (the same keyword arguments)
-            return _JsonErrors(server, loop=asyncio.get_running_loop(), open_set=self._count.open, **server._kwargs)
-        self._refused += 1
+    def protocol(self) -> asyncio.BaseProtocol:
+        if len(self.open) < self.cap:
+            return _Counted(_answering_in_json(self.server()), self.open)
+        self.refused += 1
         if self._reports.allow("refused") is not None:
             log.warning("refusing connections: %d open (max_connections %d); %d refused so far",
-                        len(self._count), self._cap, self._refused)
+                        len(self.open), self.cap, self.refused)
         return _Refuse(self._refusal)
 
+
+def _site_name(sock: socket.socket) -> str:
+    """How aiohttp's own ``SockSite`` names a socket: ``http://unix:PATH:`` or ``http://HOST:PORT``."""
+    if sock.family == socket.AF_UNIX:
+        return f"http://unix:{sock.getsockname()}:"
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class CappedSite(web.BaseSite):
+    """A site on one listening socket that accepts through a ``_ConnectionCap``.
+
+    Built on ``web.BaseSite``, aiohttp's public base for sites: its ``start`` and ``stop``
+    register the site with the runner, so ``runner.cleanup()`` stops this one with the
+    rest. (``web.SockSite.start`` accepts with the runner's server itself, leaving no place
+    for the cap.) asyncio's accept loop takes up to its backlog of connections per
+    wake-up, so the loop is given a small batch (``_ACCEPT_BATCH``) while the kernel's
+    queue keeps ``queue_length``: the descriptors in use never run ahead of the cap by more
+    than one batch (and the cap keeps ``_FD_RESERVE`` descriptors free for that)."""
+
+    # no name of BaseSite's own slots: ours must not shadow them
+    __slots__ = ("_accepting", "_cap", "_listening", "_queue_length")
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, cap: _ConnectionCap,
+                 queue_length: int = socket.SOMAXCONN) -> None:
+        super().__init__(runner)
+        self._listening = sock
+        self._cap = cap
+        self._queue_length = queue_length
+        self._accepting: asyncio.Server | None = None
+
+    @property
+    def name(self) -> str:
+        return _site_name(self._listening)
+
     async def start(self) -> None:
-        # SockSite.start, with our protocol factory in front of the runner's server
-        await web.BaseSite.start(self)
+        await super().start()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, sock=self._sock, backlog=_ACCEPT_BATCH)
-        self._sock.listen(self._backlog)     # the kernel's queue stays long; only the batch is small
+        self._accepting = await loop.create_server(self._cap.protocol, sock=self._listening, backlog=_ACCEPT_BATCH)
+        self._listening.listen(self._queue_length)   # the kernel's queue stays long; only the batch is small
+
+    async def stop(self) -> None:
+        """Stop accepting; connections already open are the runner's to close."""
+        if self._accepting is not None:
+            self._accepting.close()
+            self._accepting = None
+        await super().stop()
 
 
 class Listeners:
@@ -288,8 +375,8 @@ class Listeners:
         self.closing = False            # stopping: accept nothing new from now on
         self.cap = server.max_connections
         self._socks: list[socket.socket] = []
-        self._sites: list[CappedSockSite] = []
-        self._started: list[CappedSockSite] = []
+        self._sites: list[CappedSite] = []
+        self._started: list[CappedSite] = []
         self._own_socket: str | None = None
 
     def bind(self) -> list[socket.socket]:
@@ -323,9 +410,10 @@ class Listeners:
         if self.cap < self.cfg.max_connections:
             log.warning("server.max_connections %d lowered to %d: the open-files limit is %d",
                         self.cfg.max_connections, self.cap, fd_limit)
-        count = _ConnectionCount()       # one cap over all the sockets
-        self._sites = [CappedSockSite(runner, s, cap=self.cap, count=count, retry_after_s=self.retry_after_s)
-                       for s in self._socks]
+        if runner.server is None:
+            raise RuntimeError("Listeners.sites: call runner.setup() first")
+        cap = _ConnectionCap(runner.server, self.cap, self.retry_after_s)     # one cap over all the sockets
+        self._sites = [CappedSite(runner, s, cap) for s in self._socks]
 
     async def start(self, after: float = 0.0) -> None:
         """Start accepting (at once, or ``after`` seconds of queueing in systemd's socket)."""

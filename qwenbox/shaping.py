@@ -1,6 +1,8 @@
 """Request shaping: the defaults a request gets when the client leaves them out.
 
-Shared by the server and the chat UI. Pure functions, no I/O.
+Used by the API only (``api/routes.py``, ``api/convert.py``): the chat UI does not import
+it and sends no sampling fields, so the server shapes its requests too. Pure functions,
+no I/O.
 
 Contract:
 - ``defaults(cfg, text)`` -> ``Defaults``: a ``Sampling`` whose ``max_tokens`` is ``max_tokens_long_prompt`` when

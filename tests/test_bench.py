@@ -262,6 +262,65 @@ def test_startup_ttft_figures():
     assert math.isclose(f["first_over_median"], 2.5)
 
 
+def _startup_result():
+    """A `bench startup` result with round figures, shaped as main() writes it."""
+    def tp(rps, p50, p95):
+        return {"requests": 8, "ok": 8, "requests_per_s": rps, "output_tokens_per_s": rps * 32,
+                "e2e_s": {"p50": p50, "p95": p95}, "requests_per_s_runs": [rps]}
+    ttft = {"first_ttft_s": 0.03, "median_next_ttft_s": 0.02, "first_over_median": 1.5}
+    res = {"params": {"after_ready": 20, "throughput_requests": 8, "throughput_concurrency": 2, "max_tokens": 32,
+                      "throughput_repeats": 1}, "errors": {},
+           "qwenbox": {"launch_to_listen_s": 0.5, "launch_to_ready_s": 30.0, "caches_at_launch": {"empty": True},
+                       "cold_start": {"import_s": 5.0, "kv_cache_tokens": 1024},
+                       "ttft": {**ttft, "server_side": {**ttft, "first_over_median": 1.25}},
+                       "throughput": {**tp(8.0, 0.2, 0.4), "server_side_e2e_s": {"n": 8, "p50": 0.15, "p95": 0.3}}},
+           "qwenbox_warm": {"launch_to_ready_s": 20.0, "cold_start": {"import_s": 4.0}},
+           "qwenbox_no_warmup": {"launch_to_ready_s": 15.0, "ttft": {**ttft, "first_over_median": 3.0}},
+           "vllm_server": {"launch_to_ready_s": 60.0, "ttft": ttft},
+           "vllm_server_warm": {"launch_to_ready_s": 40.0},
+           "in_process": {"ttft": ttft, "throughput": tp(10.0, 0.1, 0.2)}}
+    res["ratios"] = S.ratios(res)
+    return res
+
+
+def test_startup_ratios_come_from_their_table():
+    r = _startup_result()["ratios"]
+    assert list(r) == [x.key for x in S.RATIOS]
+    assert r["first_ttft_over_median_warm"] == 1.5 and r["first_ttft_over_median_no_warmup"] == 3.0
+    assert r["first_ttft_over_median_warm_server_side"] == 1.25
+    assert r["api_over_in_process_requests_per_s"] == pytest.approx(0.8)
+    assert r["api_over_in_process_p50"] == pytest.approx(2.0) and r["api_over_in_process_p95"] == pytest.approx(2.0)
+    assert r["api_server_side_over_in_process_p50"] == pytest.approx(1.5)
+    # launch to ready only against vLLM's launch from the same cache state
+    assert r["launch_to_ready_cold_qwenbox_over_vllm"] == pytest.approx(0.5)
+    assert r["launch_to_ready_warm_qwenbox_over_vllm"] == pytest.approx(0.5)
+    assert r["launch_to_ready_warm_qwenbox_no_warmup_over_vllm"] == pytest.approx(0.375)
+    res = _startup_result()
+    del res["vllm_server_warm"]
+    assert S.ratios(res)["launch_to_ready_warm_qwenbox_over_vllm"] is None
+
+
+def test_startup_report_prints_each_table_from_the_same_figures():
+    lines = S.report(_startup_result()).splitlines()
+
+    def row(label, after=""):
+        start = lines.index(after) if after else 0
+        return next(line.split("  ") for line in lines[start:] if line.startswith(label))
+
+    def cells(label, after=""):
+        return [c.strip() for c in row(label, after) if c.strip()][1:]
+
+    assert cells("import_s") == ["5.00 s", "4.00 s"] and cells("kv_cache_tokens") == ["1,024", "-"]
+    assert "median of next 20" in next(line for line in lines if line.startswith("server  "))
+    assert cells("qwenbox serve --no-warmup") == ["30.0 ms", "20.0 ms", "3.00x", "-", "-", "-"]
+    assert cells("ratio API / in-process") == ["0.80x", "2.00x", "2.00x"]
+    assert cells("qwenbox API, its own log") == ["150.0 ms", "300.0 ms", "8"]
+    launch = next(line for line in lines if line.startswith("Launch to ready"))
+    assert cells("qwenbox serve (pre-warm)", launch) == ["cold (empty at launch)", "500.0 ms", "30.00 s", "0.50x"]
+    assert cells("qwenbox serve --no-warmup", launch) == ["warm", "-", "15.00 s", "0.38x"]
+    assert cells("vLLM OpenAI server", launch)[-1] == "1.00x"
+
+
 # ---------------------------------------------------------------- the prompt check (real tokenizers)
 def _word_level_tokenizer(path):
     """A tokenizer like the GPU test model's old one: a few words known, every other word
@@ -379,3 +438,30 @@ def test_gpu_suite_set_up_in_gpu_mode(tmp_path):
     argv = suite.worker_argv(st, tmp_path / "c.toml")
     assert argv[argv.index("--model") + 1] == str(model) and "--smoke" not in argv
     assert len(st.sock("x")) < 100
+
+
+def test_gpu_suite_report_publishes_no_path_of_the_machine_it_ran_on(tmp_path):
+    """The report (benchmarks.md and the JSON beside it, what docs/ gets) names the run by
+    its phases and writes the output, socket and model directories as $OUT, $SOCKETS and
+    $MODEL; results.json keeps them."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+    import suite
+    out, model = tmp_path / "suite-out", tmp_path / "the-model"
+    sock = str(suite.sock_dir(out) / "vllm-cold.sock")
+    launch = {"argv": ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--uds", sock],
+              "caches_at_launch": {"root": str(out / "caches" / "vllm")}, "launch_to_ready_s": 60.0,
+              "cache_state": "cold"}
+    suite.save_results(out, {"suite": "tests/gpu/suite.py", "created": "2026-12-04T00:00:00+0000", "gpu": "X",
+                             "machine": {"host": "h", "cpus": 2, "python": "3.11"},
+                             "phases": {"cold": {"vllm": launch, "wall_s": 1.0}}})
+    doc = tmp_path / "docs" / "benchmarks.md"
+    text = suite.report(out, doc)
+    published = doc.with_suffix(".json").read_text()
+    for where in (text, published):
+        assert str(tmp_path) not in where and "/tmp/" not in where
+    assert "Run: the GPU suite (tests/gpu/suite.py; phases cold)" in text
+    vllm = json.loads(published)["phases"]["cold"]["vllm"]
+    assert vllm["argv"][3:] == ["$MODEL", "--uds", "$SOCKETS/vllm-cold.sock"]
+    assert vllm["caches_at_launch"]["root"] == "$OUT/caches/vllm"
+    assert str(model) in (out / "results.json").read_text()

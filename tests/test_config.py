@@ -234,7 +234,8 @@ def test_check_config_shipped_file_needs_the_model_pulled(tmp_path):
     p = shipped_with_models_dir(tmp_path)
     r = qwenbox("check-config", "-c", str(p))
     assert r.returncode == EX_CONFIG, (r.stdout, r.stderr)
-    assert r.stderr == (f"qwenbox: config error: {p}:10: model.path: model 'Qwen/Qwen3-4B-Instruct-2507' is not "
+    line = next(n for n, text in enumerate(p.read_text().splitlines(), 1) if text.startswith("path = "))
+    assert r.stderr == (f"qwenbox: config error: {p}:{line}: model.path: model 'Qwen/Qwen3-4B-Instruct-2507' is not "
                         f"downloaded to {tmp_path / 'models'}: run 'qwenbox pull Qwen/Qwen3-4B-Instruct-2507 -c {p}'\n")
     pulled = tmp_path / "models" / "Qwen" / "Qwen3-4B-Instruct-2507"
     pulled.mkdir(parents=True)

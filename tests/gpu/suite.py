@@ -64,8 +64,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:       # `python tests/gpu/suite.py` runs this checkout's qwenbox
     sys.path.insert(0, str(ROOT))
 
+from qwenbox.listeners import raise_fd_limit  # noqa: E402
 from qwenbox.tools.bench import load as L  # noqa: E402
-from qwenbox.tools.bench.results import gpu_memory, machine, raise_open_files_limit  # noqa: E402
+from qwenbox.tools.bench.results import gpu_memory, machine  # noqa: E402
 from qwenbox.tools.bench.servers import (CacheState, derived_config, engine_cores, vllm_argv,  # noqa: E402
                                          vllm_env)
 from qwenbox.tools.bench.tokens import check_prompt_set, load_tokenizer, random_id_prompts, tok_info  # noqa: E402
@@ -150,10 +151,15 @@ class Setup:
         return derived_config(src, self.work / f"{name}.toml", over)
 
     def sock(self, name: str) -> str:
-        # unix socket paths are limited to ~107 bytes: keep them short, in /tmp
-        d = Path("/tmp") / f"qbsuite-{os.getuid()}-{zlib.crc32(str(self.out).encode()):08x}"   # stable per --out
+        d = sock_dir(self.out)
         d.mkdir(mode=0o700, exist_ok=True)
         return str(d / f"{name}.sock")
+
+
+def sock_dir(out: Path) -> Path:
+    """Where the servers of one --out listen: unix socket paths are limited to ~107 bytes,
+    so a short directory in /tmp, stable per --out."""
+    return Path("/tmp") / f"qbsuite-{os.getuid()}-{zlib.crc32(str(out).encode()):08x}"
 
 
 def fresh(cache: CacheState) -> None:
@@ -749,7 +755,8 @@ def report(out: Path, doc: Path | None) -> str:
     gpu = res.get("gpu") or "no GPU (nvidia-smi absent)"
     smoke = res.get("smoke")
     lines = [f"# Benchmarks: qwenbox vs `vllm serve` vs AsyncLLM in-process", "",
-             f"Card: **{gpu}**. Run: `{out}` (tests/gpu/suite.py{' --smoke, demo model on CPU: NOT a benchmark' if smoke else ''}), "
+             f"Card: **{gpu}**. Run: the GPU suite (tests/gpu/suite.py"
+             f"{' --smoke, demo model on CPU: NOT a benchmark' if smoke else ''}; phases {', '.join(ph) or 'none'}), "
              f"results created {res.get('created')}; machine {dig(res, 'machine', 'host')}, "
              f"{dig(res, 'machine', 'cpus')} CPUs, Python {dig(res, 'machine', 'python')}. vLLM "
              f"{dig(ph, 'qwenbox', 'launch', 'health_at_ready', 'engine', 'vllm') or dig(ph, 'cold', 'qwenbox', 'health_at_ready', 'engine', 'vllm') or '?'}.",
@@ -858,8 +865,44 @@ def report(out: Path, doc: Path | None) -> str:
     for target in [out / "benchmarks.md"] + ([doc] if doc else []):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
-        write_json(target.with_suffix(".json"), res)
+        write_json(target.with_suffix(".json"), published(res, out))
     return text
+
+
+def published(res: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``res`` as the report publishes it beside the markdown: the paths of the machine it
+    ran on (the output directory, the sockets' directory, the model directory given to
+    vLLM) written as $OUT, $SOCKETS and $MODEL. results.json keeps them."""
+    names = {str(out): "$OUT", str(sock_dir(out)): "$SOCKETS"}
+    names.update({m: "$MODEL" for m in _model_dirs(res)})
+    ordered = sorted(names.items(), key=lambda kv: -len(kv[0]))     # a longer path before a prefix of it
+
+    def swap(x: Any) -> Any:
+        if isinstance(x, str):
+            for path, name in ordered:
+                x = x.replace(path, name)
+            return x
+        if isinstance(x, dict):
+            return {k: swap(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [swap(v) for v in x]
+        return x
+
+    published_res: dict[str, Any] = swap(res)
+    return published_res
+
+
+def _model_dirs(res: Any) -> set[str]:
+    """Every ``--model DIR`` in the argv the results recorded (vLLM's servers)."""
+    if isinstance(res, dict):
+        found = set().union(*map(_model_dirs, res.values())) if res else set()
+        argv = res.get("argv")
+        if isinstance(argv, list) and "--model" in argv[:-1]:
+            found.add(str(argv[argv.index("--model") + 1]))
+        return found
+    if isinstance(res, list):
+        return set().union(*map(_model_dirs, res)) if res else set()
+    return set()
 
 
 def _md(headers: list[str], rows: list[list[Any]]) -> str:
@@ -896,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker_inproc(st, Path(a.worker_config))
     if not a.phase:
         ap.error("--phase NAME (or report)")
-    raise_open_files_limit()
+    raise_fd_limit()
     # A SIGTERM (a time limit, Ctrl-C's cousin) unwinds like an exception: every phase's
     # `finally` stops its servers, which run in process groups of their own.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -44,12 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ... import listeners
 from .. import logs
 from ..client import (Result, Server, ServerError, running, served_model, socket_dir, stream_chat, stream_completion,
                       unix_session)
 from ..report import dig, fmt, table, write_json
 from ..stats import ratio, summary
-from .results import busy_note, finish, gpu_memory, log_dir_for, machine, out_path, raise_open_files_limit
+from .results import busy_note, finish, gpu_memory, log_dir_for, machine, out_path
 from .tokens import TokInfo, chat_ids, chat_prefix_len, check_prompt_set, load_tokenizer, random_id_prompts, tok_info
 from .workload import (DEFAULT_GPU_HOUR_COST, GPU_HOUR_COST_SOURCE, MAX_BURST, MAX_CONCURRENCY, MAX_REQUESTS, OptionError, check_range,
                        synthetic_text)
@@ -370,7 +371,7 @@ async def run_load(sock: str, args: Any, levels: list[int], say=lambda s: None, 
         out["mix"] = await run_phase(session, model, "mix", specs["mix"], mc, args.phase_time_limit,
                                      args.request_timeout)
         n_burst = burst_size(args, stable, levels)
-        fds = raise_open_files_limit()
+        fds = listeners.raise_fd_limit()
         if n_burst > fds - 64:      # one socket per request: past the limit the client, not the server, fails
             out["burst_capped_by_open_files_limit"] = {"wanted": n_burst, "limit": fds}
             n_burst = max(0, fds - 64)
@@ -558,7 +559,7 @@ def main(args: Any) -> int:
     params["gpu_hour_cost_source"] = (GPU_HOUR_COST_SOURCE if args.gpu_hour_cost == DEFAULT_GPU_HOUR_COST
                                       else "--gpu-hour-cost")
     res: dict[str, Any] = {"kind": "load", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
-                           "params": params, "runs": [], "open_files_limit": raise_open_files_limit()}
+                           "params": params, "runs": [], "open_files_limit": listeners.raise_fd_limit()}
     try:
         return _main(args, levels, out, logs_dir, res)
     except PromptSetError as e:

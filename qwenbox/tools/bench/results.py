@@ -62,18 +62,6 @@ def finish(res: dict[str, Any]) -> None:
         res["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
 
-def raise_open_files_limit() -> int:
-    """The soft open-files limit raised to the hard one (a burst holds one socket per
-    request); the limit now in force."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 def gpu_memory() -> dict[str, Any]:
     """GPU memory in use now, per GPU, from ``nvidia-smi``; ``available`` False (and why)
     where there is none - the figure is then n/a, never 0."""

@@ -41,8 +41,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..client import (Result, Server, ServerError, package_env, running, served_model, serve_argv, socket_dir,
                       stream_chat, unix_session)
@@ -54,6 +56,16 @@ from .servers import CacheState, derived_config, vllm_argv, vllm_env  # noqa: F4
 from .tokens import PromptSetError, check_chat_set, load_tokenizer
 from .workload import MAX_CONCURRENCY, MAX_REQUESTS, OptionError, check_range, synthetic_text
 
+if TYPE_CHECKING:
+    from ...config import Config
+
+Chat = list[dict[str, str]]      # one chat request's messages
+
+# The options that shape the workloads: recorded in the JSON's params and passed to the
+# in-process worker, which builds the same workloads from them.
+WORKER_PARAMS = ("seed", "prompt_words", "after_ready", "max_tokens", "throughput_requests",
+                 "throughput_concurrency", "throughput_repeats")
+
 
 # ------------------------------------------------------------------ workloads (same for every path)
 def _system(cfg: Any) -> list[dict[str, str]]:
@@ -61,24 +73,29 @@ def _system(cfg: Any) -> list[dict[str, str]]:
     return [{"role": "system", "content": sp}] if sp else []
 
 
-def ttft_messages(cfg: Any, args: Any) -> list[list[dict[str, str]]]:
+def ttft_messages(cfg: Any, args: Any) -> list[Chat]:
     """1 + after_ready chat prompts of the same length, no two sharing a prefix past the system prompt."""
     rng = random.Random(args.seed)
     return [_system(cfg) + [{"role": "user", "content": synthetic_text(args.prompt_words, f"first-{i}", rng)}]
             for i in range(1 + args.after_ready)]
 
 
-def throughput_messages(cfg: Any, args: Any, rep: int = 0) -> list[list[dict[str, str]]]:
+def throughput_messages(cfg: Any, args: Any, rep: int = 0) -> list[Chat]:
     """The throughput workload; each repetition has its own prompts (no prefix-cache help)."""
     rng = random.Random(args.seed + 1 + 1000 * rep)
     return [_system(cfg) + [{"role": "user", "content": synthetic_text(args.prompt_words, f"tp{rep}-{i}", rng)}]
             for i in range(args.throughput_requests)]
 
 
+def _median_index(runs: list[dict[str, Any]]) -> int:
+    """Which repetition has the median requests/s (the lower middle one of an even count)."""
+    order = sorted(range(len(runs)), key=lambda i: runs[i]["requests_per_s"] or 0)
+    return order[(len(order) - 1) // 2]
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The repetition with the median requests/s, plus every repetition's req/s."""
-    ordered = sorted(runs, key=lambda r: r["requests_per_s"] or 0)
-    pick = dict(ordered[(len(ordered) - 1) // 2])
+    pick = dict(runs[_median_index(runs)])
     pick["requests_per_s_runs"] = [r["requests_per_s"] for r in runs]
     pick["e2e_p50_s_runs"] = [r["e2e_s"]["p50"] for r in runs]
     pick["repetitions"] = len(runs)
@@ -92,7 +109,7 @@ def ttft_figures(ttfts: list[float | None]) -> dict[str, Any]:
             "next_n": len(rest), "ttfts_s": ttfts}
 
 
-async def _pool(items: list[Any], concurrency: int, fn) -> tuple[list[Any], float]:
+async def _pool(items: list[Any], concurrency: int, fn: Callable[[Any], Awaitable[Any]]) -> tuple[list[Any], float]:
     """Run ``fn(item)`` over items with at most ``concurrency`` in flight; results in order, wall time."""
     results: list[Any] = [None] * len(items)
     it = iter(enumerate(items))
@@ -125,7 +142,7 @@ def ttft_ids(tag: str, n: int) -> list[str]:
     return [f"bench-{tag}-{i}" for i in range(n)]
 
 
-async def http_ttft(sock: str, model: str, prompts: list, args: Any, ids: list[str] | None = None) -> dict[str, Any]:
+async def http_ttft(sock: str, model: str, prompts: list[Chat], args: Any, ids: list[str] | None = None) -> dict[str, Any]:
     async with unix_session(sock) as session:
         results = []
         for i, msgs in enumerate(prompts):   # one after another: the first one is THE first request
@@ -142,7 +159,7 @@ def add_server_side(fig: dict[str, Any], log_path: Path, ids: list[str]) -> None
     fig["server_side"] = {k: s[k] for k in ("first_ttft_s", "median_next_ttft_s", "first_over_median", "ttfts_s")}
 
 
-async def http_throughput(sock: str, model: str, prompts: list, args: Any, ids: list[str] | None = None
+async def http_throughput(sock: str, model: str, prompts: list[Chat], args: Any, ids: list[str] | None = None
                           ) -> dict[str, Any]:
     rid = iter(ids or [])
     async with unix_session(sock) as session:
@@ -212,9 +229,8 @@ def _worker_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m qwenbox.tools.bench.startup direct")
     p.add_argument("config")
     p.add_argument("out")
-    for name, typ in (("seed", int), ("prompt_words", int), ("after_ready", int), ("max_tokens", int),
-                      ("throughput_requests", int), ("throughput_concurrency", int), ("throughput_repeats", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, required=True)
+    for name in WORKER_PARAMS:
+        p.add_argument("--" + name.replace("_", "-"), type=int, required=True)
     a = p.parse_args(argv)
     cfg = load(a.config)
     eventlog.setup(cfg.logging.level, cfg.logging.format)
@@ -227,8 +243,7 @@ def run_direct(args: Any, log_path: Path, json_path: Path, config: str | None = 
                env: dict[str, str] | None = None) -> dict[str, Any]:
     argv = [sys.executable, "-m", "qwenbox.tools.bench.startup", "direct", str(Path(config or args.config).resolve()),
             str(json_path)]
-    for name in ("seed", "prompt_words", "after_ready", "max_tokens", "throughput_requests", "throughput_concurrency",
-                 "throughput_repeats"):
+    for name in WORKER_PARAMS:
         argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -245,10 +260,130 @@ def run_direct(args: Any, log_path: Path, json_path: Path, config: str | None = 
                 os.killpg(proc.pid, signal.SIGKILL)
     if rc != 0 or not json_path.exists():
         raise ServerError(f"in-process worker exited with {rc}; log: {log_path}")
-    return json.loads(json_path.read_text())
+    result: dict[str, Any] = json.loads(json_path.read_text())
+    return result
+
+
+# ------------------------------------------------------------------ the figures, described once
+class Ratio(NamedTuple):
+    """One figure of the JSON's ``ratios``: ``over`` / ``under``, each a path into the result
+    (no ``under``: ``over`` is a ratio already)."""
+    key: str
+    over: tuple[str, ...]
+    under: tuple[str, ...] | None = None
+
+
+class Launch(NamedTuple):
+    """One server launch of the run: its entry in the JSON, its row in the launch-to-ready
+    table, and the vLLM launch from the same cache state it is compared with (ratios are
+    only taken within one state); ``ratio_key`` names that ratio in ``ratios``."""
+    key: str
+    label: str
+    cache_state: str
+    vllm_key: str
+    ratio_key: str | None = None
+
+
+class Column(NamedTuple):
+    """One figure column of a printed table: its header, where the figure sits in a row's
+    entry, and its unit (``fmt``'s)."""
+    header: str
+    path: tuple[str, ...]
+    unit: str = ""
+
+
+API, IN_PROCESS = ("qwenbox", "throughput"), ("in_process", "throughput")
+
+LAUNCHES = (
+    Launch("qwenbox", "qwenbox serve (pre-warm)", "cold", "vllm_server", "launch_to_ready_cold_qwenbox_over_vllm"),
+    Launch("vllm_server", "vLLM OpenAI server", "cold", "vllm_server"),
+    Launch("qwenbox_warm", "qwenbox serve (pre-warm)", "warm", "vllm_server_warm",
+           "launch_to_ready_warm_qwenbox_over_vllm"),
+    Launch("qwenbox_no_warmup", "qwenbox serve --no-warmup", "warm", "vllm_server_warm",
+           "launch_to_ready_warm_qwenbox_no_warmup_over_vllm"),
+    Launch("vllm_server_warm", "vLLM OpenAI server", "warm", "vllm_server_warm"),
+)
+
+RATIOS = (
+    Ratio("first_ttft_over_median_warm", ("qwenbox", "ttft", "first_over_median")),
+    Ratio("first_ttft_over_median_no_warmup", ("qwenbox_no_warmup", "ttft", "first_over_median")),
+    Ratio("first_ttft_over_median_vllm_server", ("vllm_server", "ttft", "first_over_median")),
+    Ratio("first_ttft_over_median_warm_server_side", ("qwenbox", "ttft", "server_side", "first_over_median")),
+    Ratio("first_ttft_over_median_no_warmup_server_side",
+          ("qwenbox_no_warmup", "ttft", "server_side", "first_over_median")),
+    Ratio("api_over_in_process_requests_per_s", (*API, "requests_per_s"), (*IN_PROCESS, "requests_per_s")),
+    Ratio("api_over_in_process_p50", (*API, "e2e_s", "p50"), (*IN_PROCESS, "e2e_s", "p50")),
+    Ratio("api_over_in_process_p95", (*API, "e2e_s", "p95"), (*IN_PROCESS, "e2e_s", "p95")),
+    Ratio("api_server_side_over_in_process_p50", (*API, "server_side_e2e_s", "p50"), (*IN_PROCESS, "e2e_s", "p50")),
+    Ratio("api_server_side_over_in_process_p95", (*API, "server_side_e2e_s", "p95"), (*IN_PROCESS, "e2e_s", "p95")),
+    # only between launches from the same cache state
+    *(Ratio(launch.ratio_key, (launch.key, "launch_to_ready_s"), (launch.vllm_key, "launch_to_ready_s"))
+      for launch in LAUNCHES if launch.ratio_key),
+)
+
+# The TTFT table: one row per server that ran the TTFT sequence, its figures under "ttft".
+TTFT_ROWS = (("qwenbox", "qwenbox serve (pre-warm)"), ("qwenbox_no_warmup", "qwenbox serve --no-warmup"),
+             ("vllm_server", "vLLM OpenAI server"), ("in_process", "AsyncLLM in-process (after warm-up)"))
+TTFT_COLUMNS = (
+    Column("first TTFT", ("first_ttft_s",), "s"),
+    Column("median of next {after_ready}", ("median_next_ttft_s",), "s"),
+    Column("first / median", ("first_over_median",), "x"),
+    Column("server: first", ("server_side", "first_ttft_s"), "s"),
+    Column("server: median", ("server_side", "median_next_ttft_s"), "s"),
+    Column("server: ratio", ("server_side", "first_over_median"), "x"),
+)
+
+# The throughput table: the two paths (entry, label, name in the title), their figures under
+# "throughput"; then the ratio rows, one RATIOS key (or none) per figure column.
+THROUGHPUT_ROWS = (("in_process", "AsyncLLM in-process", "in-process"),
+                   ("qwenbox", "qwenbox API (unix socket, SSE)", "API"))
+THROUGHPUT_COLUMNS = (
+    Column("req/s", ("requests_per_s",)),
+    Column("tok/s", ("output_tokens_per_s",)),
+    Column("p50 latency", ("e2e_s", "p50"), "s"),
+    Column("p95 latency", ("e2e_s", "p95"), "s"),
+)
+RatioRow = tuple[str, tuple[str | None, ...]]      # a row's label, then a RATIOS key or None per column
+API_RATIO_ROW: RatioRow = (
+    "ratio API / in-process",
+    ("api_over_in_process_requests_per_s", None, "api_over_in_process_p50", "api_over_in_process_p95"))
+OWN_LOG_RATIO_ROW: RatioRow = (
+    "ratio API (own log) / in-process",
+    (None, None, "api_server_side_over_in_process_p50", "api_server_side_over_in_process_p95"))
+
+LAUNCH_COLUMNS = (
+    Column("answers /health", ("launch_to_listen_s",), "s"),
+    Column("ready (/health 200)", ("launch_to_ready_s",), "s"),
+)
+
+
+def ratios(res: dict[str, Any]) -> dict[str, float | None]:
+    """Every figure of ``RATIOS``, from the run's result; None where a side is missing."""
+    return {r.key: dig(res, *r.over) if r.under is None else ratio(dig(res, *r.over), dig(res, *r.under))
+            for r in RATIOS}
 
 
 # ------------------------------------------------------------------ the run
+@dataclass
+class _Run:
+    """What every step of one ``bench startup`` run shares: the config and options, where
+    sockets and logs go, each server's cache state, and the errors recorded so far."""
+    cfg: Config
+    args: argparse.Namespace
+    sockets: Path
+    logs: Path
+    qwenbox_config: str          # the config with engine.cache_dir in qwenbox's cache state
+    qwenbox_cache: CacheState
+    vllm_cache: CacheState
+    ttft_prompts: list[Chat]
+    errors: dict[str, str]
+
+    def qwenbox(self, name: str, sock: str, log: str, extra: Sequence[str] = ()) -> Server:
+        path = str(self.sockets / sock)
+        return Server(name, serve_argv(self.qwenbox_config, path, list(extra)), path, self.logs / log,
+                      env=self.qwenbox_cache.env())
+
+
 def validate(args: Any) -> None:
     """Every option of this mode in range, else OptionError (before any server starts)."""
     check_range("--after-ready", args.after_ready, 0, MAX_REQUESTS)
@@ -263,6 +398,11 @@ def validate(args: Any) -> None:
 
 def _launch(srv: Server) -> dict[str, Any]:
     return {"launch_to_listen_s": srv.launch_to_listen_s, "launch_to_ready_s": srv.launch_to_ready_s}
+
+
+def _at_ready(srv: Server, key: str) -> Any:
+    """``key`` of the server's /health answer when it became ready (None without one)."""
+    return (srv.ready_health or {}).get(key)
 
 
 def check_prompts(cfg: Any, args: Any) -> dict[str, Any]:
@@ -281,28 +421,143 @@ def _launch_entry(srv: Server, cache: CacheState, state: str, before: dict[str, 
     return {**_launch(srv), "cache_state": state, "caches_at_launch": before, "caches_after": cache.snapshot()}
 
 
-def main(args: Any) -> int:
+def _api_throughput(run: _Run, sock: str, model: str) -> tuple[dict[str, Any], list[str]]:
+    """The throughput workload through the API, ``--throughput-repeats`` times: the median
+    repetition (``median_run``) and the request ids it sent (to find them in the log)."""
+    runs, ids = [], []
+    for rep in range(run.args.throughput_repeats):
+        ids.append(ttft_ids(f"tp{rep}", run.args.throughput_requests))
+        runs.append(asyncio.run(http_throughput(sock, model, throughput_messages(run.cfg, run.args, rep),
+                                                run.args, ids[-1])))
+    return median_run(runs), ids[_median_index(runs)]
+
+
+def _qwenbox_cold(run: _Run) -> dict[str, Any]:
+    """Step 1: ``qwenbox serve`` (warm-up as configured) on empty caches: launch to ready,
+    its phases, the TTFT sequence and the throughput workload, each also from its own log."""
+    _say("qwenbox serve (warm-up as configured), empty caches")
+    before = run.qwenbox_cache.snapshot()
+    srv = run.qwenbox("qwenbox", "qb.sock", "qwenbox-serve-cold.log")
+    with running(srv, run.args.ready_timeout):
+        entry = {**_launch(srv), "warmup_enabled": run.cfg.warmup.enabled,
+                 "cold_start": _at_ready(srv, "cold_start"), "warmup": _at_ready(srv, "warmup")}
+        model, _ = served_model(srv.sock)
+        ids = ttft_ids("warm", len(run.ttft_prompts))
+        entry["ttft"] = asyncio.run(http_ttft(srv.sock, model, run.ttft_prompts, run.args, ids))
+        _say("throughput through the API")
+        entry["throughput"], throughput_ids = _api_throughput(run, srv.sock, model)
+    entry.update(cache_state="cold", caches_at_launch=before, caches_after=run.qwenbox_cache.snapshot())
+    add_server_side(entry["ttft"], srv.log_path, ids)
+    # the server's own view of the same requests: its latency without the client's share
+    entry["throughput"]["server_side_e2e_s"] = summary(request_values(srv.log_path, throughput_ids, "latency_s"))
+    return entry
+
+
+def _qwenbox_warm(run: _Run) -> dict[str, Any]:
+    """Step 2: ``qwenbox serve`` restarted on the caches it filled: launch to ready, its phases."""
+    _say("qwenbox serve, restarted on its own caches")
+    before = run.qwenbox_cache.snapshot()
+    srv = run.qwenbox("qwenbox (warm caches)", "qbw.sock", "qwenbox-serve-warm.log")
+    with running(srv, run.args.ready_timeout):
+        return {**_launch_entry(srv, run.qwenbox_cache, "warm", before), "cold_start": _at_ready(srv, "cold_start")}
+
+
+def _qwenbox_no_warmup(run: _Run) -> dict[str, Any]:
+    """Step 3: ``qwenbox serve --no-warmup`` on the warm caches: launch to ready and the TTFT sequence."""
+    _say("qwenbox serve --no-warmup (warm caches)")
+    before = run.qwenbox_cache.snapshot()
+    srv = run.qwenbox("qwenbox --no-warmup", "qbnw.sock", "qwenbox-serve-no-warmup.log", ["--no-warmup"])
+    with running(srv, run.args.ready_timeout):
+        entry = {**_launch(srv), "cold_start": _at_ready(srv, "cold_start")}
+        model, _ = served_model(srv.sock)
+        ids = ttft_ids("nowarm", len(run.ttft_prompts))
+        entry["ttft"] = asyncio.run(http_ttft(srv.sock, model, run.ttft_prompts, run.args, ids))
+    entry.update(cache_state="warm", caches_at_launch=before)
+    add_server_side(entry["ttft"], srv.log_path, ids)
+    return entry
+
+
+def _vllm_servers(run: _Run, res: dict[str, Any]) -> None:
+    """Step 4: vLLM's own OpenAI server on empty caches of its own (launch to ready, the TTFT
+    sequence), then restarted on them (launch to ready). A launch that fails is recorded in
+    ``errors`` and ends the step."""
+    run.vllm_cache.create()
+    for state, key, caches in (("cold", "vllm_server", "empty caches"),
+                               ("warm", "vllm_server_warm", "restarted on its own caches")):
+        _say(f"vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server), {caches}")
+        sock = str(run.sockets / f"vllm-{state}.sock")
+        before = run.vllm_cache.snapshot()
+        srv = Server("vllm", vllm_argv(run.cfg, sock), sock, run.logs / f"vllm-api-server-{state}.log",
+                     env={**run.vllm_cache.env(), **vllm_env()})
+        entry = res[key] = {"argv": srv.argv[1:]}
+        try:
+            with running(srv, run.args.ready_timeout):
+                entry.update(_launch_entry(srv, run.vllm_cache, state, before))
+                if state == "cold":
+                    entry["ttft"] = asyncio.run(http_ttft(sock, run.cfg.model.name, run.ttft_prompts, run.args))
+        except ServerError as e:
+            run.errors[key] = str(e).splitlines()[0]
+            print(f"  vLLM's server failed: {run.errors[key]}", flush=True)
+            return
+
+
+def _in_process(run: _Run, res: dict[str, Any]) -> None:
+    """Step 5: AsyncLLM in-process, no HTTP, on qwenbox's warm caches (not a start-up figure)."""
+    _say("AsyncLLM in-process (qwenbox.engine.Engine, no HTTP)")
+    try:
+        res["in_process"] = run_direct(run.args, run.logs / "in-process.log", run.logs / "in-process.json",
+                                       config=run.qwenbox_config, env=run.qwenbox_cache.env())
+    except ServerError as e:
+        run.errors["in_process"] = str(e)
+        print(f"  in-process run failed: {e}", flush=True)
+
+
+def _measure(cfg: Config, args: argparse.Namespace, logs: Path, res: dict[str, Any]) -> None:
+    """Steps 1-5 into ``res``, one server at a time, each server on cache directories of its
+    own under a temporary root that is removed at the end."""
+    import shutil
+    import tempfile
+
+    caches_root = Path(tempfile.mkdtemp(prefix="qwenbox-bench-caches-"))
+    res["caches_root"] = str(caches_root)
+    qwenbox_cache, vllm_cache = CacheState(caches_root / "qwenbox"), CacheState(caches_root / "vllm")
+    try:
+        with socket_dir() as sockets:
+            qwenbox_config = derived_config(args.config, sockets / "qwenbox.toml",
+                                            {"engine": {"cache_dir": str(qwenbox_cache.vllm_dir)}})
+            run = _Run(cfg, args, sockets, logs, str(qwenbox_config), qwenbox_cache, vllm_cache,
+                       ttft_messages(cfg, args), res["errors"])
+            qwenbox_cache.create()
+            res["qwenbox"] = _qwenbox_cold(run)
+            res["qwenbox_warm"] = _qwenbox_warm(run)
+            res["qwenbox_no_warmup"] = _qwenbox_no_warmup(run)
+            if not args.skip_vllm:
+                _vllm_servers(run, res)
+            _in_process(run, res)
+    finally:
+        shutil.rmtree(caches_root, ignore_errors=True)
+
+
+def _header(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """The result's first part: what ran, where, with which options."""
+    return {"kind": "startup", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
+            "config": str(Path(args.config).resolve()), "model": cfg.model.name, "model_path": cfg.model.path,
+            "params": {k: getattr(args, k) for k in WORKER_PARAMS}, "errors": {}}
+
+
+def main(args: argparse.Namespace) -> int:
     """The whole ``bench startup`` run; ``bench.run`` has validated ``args``.
 
     Cache state: qwenbox and vLLM's server each get their own fresh, empty cache
     directories (``servers.CacheState``) for a cold launch, then are relaunched on the
     caches they filled themselves for a warm one. Ratios are only taken between launches
     of the same state."""
-    import shutil
-    import tempfile
-
     from ...config import load
 
     cfg = load(args.config)
     out = out_path(args, "startup")
     logs = log_dir_for(out)
-    res: dict[str, Any] = {
-        "kind": "startup", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
-        "config": str(Path(args.config).resolve()), "model": cfg.model.name, "model_path": cfg.model.path,
-        "params": {k: getattr(args, k) for k in ("seed", "prompt_words", "after_ready", "max_tokens",
-                                                 "throughput_requests", "throughput_concurrency",
-                                                 "throughput_repeats")},
-        "errors": {}}
+    res = _header(cfg, args)
     print(f"qwenbox bench startup: config {args.config}, model {cfg.model.name}; logs in {logs}/", flush=True)
     try:
         res["prompt_check"] = check_prompts(cfg, args)
@@ -312,99 +567,7 @@ def main(args: Any) -> int:
     note = busy_note()
     if note:
         print(note, flush=True)
-    ttft_prompts = ttft_messages(cfg, args)
-    caches_root = Path(tempfile.mkdtemp(prefix="qwenbox-bench-caches-"))
-    qb_cache, vl_cache = CacheState(caches_root / "qwenbox"), CacheState(caches_root / "vllm")
-    res["caches_root"] = str(caches_root)
-    try:
-        with socket_dir() as sd:
-            qcfg = str(derived_config(args.config, sd / "qwenbox.toml",
-                                      {"engine": {"cache_dir": str(qb_cache.vllm_dir)}}))
-            qb_cache.create()
-            # 1. qwenbox serve, warm-up as configured, empty caches
-            _say("qwenbox serve (warm-up as configured), empty caches")
-            before = qb_cache.snapshot()
-            srv = Server("qwenbox", serve_argv(qcfg, str(sd / "qb.sock")), str(sd / "qb.sock"),
-                         logs / "qwenbox-serve-cold.log", env=qb_cache.env())
-            with running(srv, args.ready_timeout):
-                res["qwenbox"] = {**_launch(srv), "warmup_enabled": cfg.warmup.enabled,
-                                  "cold_start": (srv.ready_health or {}).get("cold_start"),
-                                  "warmup": (srv.ready_health or {}).get("warmup")}
-                model, _ = served_model(srv.sock)
-                ids = ttft_ids("warm", len(ttft_prompts))
-                res["qwenbox"]["ttft"] = asyncio.run(http_ttft(srv.sock, model, ttft_prompts, args, ids))
-                _say("throughput through the API")
-                runs, tp_ids = [], []
-                for rep in range(args.throughput_repeats):
-                    ids_rep = ttft_ids(f"tp{rep}", args.throughput_requests)
-                    runs.append(asyncio.run(http_throughput(srv.sock, model, throughput_messages(cfg, args, rep),
-                                                            args, ids_rep)))
-                    runs[-1]["_ids"] = ids_rep
-                res["qwenbox"]["throughput"] = median_run(runs)
-                tp_ids = res["qwenbox"]["throughput"].pop("_ids")
-                for r in runs:
-                    r.pop("_ids", None)
-            res["qwenbox"].update(cache_state="cold", caches_at_launch=before, caches_after=qb_cache.snapshot())
-            add_server_side(res["qwenbox"]["ttft"], srv.log_path, ids)
-            # the server's own view of the same requests: its latency without the client's share
-            res["qwenbox"]["throughput"]["server_side_e2e_s"] = summary(
-                request_values(srv.log_path, tp_ids, "latency_s"))
-
-            # 2. restarted on the caches it filled
-            _say("qwenbox serve, restarted on its own caches")
-            before = qb_cache.snapshot()
-            srv = Server("qwenbox (warm caches)", serve_argv(qcfg, str(sd / "qbw.sock")), str(sd / "qbw.sock"),
-                         logs / "qwenbox-serve-warm.log", env=qb_cache.env())
-            with running(srv, args.ready_timeout):
-                res["qwenbox_warm"] = {**_launch_entry(srv, qb_cache, "warm", before),
-                                       "cold_start": (srv.ready_health or {}).get("cold_start")}
-
-            # 3. the same without warm-up (warm caches)
-            _say("qwenbox serve --no-warmup (warm caches)")
-            before = qb_cache.snapshot()
-            srv = Server("qwenbox --no-warmup", serve_argv(qcfg, str(sd / "qbnw.sock"), ["--no-warmup"]),
-                         str(sd / "qbnw.sock"), logs / "qwenbox-serve-no-warmup.log", env=qb_cache.env())
-            with running(srv, args.ready_timeout):
-                res["qwenbox_no_warmup"] = {**_launch(srv), "cold_start": (srv.ready_health or {}).get("cold_start")}
-                model, _ = served_model(srv.sock)
-                ids = ttft_ids("nowarm", len(ttft_prompts))
-                res["qwenbox_no_warmup"]["ttft"] = asyncio.run(http_ttft(srv.sock, model, ttft_prompts, args, ids))
-            res["qwenbox_no_warmup"].update(cache_state="warm", caches_at_launch=before)
-            add_server_side(res["qwenbox_no_warmup"]["ttft"], srv.log_path, ids)
-
-            # 4. vLLM's own OpenAI server: empty caches of its own, then restarted on them
-            if not args.skip_vllm:
-                vl_cache.create()
-                for state in ("cold", "warm"):
-                    key = "vllm_server" if state == "cold" else "vllm_server_warm"
-                    _say(f"vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server), "
-                         f"{'empty caches' if state == 'cold' else 'restarted on its own caches'}")
-                    sock = str(sd / f"vllm-{state}.sock")
-                    before = vl_cache.snapshot()
-                    srv = Server("vllm", vllm_argv(cfg, sock), sock, logs / f"vllm-api-server-{state}.log",
-                                 env={**vl_cache.env(), **vllm_env()})
-                    res[key] = {"argv": srv.argv[1:]}
-                    try:
-                        with running(srv, args.ready_timeout):
-                            res[key].update(_launch_entry(srv, vl_cache, state, before))
-                            if state == "cold":
-                                res[key]["ttft"] = asyncio.run(http_ttft(sock, cfg.model.name, ttft_prompts, args))
-                    except ServerError as e:
-                        res["errors"][key] = str(e).splitlines()[0]
-                        print(f"  vLLM's server failed: {res['errors'][key]}", flush=True)
-                        break
-
-            # 5. AsyncLLM in-process, no HTTP (on qwenbox's warm caches: not a start-up figure)
-            _say("AsyncLLM in-process (qwenbox.engine.Engine, no HTTP)")
-            try:
-                res["in_process"] = run_direct(args, logs / "in-process.log", logs / "in-process.json",
-                                               config=qcfg, env=qb_cache.env())
-            except ServerError as e:
-                res["errors"]["in_process"] = str(e)
-                print(f"  in-process run failed: {e}", flush=True)
-    finally:
-        shutil.rmtree(caches_root, ignore_errors=True)
-
+    _measure(cfg, args, logs, res)
     res["ratios"] = ratios(res)
     finish(res)
     write_json(out, res)
@@ -418,97 +581,74 @@ def _say(what: str) -> None:
     print(f"  - {what} ...", flush=True)
 
 
-def ratios(res: dict[str, Any]) -> dict[str, Any]:
-    g = lambda *path: dig(res, *path)  # noqa: E731
-    return {
-        "first_ttft_over_median_warm": g("qwenbox", "ttft", "first_over_median"),
-        "first_ttft_over_median_no_warmup": g("qwenbox_no_warmup", "ttft", "first_over_median"),
-        "first_ttft_over_median_vllm_server": g("vllm_server", "ttft", "first_over_median"),
-        "first_ttft_over_median_warm_server_side": g("qwenbox", "ttft", "server_side", "first_over_median"),
-        "first_ttft_over_median_no_warmup_server_side": g("qwenbox_no_warmup", "ttft", "server_side",
-                                                          "first_over_median"),
-        "api_over_in_process_requests_per_s": ratio(g("qwenbox", "throughput", "requests_per_s"),
-                                                      g("in_process", "throughput", "requests_per_s")),
-        "api_over_in_process_p50": ratio(g("qwenbox", "throughput", "e2e_s", "p50"),
-                                           g("in_process", "throughput", "e2e_s", "p50")),
-        "api_over_in_process_p95": ratio(g("qwenbox", "throughput", "e2e_s", "p95"),
-                                           g("in_process", "throughput", "e2e_s", "p95")),
-        "api_server_side_over_in_process_p50": ratio(g("qwenbox", "throughput", "server_side_e2e_s", "p50"),
-                                                       g("in_process", "throughput", "e2e_s", "p50")),
-        "api_server_side_over_in_process_p95": ratio(g("qwenbox", "throughput", "server_side_e2e_s", "p95"),
-                                                       g("in_process", "throughput", "e2e_s", "p95")),
-        # only between launches from the same cache state
-        "launch_to_ready_cold_qwenbox_over_vllm": ratio(g("qwenbox", "launch_to_ready_s"),
-                                                          g("vllm_server", "launch_to_ready_s")),
-        "launch_to_ready_warm_qwenbox_over_vllm": ratio(g("qwenbox_warm", "launch_to_ready_s"),
-                                                          g("vllm_server_warm", "launch_to_ready_s")),
-        "launch_to_ready_warm_qwenbox_no_warmup_over_vllm": ratio(g("qwenbox_no_warmup", "launch_to_ready_s"),
-                                                                    g("vllm_server_warm", "launch_to_ready_s")),
-    }
+# ------------------------------------------------------------------ the printed tables
+def _cells(entry: Any, columns: Sequence[Column]) -> list[str]:
+    return [fmt(dig(entry, *c.path), c.unit) for c in columns]
+
+
+def _phases_table(res: dict[str, Any]) -> str:
+    """qwenbox's cold-start phases (/health ``cold_start``), empty caches vs warm."""
+    cold, warm = dig(res, "qwenbox", "cold_start") or {}, dig(res, "qwenbox_warm", "cold_start") or {}
+
+    def cell(key: str, v: Any) -> str:
+        return fmt(v, "" if key.endswith("tokens") else "s") if isinstance(v, (int, float)) else fmt(v)
+
+    rows = [[k, cell(k, cold.get(k)), cell(k, warm.get(k))] for k in dict.fromkeys([*cold, *warm])]
+    return table(["phase", "empty caches", "warm caches"], rows,
+                 "Start-up phases of `qwenbox serve` (from /health cold_start)")
+
+
+def _ttft_table(res: dict[str, Any]) -> str:
+    rows = [[label, *_cells(dig(res, key, "ttft"), TTFT_COLUMNS)] for key, label in TTFT_ROWS if dig(res, key, "ttft")]
+    headers = [c.header.format(after_ready=res["params"]["after_ready"]) for c in TTFT_COLUMNS]
+    return table(["server", *headers], rows, "TTFT of the first request after ready vs the next ones (client-side; "
+                                             "server: qwenbox's own request log)")
+
+
+def _ratio_cells(res: dict[str, Any], keys: Sequence[str | None]) -> list[str]:
+    return [fmt(res["ratios"][k], "x") if k else "" for k in keys]
+
+
+def _throughput_table(res: dict[str, Any]) -> str:
+    paths = [(label, short, dig(res, key, "throughput")) for key, label, short in THROUGHPUT_ROWS]
+    rows = [[label, *_cells(t, THROUGHPUT_COLUMNS), f"{t['ok']}/{t['requests']}"] for label, _, t in paths if t]
+    label, keys = API_RATIO_ROW
+    rows.append([label, *_ratio_cells(res, keys), ""])
+    own_log = dig(res, *API, "server_side_e2e_s") or {}
+    if own_log.get("n"):
+        rows.append(["qwenbox API, its own log (no client)", "", "", fmt(own_log["p50"], "s"), fmt(own_log["p95"], "s"),
+                     str(own_log["n"])])
+        label, keys = OWN_LOG_RATIO_ROW
+        rows.append([label, *_ratio_cells(res, keys), ""])
+    p = res["params"]
+    every = "; ".join(f"{short} " + ", ".join(fmt(x) for x in t.get("requests_per_s_runs", []))
+                      for _, short, t in paths if t)
+    title = (f"Throughput: {p['throughput_requests']} streamed requests, concurrency {p['throughput_concurrency']}, "
+             f"{p['max_tokens']} tokens each; the median of {p.get('throughput_repeats', 1)} repetitions by req/s "
+             f"(all: {every})")
+    return table(["path", *(c.header for c in THROUGHPUT_COLUMNS), "ok"], rows, title)
+
+
+def _launch_table(res: dict[str, Any]) -> str:
+    rows = []
+    for launch in LAUNCHES:
+        entry = res.get(launch.key)
+        if dig(entry, "launch_to_ready_s") is None:
+            continue
+        empty = dig(entry, "caches_at_launch", "empty")
+        caches = (f"{launch.cache_state} ({'empty' if empty else 'filled'} at launch)" if empty is not None
+                  else launch.cache_state)
+        same_state_ratio = ratio(dig(entry, "launch_to_ready_s"), dig(res, launch.vllm_key, "launch_to_ready_s"))
+        rows.append([launch.label, caches, *_cells(entry, LAUNCH_COLUMNS), fmt(same_state_ratio, "x")])
+    return table(["server", "caches", *(c.header for c in LAUNCH_COLUMNS), "ready / vLLM's (same state)"], rows,
+                 "Launch to ready: cold = each server on its own empty cache dirs, warm = restarted on "
+                 "the caches it filled itself", left=(0, 1))
 
 
 def report(res: dict[str, Any]) -> str:
-    f, g = fmt, lambda *p: dig(res, *p)
-    parts = []
-    cold, warm = g("qwenbox", "cold_start") or {}, g("qwenbox_warm", "cold_start") or {}
-    unit = lambda k, v: f(v, "" if k.endswith("tokens") else "s") if isinstance(v, (int, float)) else f(v)  # noqa: E731
-    rows = [[k, unit(k, cold.get(k)), unit(k, warm.get(k))] for k in dict.fromkeys([*cold, *warm])]
-    parts.append(table(["phase", "empty caches", "warm caches"], rows,
-                       "Start-up phases of `qwenbox serve` (from /health cold_start)"))
-
-    rows = []
-    for key, label in (("qwenbox", "qwenbox serve (pre-warm)"), ("qwenbox_no_warmup", "qwenbox serve --no-warmup"),
-                       ("vllm_server", "vLLM OpenAI server"), ("in_process", "AsyncLLM in-process (after warm-up)")):
-        t = g(key, "ttft")
-        if t:
-            ss = t.get("server_side") or {}
-            rows.append([label, f(t["first_ttft_s"], "s"), f(t["median_next_ttft_s"], "s"),
-                         f(t["first_over_median"], "x"), f(ss.get("first_ttft_s"), "s"),
-                         f(ss.get("median_next_ttft_s"), "s"), f(ss.get("first_over_median"), "x")])
-    n = res["params"]["after_ready"]
-    parts.append(table(["server", "first TTFT", f"median of next {n}", "first / median",
-                          "server: first", "server: median", "server: ratio"], rows,
-                         "TTFT of the first request after ready vs the next ones (client-side; "
-                         "server: qwenbox's own request log)"))
-
-    rows = []
-    api, direct = g("qwenbox", "throughput"), g("in_process", "throughput")
-    for label, t in (("AsyncLLM in-process", direct), ("qwenbox API (unix socket, SSE)", api)):
-        if t:
-            rows.append([label, f(t["requests_per_s"]), f(t["output_tokens_per_s"]), f(t["e2e_s"]["p50"], "s"),
-                         f(t["e2e_s"]["p95"], "s"), f"{t['ok']}/{t['requests']}"])
-    r = res["ratios"]
-    rows.append(["ratio API / in-process", f(r["api_over_in_process_requests_per_s"], "x"), "",
-                 f(r["api_over_in_process_p50"], "x"), f(r["api_over_in_process_p95"], "x"), ""])
-    ss = (api or {}).get("server_side_e2e_s") or {}
-    if ss.get("n"):
-        rows.append(["qwenbox API, its own log (no client)", "", "", f(ss["p50"], "s"), f(ss["p95"], "s"),
-                     str(ss["n"])])
-        rows.append(["ratio API (own log) / in-process", "", "", f(r["api_server_side_over_in_process_p50"], "x"),
-                     f(r["api_server_side_over_in_process_p95"], "x"), ""])
-    p = res["params"]
-    parts.append(table(["path", "req/s", "tok/s", "p50 latency", "p95 latency", "ok"], rows,
-                         f"Throughput: {p['throughput_requests']} streamed requests, concurrency "
-                         f"{p['throughput_concurrency']}, {p['max_tokens']} tokens each; the median of "
-                         f"{p.get('throughput_repeats', 1)} repetitions by req/s (all: "
-                         + "; ".join(f"{lbl} " + ", ".join(fmt(x) for x in (t or {}).get("requests_per_s_runs", []))
-                                     for lbl, t in (("in-process", direct), ("API", api)) if t) + ")"))
-
-    rows = []
-    for key, label, state, vkey in (
-            ("qwenbox", "qwenbox serve (pre-warm)", "cold", "vllm_server"),
-            ("vllm_server", "vLLM OpenAI server", "cold", "vllm_server"),
-            ("qwenbox_warm", "qwenbox serve (pre-warm)", "warm", "vllm_server_warm"),
-            ("qwenbox_no_warmup", "qwenbox serve --no-warmup", "warm", "vllm_server_warm"),
-            ("vllm_server_warm", "vLLM OpenAI server", "warm", "vllm_server_warm")):
-        if g(key, "launch_to_ready_s") is not None:
-            empty = g(key, "caches_at_launch", "empty")
-            rows.append([label, f"{state} ({'empty' if empty else 'filled'} at launch)" if empty is not None else state,
-                         f(g(key, "launch_to_listen_s"), "s"), f(g(key, "launch_to_ready_s"), "s"),
-                         f(ratio(g(key, "launch_to_ready_s"), g(vkey, "launch_to_ready_s")), "x")])
-    parts.append(table(["server", "caches", "answers /health", "ready (/health 200)", "ready / vLLM's (same state)"],
-                       rows, "Launch to ready: cold = each server on its own empty cache dirs, warm = restarted on "
-                             "the caches it filled itself", left=(0, 1)))
+    """The printed tables: start-up phases, first TTFT vs the next, throughput API vs
+    in-process, launch to ready; then the errors recorded."""
+    parts = [_phases_table(res), _ttft_table(res), _throughput_table(res), _launch_table(res)]
     if res.get("errors"):
         parts.append("Errors: " + "; ".join(f"{k}: {v}" for k, v in res["errors"].items()))
     return "\n\n".join(parts)
