@@ -65,7 +65,7 @@ class Sampling:
     n: int = 1
     ignore_eos: bool = False
 
-    def merged_over(self, defaults: "Sampling") -> "Sampling":
+    def merged_over(self, defaults: Sampling) -> Sampling:
         """This sampling with every field it left ``None`` taken from ``defaults``."""
         return dataclasses.replace(self, **{
             f.name: getattr(defaults, f.name) for f in dataclasses.fields(self)

@@ -13,7 +13,6 @@ Nothing here imports vllm.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import http.client
 import json
@@ -25,9 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import qwenbox
 
@@ -182,7 +182,7 @@ async def _stream(session: Any, path: str, body: dict[str, Any], timeout_s: floa
             if r.failure is None and not done:
                 r.failure = "incomplete_stream"
             r.ok = r.failure is None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         r.failure, r.e2e_s = "timeout", time.monotonic() - t0
     except aiohttp.ClientError as e:
         r.failure, r.e2e_s = "connection_error", time.monotonic() - t0
@@ -244,12 +244,12 @@ class Server:
 
     @classmethod
     def qwenbox(cls, name: str, config: str | os.PathLike, sock: str, log_path: Path,
-                extra_args: Sequence[str] = ()) -> "Server":
+                extra_args: Sequence[str] = ()) -> Server:
         return cls(name, serve_argv(config, sock, extra_args), sock, log_path)
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the child's stdout until stop() closes it
         self.t_launch = time.monotonic()
         # Its own process group, so a forced stop takes the engine-core children too. NOT its
         # own session: with the kernel's autogroup scheduling (sched_autogroup_enabled=1) a

@@ -34,9 +34,10 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from .. import models
@@ -131,7 +132,7 @@ def pull(repo_id: str, models_dir: str, *, revision: str | None = None) -> dict[
             shutil.rmtree(dest / PARTS, ignore_errors=True)  # parts of other revisions' files
             record = {"repo": repo_id, "revision": revision or "main", "commit": commit,
                       "endpoint": api.endpoint, "files": checked,
-                      "pulled_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+                      "pulled_at": datetime.datetime.now(datetime.UTC).isoformat()}
             write_marker(dest, record)
         return record
     finally:
@@ -246,7 +247,8 @@ def _remove_stale(dest: Path, files: list[str]) -> None:
     ``*.safetensors`` shard next to the new ones)."""
     keep = set(files)
     for p in dest.iterdir():
-        if p.is_file() and not p.name.startswith(".") and p.name not in keep and any(fnmatch(p.name, pat) for pat in WANTED + WEIGHTS_FALLBACK):
+        if (p.is_file() and not p.name.startswith(".") and p.name not in keep
+                and any(fnmatch(p.name, pat) for pat in WANTED + WEIGHTS_FALLBACK)):
             _discard(dest, p.name)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Container, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Container, Sequence
+from typing import Any
 
 
 def fmt(v: Any, unit: str = "") -> str:
@@ -44,7 +45,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = ""
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     out = [title] if title else []
     for n, r in enumerate(cells):
-        line = "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        line = "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths, strict=False)))
         out.append(indent + line.rstrip())
         if n == 0:
             out.append(indent + "  ".join("-" * w for w in widths))

@@ -32,7 +32,7 @@ class Settings:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_env(cls, environ=os.environ) -> "Settings":
+    def from_env(cls, environ=os.environ) -> Settings:
         raw = environ.get(ENV)
         if not raw:
             raise RuntimeError(f"{ENV} is not set: start the chat page with `qwenbox ui`")
