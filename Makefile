@@ -68,11 +68,14 @@ ui: venv demo-model ui-venv
 # The lint and type gate (pyproject.toml says what is checked; setup.cfg pins the versions).
 # mypy runs twice: the package in the daemon's environment, then the chat page's process
 # (qwenbox/ui/app.py and what it imports) in .venv-ui, where its Chainlit and OpenAI client live.
-# Their caches keep a rerun at about a second.
+# All three run, so one pass shows every finding; any finding fails the target. Their caches
+# keep a rerun at about a second.
 lint: venv ui-venv
-	$(BIN)/ruff check qwenbox tests
-	$(BIN)/mypy
-	$(BIN)/mypy --python-executable $(UI_VENV)/bin/python --cache-dir .mypy_cache/ui qwenbox/ui/app.py
+	@rc=0; set -x; \
+	$(BIN)/ruff check qwenbox tests || rc=1; \
+	$(BIN)/mypy || rc=1; \
+	$(BIN)/mypy --python-executable $(UI_VENV)/bin/python --cache-dir .mypy_cache/ui qwenbox/ui/app.py || rc=1; \
+	exit $$rc
 
 # pytest exits 5 when it collected no tests: that must never pass as green.
 test: lint venv demo-model ui-venv ui-test-deps
