@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh Debian 12 machine (no GPU needed):
 #   make run    - venv with the CPU runtime, demo model, `qwenbox serve` on it
-#   make test   - the same set-up, then the whole test suite
+#   make test   - the same set-up, the lint and type gate (make lint), then the whole test suite
 PY       ?= python3
 VENV     := .venv
 BIN      := $(VENV)/bin
@@ -9,7 +9,7 @@ CONFIG   := etc/qwenbox/demo.toml
 STAMP    := $(VENV)/.qwenbox-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv demo-model bench clean ui ui-venv ui-test-deps deb
+.PHONY: run test lint venv demo-model bench clean ui ui-venv ui-test-deps deb
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -65,8 +65,20 @@ ui: venv demo-model ui-venv
 	exec $(BIN)/qwenbox ui --config $(CONFIG)
 # --------------------------------------------------------------------------------------
 
+# The lint and type gate (pyproject.toml says what is checked; setup.cfg pins the versions).
+# mypy runs twice: the package in the daemon's environment, then the chat page's process
+# (qwenbox/ui/app.py and what it imports) in .venv-ui, where its Chainlit and OpenAI client live.
+# All three run, so one pass shows every finding; any finding fails the target. Their caches
+# keep a rerun at about a second.
+lint: venv ui-venv
+	@rc=0; set -x; \
+	$(BIN)/ruff check qwenbox tests || rc=1; \
+	$(BIN)/mypy || rc=1; \
+	$(BIN)/mypy --python-executable $(UI_VENV)/bin/python --cache-dir .mypy_cache/ui qwenbox/ui/app.py || rc=1; \
+	exit $$rc
+
 # pytest exits 5 when it collected no tests: that must never pass as green.
-test: venv demo-model ui-venv ui-test-deps
+test: lint venv demo-model ui-venv ui-test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

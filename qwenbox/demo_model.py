@@ -51,11 +51,11 @@ DEFAULT_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2
                      max_position_embeddings=8192)
 
 
-def is_demo_model(path: str | os.PathLike) -> bool:
+def is_demo_model(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def build(out_dir: str | os.PathLike, *, seed: int = 0, force: bool = False) -> Path:
+def build(out_dir: str | os.PathLike[str], *, seed: int = 0, force: bool = False) -> Path:
     """Write the demo model to ``out_dir``; a complete existing one is kept unless ``force``."""
     out = Path(out_dir).resolve()
     if out.exists() and is_demo_model(out) and not force:

@@ -14,6 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TypedDict
+
+
+class ConfigBounds(TypedDict):
+    """A ``Rule`` as the keywords of ``config._opt``."""
+    min: float | None
+    max: float | None
+    min_exclusive: bool
+
+
+# What vLLM's ``SamplingParams`` is given: a ``Sampling`` field's value, ``stop`` as a list.
+SamplingValue = int | float | bool | list[str] | None
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,7 @@ class Rule:
             return f"must be <= {self.hi}, got {v!r}"
         return None
 
-    def as_config_bounds(self) -> dict:
+    def as_config_bounds(self) -> ConfigBounds:
         return {"min": self.lo, "max": self.hi, "min_exclusive": self.lo_open}
 
 
@@ -65,16 +77,16 @@ class Sampling:
     n: int = 1
     ignore_eos: bool = False
 
-    def merged_over(self, defaults: "Sampling") -> "Sampling":
+    def merged_over(self, defaults: Sampling) -> Sampling:
         """This sampling with every field it left ``None`` taken from ``defaults``."""
         return dataclasses.replace(self, **{
             f.name: getattr(defaults, f.name) for f in dataclasses.fields(self)
             if getattr(self, f.name) is None and getattr(defaults, f.name) is not None})
 
-    def engine_kwargs(self) -> dict:
+    def engine_kwargs(self) -> dict[str, SamplingValue]:
         """Keywords for vLLM's ``SamplingParams``: the fields that are set (vLLM's own
         defaults apply to the rest), ``stop`` as a list."""
-        kw = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        kw: dict[str, SamplingValue] = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         kw["stop"] = list(self.stop) or None
         return kw
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("qwenbox.lifecycle")
 
 
-class Phase(str, enum.Enum):
+# Not enum.StrEnum (UP042): its str() is the value where this one's is "Phase.READY", a change
+# for every %s and f-string that formats a phase.
+class Phase(str, enum.Enum):  # noqa: UP042
     STARTING = "starting"
     LOADING = "loading"
     WARMING = "warming"

@@ -10,18 +10,44 @@ is cheap and never raises.
 """
 from __future__ import annotations
 
-from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest)
+from collections.abc import Mapping
+from typing import TypedDict
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from .lifecycle import Phase
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
+class _On(TypedDict):
+    registry: CollectorRegistry
+
+
+class UsageFigure(TypedDict):
+    """One session usage figure as ``SessionTracker.usage()`` gives it."""
+    count: int
+    p50: float | None
+    p90: float | None
+
+
+class SessionUsage(TypedDict):
+    turn_gap_s: UsageFigure
+    turns_per_visit: UsageFigure
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
-        r = dict(registry=registry)
+        r: _On = {"registry": registry}
         self.phase = Gauge("qwenbox_phase", "1 for the daemon's current phase, 0 for the others", ["phase"], **r)
         self.cold_start = Gauge("qwenbox_cold_start_phase_seconds",
                                 "Seconds each cold-start phase took (import, engine, warmup, total, ...)",
@@ -67,17 +93,17 @@ class Metrics:
             self.phase.labels(p.value).set(1 if p == phase else 0)
         self.sleeping.set(1 if phase == Phase.SLEEPING else 0)
 
-    def set_cold_start(self, figures: dict) -> None:
+    def set_cold_start(self, figures: Mapping[str, float]) -> None:
         for k, v in figures.items():
             if k.endswith("_s") and isinstance(v, (int, float)):
                 self.cold_start.labels(k[:-2]).set(v)
         if "warmup_s" in figures:
             self.warmup.set(figures["warmup_s"])
 
-    def set_session_usage(self, usage: dict) -> None:
+    def set_session_usage(self, usage: SessionUsage) -> None:
         """From ``SessionTracker.usage()``; a quantile with no sample yet is NaN."""
-        for gauge, key in ((self.session_turn_gap, "turn_gap_s"), (self.session_turns, "turns_per_visit")):
-            fig = usage[key]
+        for gauge, key, fig in ((self.session_turn_gap, "turn_gap_s", usage["turn_gap_s"]),
+                                (self.session_turns, "turns_per_visit", usage["turns_per_visit"])):
             for q in ("0.5", "0.9"):
                 v = fig["p50" if q == "0.5" else "p90"]
                 gauge.labels(q).set(float("nan") if v is None else v)

@@ -15,7 +15,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 DEFAULT_MODELS_DIR = "/var/lib/qwenbox/models"
 MARKER = ".qwenbox-pull.json"
@@ -36,12 +35,12 @@ def is_hub_id(name: str) -> bool:
             and ".." not in name and "--" not in name and not name.endswith("."))
 
 
-def pulled_dir(models_dir: str | os.PathLike, repo_id: str) -> Path:
+def pulled_dir(models_dir: str | os.PathLike[str], repo_id: str) -> Path:
     """Where ``qwenbox pull`` puts ``repo_id`` (complete or not)."""
     return Path(models_dir) / repo_id
 
 
-def read_marker(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+def read_marker(model_dir: str | os.PathLike[str]) -> dict[str, object] | None:
     """The completed pull's record in ``model_dir``, or None (no pull finished there)."""
     try:
         with open(Path(model_dir) / MARKER, encoding="utf-8") as f:

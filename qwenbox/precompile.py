@@ -14,13 +14,12 @@ service, so that it fills the caches the service reads.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from . import warmup
 from .config import Config
 
 
-async def fill(cfg: Config) -> dict[str, Any]:
+async def fill(cfg: Config) -> dict[str, float]:
     from .engine import Engine
 
     t0 = time.monotonic()

@@ -48,7 +48,7 @@ class Notifier:
                 os.environ.pop("NOTIFY_SOCKET", None)
 
     @classmethod
-    def from_environ(cls) -> "Notifier":
+    def from_environ(cls) -> Notifier:
         env = os.environ
         addr = env.get("NOTIFY_SOCKET") or None
         usec = env.get("WATCHDOG_USEC")

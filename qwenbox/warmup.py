@@ -20,14 +20,56 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Protocol, TypedDict
 
 from .config import Config
-from .generation import GenerationRequest, Sampling
+from .generation import Delta, GenerationRequest, Sampling
 
 _FILLER = ("The quick brown fox jumps over the lazy dog while the scheduler batches prefill "
            "and decode steps, and the cache keeps every block it has seen. ")
+
+
+class Tokenizer(Protocol):
+    """What the warm-up needs of the engine's tokenizer (``engine.ChatTokenizer``)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str: ...
+
+
+class Warmable(Protocol):
+    """What the warm-up needs of an engine (``engine.Engine``)."""
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    def generate(self, r: GenerationRequest) -> AsyncIterator[list[Delta]]: ...
+
+    async def reset_prefix_cache(self) -> None: ...
+
+
+class ShapedSampling(TypedDict):
+    """The shaping defaults' sampling fields (``serving_sampling``)."""
+    temperature: float
+    top_p: float
+    presence_penalty: float
+
+
+class StepFigures(TypedDict):
+    name: str
+    prompt_tokens: int
+    requests: int
+    ttft_s: float
+    total_s: float
+
+
+class WarmupFigures(TypedDict):
+    """``WarmupReport.as_dict()``: what /health shows under ``warmup``."""
+    total_s: float
+    system_prompt_tokens: int
+    steps: list[StepFigures]
 
 
 @dataclass
@@ -52,7 +94,7 @@ class WarmupReport:
     total_s: float = 0.0
     system_prompt_tokens: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> WarmupFigures:
         return {"total_s": round(self.total_s, 3), "system_prompt_tokens": self.system_prompt_tokens,
                 "steps": [{"name": s.name, "prompt_tokens": s.prompt_tokens, "requests": s.requests,
                            "ttft_s": round(s.ttft_s, 4), "total_s": round(s.total_s, 4)} for s in self.steps]}
@@ -67,7 +109,7 @@ def plan(cfg: Config) -> list[Step]:
     return steps
 
 
-def dummy_prompt(tokenizer: Any, length: int, salt: str) -> list[int]:
+def dummy_prompt(tokenizer: Tokenizer, length: int, salt: str) -> list[int]:
     """``length`` ordinary tokens, starting with ``salt`` so prompts don't share a prefix."""
     ids = tokenizer.encode(f"{salt}. ")
     filler = tokenizer.encode(_FILLER)
@@ -76,18 +118,19 @@ def dummy_prompt(tokenizer: Any, length: int, salt: str) -> list[int]:
     return ids[:length]
 
 
-def serving_sampling(cfg: Config) -> dict[str, float]:
+def serving_sampling(cfg: Config) -> ShapedSampling:
     """The sampling settings most real requests get (shaping defaults): random sampling with
     top-p and a presence penalty load kernels that greedy decoding never touches."""
     return {"temperature": cfg.shaping.temperature, "top_p": cfg.shaping.top_p,
             "presence_penalty": cfg.shaping.presence_penalty}
 
 
-async def _one(engine: Any, prompt: list[int], max_tokens: int,
-               sampling: dict[str, float] | None = None) -> tuple[float, float]:
+async def _one(engine: Warmable, prompt: list[int], max_tokens: int,
+               sampling: ShapedSampling | None = None) -> tuple[float, float]:
+    shaped = (Sampling(max_tokens=max_tokens, ignore_eos=True, **sampling) if sampling is not None
+              else Sampling(max_tokens=max_tokens, ignore_eos=True, temperature=0.0))
     req = GenerationRequest(request_id=f"warmup-{uuid.uuid4().hex[:12]}", prompt_token_ids=prompt,
-                            sampling=Sampling(max_tokens=max_tokens, ignore_eos=True,
-                                              **(sampling or {"temperature": 0.0})), stream=True)
+                            sampling=shaped, stream=True)
     t0 = time.monotonic()
     ttft = None
     async for _ in engine.generate(req):
@@ -96,7 +139,7 @@ async def _one(engine: Any, prompt: list[int], max_tokens: int,
     return (ttft if ttft is not None else time.monotonic() - t0), time.monotonic() - t0
 
 
-async def run(engine: Any, cfg: Config, on_step: Callable[[int, int, str], None] = lambda i, n, s: None
+async def run(engine: Warmable, cfg: Config, on_step: Callable[[int, int, str], None] = lambda i, n, s: None
               ) -> WarmupReport:
     import asyncio
 
@@ -134,7 +177,7 @@ async def run(engine: Any, cfg: Config, on_step: Callable[[int, int, str], None]
     return report
 
 
-async def prefill_system_prompt(engine: Any, cfg: Config) -> tuple[int, float]:
+async def prefill_system_prompt(engine: Warmable, cfg: Config) -> tuple[int, float]:
     """Put the configured system prompt into the prefix cache (also after a wake-up).
 
     The prompt is rendered through the chat template exactly as a user request with that
@@ -148,7 +191,7 @@ async def prefill_system_prompt(engine: Any, cfg: Config) -> tuple[int, float]:
     return len(ids), ttft
 
 
-def _after_system_prompt(engine: Any, cfg: Config, user: str) -> list[int]:
+def _after_system_prompt(engine: Warmable, cfg: Config, user: str) -> list[int]:
     """Token ids of a chat of the configured system prompt and one user turn."""
     return engine.tokenizer.encode(engine.tokenizer.render_chat(
         [{"role": "system", "content": cfg.warmup.system_prompt}, {"role": "user", "content": user}]))

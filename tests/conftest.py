@@ -21,8 +21,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import pytest
 
@@ -74,12 +75,12 @@ def pytest_collection_modifyitems(session, config, items):
                                 "(see tests/conftest.py):\n" + "\n".join(wrong))
 
 
-_POISON = '''"""Stand-in put first on PYTHONPATH by tests/conftest.py while a test without
+_POISON = f'''"""Stand-in put first on PYTHONPATH by tests/conftest.py while a test without
 @pytest.mark.engine runs: importing vLLM there is starting the engine."""
 import os
-raise RuntimeError("vllm imported while " + os.environ.get("%s", "a test") +
+raise RuntimeError("vllm imported while " + os.environ.get("{NO_ENGINE_ENV}", "a test") +
                    " runs, which is not marked @pytest.mark.engine")
-''' % NO_ENGINE_ENV
+'''
 
 
 class _NoVllmFinder(importlib.abc.MetaPathFinder):

@@ -104,7 +104,7 @@ class Clients:
             t0 = time.monotonic()
             r = {"t0": t0}
             try:
-                status, headers, data = request(self.sock, "POST", self.path, self.body, timeout=self.timeout)
+                status, _headers, data = request(self.sock, "POST", self.path, self.body, timeout=self.timeout)
                 r["status"] = status
                 if status != 200:
                     r["body"] = data[:300].decode(errors="replace")
@@ -116,7 +116,7 @@ class Clients:
             if self.pause:
                 self._stop.wait(self.pause)
 
-    def start(self) -> "Clients":
+    def start(self) -> Clients:
         for t in self._threads:
             t.start()
         return self

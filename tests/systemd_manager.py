@@ -25,6 +25,7 @@ ones the caller passes. ``unavailable_reason()`` says why a machine cannot run i
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -95,14 +96,14 @@ class SystemdManager:
         self._cgroups: list[Path] = []
 
     # ------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "SystemdManager":
+    def __enter__(self) -> SystemdManager:
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def start(self, timeout: float = 60.0) -> "SystemdManager":
+    def start(self, timeout: float = 60.0) -> SystemdManager:
         self.units.mkdir(parents=True, exist_ok=True)
         (self.units / TARGET).write_text(
             "[Unit]\nDescription=qwenbox test boot target (nothing of sysinit/basic)\nDefaultDependencies=no\n")
@@ -154,13 +155,12 @@ exec env -i container=qwenbox-test PATH={PATH} LANG=C.UTF-8 \\
   {SYSTEMD} --system --unit={TARGET} --log-level={self.log_level} --show-status=0
 """)
         inner.chmod(0o755)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount", "--uts", "--cgroup",
-             "--mount-proc", *(["--net"] if self.overlay else []), str(inner)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=_preexec(self._cgroups), env={"PATH": PATH, "LANG": "C.UTF-8"})
-        log.close()
+        with open(self.log_path, "ab") as log:      # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount", "--uts", "--cgroup",
+                 "--mount-proc", *(["--net"] if self.overlay else []), str(inner)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_preexec(self._cgroups), env={"PATH": PATH, "LANG": "C.UTF-8"})
         deadline = time.monotonic() + timeout
         try:
             while self.pid is None:
@@ -195,7 +195,7 @@ exec env -i container=qwenbox-test PATH={PATH} LANG=C.UTF-8 \\
         self._kill_cgroup()
         for top in self._cgroups:
             # innermost first: a cgroup can be removed once it has no children and no processes
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]:
+            for d in [*sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), top]:
                 try:
                     d.rmdir()
                 except FileNotFoundError:
@@ -211,20 +211,16 @@ exec env -i container=qwenbox-test PATH={PATH} LANG=C.UTF-8 \\
             if not top.exists():
                 continue
             if (top / "cgroup.kill").exists():
-                try:
+                with contextlib.suppress(OSError):
                     (top / "cgroup.kill").write_text("1")
-                except OSError:
-                    pass
             for procs in top.rglob("cgroup.procs"):
                 try:
                     pids = [int(p) for p in procs.read_text().split()]
                 except OSError:
                     continue
                 for pid in pids:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
         deadline = time.monotonic() + timeout
         while self.leftover_processes() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -233,10 +229,8 @@ exec env -i container=qwenbox-test PATH={PATH} LANG=C.UTF-8 \\
         pids = []
         for top in self._cgroups:
             for procs in top.rglob("cgroup.procs") if top.exists() else ():
-                try:
+                with contextlib.suppress(OSError):
                     pids += [int(p) for p in procs.read_text().split()]
-                except OSError:
-                    pass
         return pids
 
     @property

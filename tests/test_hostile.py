@@ -8,6 +8,7 @@ connections past the cap (or past the open-files limit) are refused cleanly.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -16,8 +17,7 @@ import uuid
 
 import psutil
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import wait_for
 from helpers import Daemon, jrequest, request
@@ -54,10 +54,8 @@ def wire_post(sock_path: str, path: str, raw: bytes, headers: dict[str, str]) ->
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
         s.connect(sock_path)
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             s.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + raw)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
         answer = read_until_closed(s)
     status_line, _, rest = answer.partition(b"\r\n")
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
@@ -86,7 +84,7 @@ def nested(depth: int) -> bytes:
     (b'{"model": "qwenbox-demo", "messages": [], "max_tokens": 1' + b"0" * 5000 + b"}", None),
 ])
 def test_former_500s_are_clear_400s(daemon, raw, param):
-    status, headers, body = post_raw(daemon.sock, raw)
+    status, _, body = post_raw(daemon.sock, raw)
     err = assert_error_body(status, body)
     assert status == 400
     if param is not None:
@@ -221,8 +219,8 @@ def test_long_user_is_refused_and_log_lines_stay_small(daemon):
     long_path = "/v1/" + "p" * 7000
     status, _, _ = request(daemon.sock, "GET", long_path, headers={"X-Request-Id": "long-path-1"})
     assert status == 404
-    log = wait_for_log(daemon, rids + ["long-path-1"])
-    for rid in rids + ["long-path-1"]:
+    log = wait_for_log(daemon, [*rids, "long-path-1"])
+    for rid in [*rids, "long-path-1"]:
         (line,) = request_lines(log, rid)
         assert len(line) < 1500, len(line)
 
@@ -239,7 +237,7 @@ def wait_for_log(daemon, rids: list[str], timeout: float = 30.0) -> str:
 def test_lone_surrogate_in_a_session_header_keeps_the_access_log_line(daemon):
     rid = f"surrogate-{uuid.uuid4().hex[:8]}"
     raw = b'{"model": "qwenbox-demo", "messages": [{"role": "user", "content": "hi"}], "user": "a\\udc80"}'
-    status, _, body = post_raw(daemon.sock, raw, headers={"X-Request-Id": rid})
+    status, _, _ = post_raw(daemon.sock, raw, headers={"X-Request-Id": rid})
     assert status == 400
     (line,) = request_lines(wait_for_log(daemon, [rid]), rid)
     assert parse_line(line)["status"] == "400"

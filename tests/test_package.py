@@ -25,6 +25,7 @@ waits for the state it needs under a generous deadline. Figures: .run/package-te
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -59,8 +60,8 @@ APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q", "--no-ins
 # Not ours to judge in the before-install / after-purge diff (piuparts ignores the same kind):
 # package manager state and logs, and the account databases (Debian keeps system users on
 # purge; files owned by them are checked separately), and Nginx's own temp dirs (the test started Nginx).
-IGNORED = re.compile(r"^/(var/log|var/cache/apt|var/cache/debconf|var/lib/dpkg|var/lib/apt|var/cache/ldconfig|var/lib/nginx"
-                     r"|etc/(passwd|group|shadow|gshadow|subuid|subgid)-?$|etc/\.pwd\.lock$|tmp|var/tmp|root)(/|$)")
+IGNORED = re.compile(r"^/(var/log|var/cache/apt|var/cache/debconf|var/lib/dpkg|var/lib/apt|var/cache/ldconfig"
+                     r"|var/lib/nginx|etc/(passwd|group|shadow|gshadow|subuid|subgid)-?$|etc/\.pwd\.lock$|tmp|var/tmp|root)(/|$)")
 
 
 def _version() -> str:
@@ -107,18 +108,17 @@ def pkg(request, tmp_path_factory, demo_model):
         (work / "sd").mkdir()
         m.start()
         for unit in UNITS:
-            m.write_dropin(unit, "test", "# Started from the bare test target: keep sysinit.target out of the namespace.\n"
-                                         "[Unit]\nDefaultDependencies=no\n")
+            m.write_dropin(unit, "test",
+                           "# Started from the bare test target: keep sysinit.target out of the namespace.\n"
+                           "[Unit]\nDefaultDependencies=no\n")
         m.mask("modprobe@nvidia_uvm.service")
         m.daemon_reload()
         yield env
     finally:
         for c in env.clients:
             c.join(60)
-        try:
+        with contextlib.suppress(Exception):
             (work / "journal.txt").write_text(m.journal() if m.pid else "")
-        except Exception:
-            pass
         m.shutdown()
         env.figures["package_test_total_s"] = round(time.monotonic() - t_start, 1)
         out = ROOT / ".run" / "package-test-figures.json"
@@ -215,7 +215,7 @@ def test_install_does_not_start_the_service(pkg):
 
 def test_units_verify_and_security(pkg):
     env = pkg
-    units = "/lib/systemd/system/qwenbox.service /lib/systemd/system/qwenbox.socket /lib/systemd/system/qwenbox-ui.service"
+    units = " ".join(f"/lib/systemd/system/{u}" for u in ("qwenbox.service", "qwenbox.socket", "qwenbox-ui.service"))
     r = sh(env, f"systemd-analyze verify {units} 2>&1", check=False)
     assert r.stdout.strip() == "" and r.returncode == 0, r.stdout
     for unit, limit in (("qwenbox.service", 3.0), ("qwenbox-ui.service", 1.1)):

@@ -188,7 +188,8 @@ def test_a_file_that_does_not_match_the_hubs_checksum_is_refused(tmp_path, hub):
 
 
 @pytest.mark.parametrize("args, code, words", [
-    (["nobody/nothing"], EX_NO_MODEL, "qwenbox pull: no model 'nobody/nothing' on the hub (or it is private: set HF_TOKEN)"),
+    (["nobody/nothing"], EX_NO_MODEL,
+     "qwenbox pull: no model 'nobody/nothing' on the hub (or it is private: set HF_TOKEN)"),
     ([REPO, "--revision", "v9"], EX_NO_MODEL, f"qwenbox pull: '{REPO}' has no revision 'v9'"),
     (["./some/dir"], 2, "qwenbox pull: MODEL './some/dir' is not a Hugging Face id"),
 ])

@@ -11,6 +11,7 @@ step waits for the state it needs, and the generous deadlines only guard hangs.
 """
 from __future__ import annotations
 
+import contextlib
 import grp
 import http.client
 import json
@@ -170,10 +171,8 @@ def sd(request, tmp_path_factory, demo_model):
     finally:
         for pid in env.frozen:                          # a test that failed half-way: thaw and kill ours
             for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
         try:
             env.journal = m.journal(SERVICE)
             (work / "journal.txt").write_text(env.journal)
@@ -325,7 +324,7 @@ def test_security_exposure(unit, limit):
     m = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", r.stdout + r.stderr)
     assert m, r.stdout[-2000:] + r.stderr
     print(f"\n{unit}: systemd-analyze security --offline=yes: {m.group(1)} {m.group(2)}")
-    assert float(m.group(1)) <= limit, f"hardening regressed (qwenbox.service was 3.0, qwenbox-ui.service 1.1)"
+    assert float(m.group(1)) <= limit, "hardening regressed (qwenbox.service was 3.0, qwenbox-ui.service 1.1)"
 
 
 # ---------------------------------------------------------------- under the real manager
@@ -478,7 +477,8 @@ def test_restart_under_load_every_request_answered(sd):
     assert main_pid(sd) != old
     assert not failed, failed[:5]
     sd.figures["restart_systemctl_s"] = round(took, 1)
-    sd.figures["restart_requests"] = f"{len(results)} requests by 4 clients, {len(during)} during the restart, {len(failed)} failed"
+    sd.figures["restart_requests"] = (f"{len(results)} requests by 4 clients, {len(during)} during the restart, "
+                                      f"{len(failed)} failed")
     sd.figures["restart_longest_client_wait_s"] = round(waits[-1], 1)
 
 
@@ -570,7 +570,8 @@ def test_frozen_engine_is_killed_by_the_watchdog_and_restarted(sd):
 def test_stop_lets_a_long_stream_finish(sd):
     ensure_active(sd)
     pid = main_pid(sd)
-    rid = f"stop-during-stream-{os.getpid()}"       # the daemon logs the id we give (a stream's headers are sent without one)
+    # the daemon logs the id we give (a stream's headers are sent without one)
+    rid = f"stop-during-stream-{os.getpid()}"
     max_tokens = 1000
     conn = http.client.HTTPConnection("localhost", timeout=120)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

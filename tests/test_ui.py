@@ -15,10 +15,10 @@ generating when the client holds the first token).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,15 +27,14 @@ from types import SimpleNamespace
 
 import pytest
 
+import uistack
 from conftest import wait_for
 from helpers import ROOT, Daemon, write_config
 from qwenbox import config as qconfig
 from qwenbox.tools.client import get_json
-from qwenbox.ui import client as uiclient
-from qwenbox.ui import launch, textcheck
+from qwenbox.ui import client as uiclient, launch, textcheck
 from qwenbox.ui.batcher import Batcher
 from qwenbox.ui.settings import Settings
-import uistack
 from uistack import Browser, ChatPage, Nginx, http, scratch_dir, screenshot_dir, share_socket, wait_answer
 
 CHAT = "/v1/chat/completions"
@@ -53,7 +52,8 @@ def test_textcheck_refuses(text, says):
     assert got is not None and says in got, got
 
 
-@pytest.mark.parametrize("text", ["Hello!", "多语言 ünïcödé 🙂", "tabs\tand\nnewlines\r\n", "x" * 100, "one \ufffd is fine"])
+@pytest.mark.parametrize("text", ["Hello!", "多语言 ünïcödé 🙂", "tabs\tand\nnewlines\r\n", "x" * 100,
+                                  "one \ufffd is fine"])
 def test_textcheck_accepts(text):
     assert textcheck.problem(text, 100) is None
 
@@ -283,7 +283,7 @@ def test_daemon_reload_ignores_the_ui_section(tmp_path):
 
 def test_ui_needs_the_daemons_unix_socket(tmp_path):
     cfg = qconfig.load(write_config(tmp_path / "q.toml", {"server": {"socket": "", "tcp": "127.0.0.1:8000"}}))
-    with pytest.raises(launch.UiSetupError, match="server.socket is empty"):
+    with pytest.raises(launch.UiSetupError, match=r"server\.socket is empty"):
         launch.prepare(cfg)
 
 
@@ -502,7 +502,7 @@ def test_stream_through_nginx_arrives_in_pieces(stack):
         at_first["health"] = get_json(stack.daemon.sock, "/health")[1]
     times, events = read_sse(resp, first)
     conn.close()
-    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
     print(f"\nthrough nginx: {len(times)} content chunks over {times[-1] - times[0]:.3f}s; inter-arrival "
           f"p50 {gaps[len(gaps) // 2] * 1000:.1f} ms, p90 {gaps[int(len(gaps) * 0.9)] * 1000:.1f} ms")
     stack.figures["nginx_stream_itl_p50_ms"] = round(gaps[len(gaps) // 2] * 1000, 1)
@@ -532,7 +532,8 @@ def test_nginx_access_rules(stack):
     assert gap_samples() == before + 1
     status, _, _ = http("GET", "/metrics", stack.nginx.port, source="127.0.0.2")     # another address
     assert status == 403
-    status, _, _ = http("POST", CHAT, stack.nginx.port, body={"messages": [{"role": "user", "content": "x" * (5 << 20)}]})
+    status, _, _ = http("POST", CHAT, stack.nginx.port,
+                        body={"messages": [{"role": "user", "content": "x" * (5 << 20)}]})
     assert status == 413
 
 
@@ -550,7 +551,7 @@ def test_nginx_limits_answer_429(stack):
             r = c.getresponse()
             assert r.status == 200
             held.append(c)
-        status, headers, _ = http("POST", CHAT, port, body=json.loads(body))
+        status, _, _ = http("POST", CHAT, port, body=json.loads(body))
         assert status == 429, status
     finally:
         for c in held:

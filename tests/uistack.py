@@ -9,6 +9,7 @@ test notices when the shipped file changes under it.
 """
 from __future__ import annotations
 
+import contextlib
 import grp
 import http.client as httpclient
 import json
@@ -89,8 +90,8 @@ class Proc:
         self.argv, self.log_path, self.env, self.cwd = argv, log, env, cwd
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Proc":
-        self._log = open(self.log_path, "ab")
+    def start(self) -> Proc:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the child's output until stop() closes it
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      cwd=self.cwd, stdin=subprocess.DEVNULL, process_group=0)
         return self
@@ -105,10 +106,8 @@ class Proc:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -129,7 +128,7 @@ class ChatPage:
         self.proc = Proc([sys.executable, "-m", "qwenbox", "ui", "--config", str(self.config), "--socket", sock],
                          work / "ui.log", env=package_env())
 
-    def start(self, timeout: float = 120.0) -> "ChatPage":
+    def start(self, timeout: float = 120.0) -> ChatPage:
         self.proc.start()
 
         def up() -> bool:
@@ -193,7 +192,7 @@ http {{
         self.check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=60)
         self.proc = Proc([*argv, "-g", "daemon off;"], work / "nginx.out")
 
-    def start(self, timeout: float = 60.0) -> "Nginx":
+    def start(self, timeout: float = 60.0) -> Nginx:
         assert self.check.returncode == 0, self.check.stderr
         self.proc.start()
 
@@ -298,7 +297,7 @@ class Browser:
 INDICATORS = ("Thinking…", "The model is starting", "The model is busy")
 
 
-def wait_answer(b: "Browser", count: int, timeout: float = 240.0) -> str:
+def wait_answer(b: Browser, count: int, timeout: float = 240.0) -> str:
     """The ``count``-th assistant message once the turn has finished (a note about dropped
     turns may follow it): the stop button gone and no indicator in its place (Chainlit's
     stop button can be gone for a moment while the turn still runs)."""

@@ -13,9 +13,9 @@ Nothing here imports vllm.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import http.client
+import io
 import json
 import os
 import shutil
@@ -25,11 +25,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import qwenbox
+
+from ..jsontypes import Json, JsonObject
+
+if TYPE_CHECKING:                    # imported where it runs only (see the contract above)
+    import aiohttp
 
 
 # ------------------------------------------------------------------ plain HTTP (blocking)
@@ -51,7 +57,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = s
 
 
-def request(sock: str, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+def request(sock: str, method: str, path: str, body: Json = None, *, raw: bytes | None = None,
             headers: dict[str, str] | None = None, timeout: float = 120.0) -> tuple[int, dict[str, str], bytes]:
     """One request -> (status, headers with lower-case names, body bytes). ``body`` is sent
     as JSON, ``raw`` as it is. Connection failures raise OSError / http.client.HTTPException."""
@@ -65,7 +71,7 @@ def request(sock: str, method: str, path: str, body: Any = None, *, raw: bytes |
         conn.close()
 
 
-def get_json(sock: str, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+def get_json(sock: str, path: str, timeout: float = 5.0) -> tuple[int, Json]:
     """GET -> (status, decoded JSON body, or None when the body is empty or not JSON)."""
     status, _, data = request(sock, "GET", path, timeout=timeout)
     try:
@@ -84,7 +90,7 @@ def served_model(sock: str) -> tuple[str, int | None]:
 
 
 # ------------------------------------------------------------------ one streamed request (aiohttp)
-def unix_session(sock: str, limit: int = 0) -> Any:
+def unix_session(sock: str, limit: int = 0) -> aiohttp.ClientSession:
     """An aiohttp session whose every request goes to the unix socket ``sock``."""
     import aiohttp
     return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock, limit=limit),
@@ -116,7 +122,7 @@ class Result:
         self.last_output_at = now
 
 
-async def stream_chat(session: Any, body: dict[str, Any], timeout_s: float, tag: str = "",
+async def stream_chat(session: aiohttp.ClientSession, body: JsonObject, timeout_s: float, tag: str = "",
                       request_id: str | None = None) -> Result:
     """POST one streaming chat completion and time it client-side. ``request_id`` goes out
     as X-Request-Id, so the server's own log line for it can be found afterwards. Output
@@ -124,7 +130,7 @@ async def stream_chat(session: Any, body: dict[str, Any], timeout_s: float, tag:
     return await _stream(session, "/v1/chat/completions", body, timeout_s, tag, request_id)
 
 
-async def stream_completion(session: Any, body: dict[str, Any], timeout_s: float, tag: str = "",
+async def stream_completion(session: aiohttp.ClientSession, body: JsonObject, timeout_s: float, tag: str = "",
                             request_id: str | None = None) -> Result:
     """The same for ``/v1/completions`` (``prompt`` a string or a list of token ids). Output
     is any chunk with a choice, even one whose text is empty: a random-weight model's
@@ -132,7 +138,7 @@ async def stream_completion(session: Any, body: dict[str, Any], timeout_s: float
     return await _stream(session, "/v1/completions", body, timeout_s, tag, request_id)
 
 
-async def _stream(session: Any, path: str, body: dict[str, Any], timeout_s: float, tag: str,
+async def _stream(session: aiohttp.ClientSession, path: str, body: JsonObject, timeout_s: float, tag: str,
                   request_id: str | None) -> Result:
     import aiohttp
 
@@ -182,7 +188,7 @@ async def _stream(session: Any, path: str, body: dict[str, Any], timeout_s: floa
             if r.failure is None and not done:
                 r.failure = "incomplete_stream"
             r.ok = r.failure is None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         r.failure, r.e2e_s = "timeout", time.monotonic() - t0
     except aiohttp.ClientError as e:
         r.failure, r.e2e_s = "connection_error", time.monotonic() - t0
@@ -214,7 +220,7 @@ def package_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **(extra or {})}
 
 
-def serve_argv(config: str | os.PathLike, sock: str, extra_args: Sequence[str] = ()) -> list[str]:
+def serve_argv(config: str | os.PathLike[str], sock: str, extra_args: Sequence[str] = ()) -> list[str]:
     """``qwenbox serve`` on ``config``, listening on ``sock``, with this interpreter."""
     return [sys.executable, "-m", "qwenbox", "serve", "--config", str(config), "--socket", sock, *extra_args]
 
@@ -235,21 +241,21 @@ class Server:
                  env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.name, self.argv, self.sock, self.log_path = name, argv, sock, Path(log_path)
         self.env, self.cwd = package_env(env), cwd
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.t_launch = 0.0
         self.launch_to_listen_s: float | None = None
         self.launch_to_ready_s: float | None = None
-        self.ready_health: Any = None
-        self._log: Any = None
+        self.ready_health: Json = None
+        self._log: io.BufferedWriter | None = None
 
     @classmethod
-    def qwenbox(cls, name: str, config: str | os.PathLike, sock: str, log_path: Path,
-                extra_args: Sequence[str] = ()) -> "Server":
+    def qwenbox(cls, name: str, config: str | os.PathLike[str], sock: str, log_path: Path,
+                extra_args: Sequence[str] = ()) -> Server:
         return cls(name, serve_argv(config, sock, extra_args), sock, log_path)
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the child's stdout until stop() closes it
         self.t_launch = time.monotonic()
         # Its own process group, so a forced stop takes the engine-core children too. NOT its
         # own session: with the kernel's autogroup scheduling (sched_autogroup_enabled=1) a
@@ -260,14 +266,14 @@ class Server:
                                      cwd=self.cwd, stdin=subprocess.DEVNULL, process_group=0)
         return self
 
-    def health(self) -> tuple[int, Any] | None:
+    def health(self) -> tuple[int, Json] | None:
         """(status, body) of GET /health, or None while nothing answers on the socket."""
         try:
             return get_json(self.sock, "/health", timeout=5)
         except (OSError, http.client.HTTPException):
             return None
 
-    def wait_ready(self, timeout: float = 600.0, poll: float = 0.1) -> Any:
+    def wait_ready(self, timeout: float = 600.0, poll: float = 0.1) -> Json:
         """Block until /health answers 200 and return its body (see the class docstring)."""
         deadline = self.t_launch + timeout
         while True:

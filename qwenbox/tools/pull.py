@@ -34,15 +34,19 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, NotRequired, Protocol, TypedDict
 from urllib.parse import urlsplit
 
 from .. import models
 from ..config import DEFAULT_CONFIG_PATH, load
 from ..exitcode import ExitCode
 from ..fileio import write_atomic
+
+if TYPE_CHECKING:                    # huggingface_hub is imported where a pull runs, not before
+    from huggingface_hub.hf_api import RepoFile
 
 # What vLLM reads from a model directory (top level only: subfolders such as onnx/ or
 # original/ hold other formats of the same weights).
@@ -51,6 +55,30 @@ WANTED = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "merges
 WEIGHTS_FALLBACK = ("*.bin",)        # PyTorch weights, only for a repo that has no safetensors
 _CHUNK = 1 << 20
 PARTS = Path(".cache") / "qwenbox-pull"   # unfinished files, inside the model's directory
+
+
+# One verified file in the marker: its hash under the name of its algorithm (LFS files: sha256,
+# the others: the git blob sha1).
+FileRecord = TypedDict("FileRecord", {"path": str, "size": int, "sha256": NotRequired[str],
+                                      "git-sha1": NotRequired[str]})
+
+
+class PullRecord(TypedDict):
+    """What ``models.MARKER`` holds: written last, once every file is verified."""
+    repo: str
+    revision: str
+    commit: str
+    endpoint: str
+    files: list[FileRecord]
+    pulled_at: str
+
+
+class _Hash(Protocol):
+    """A hashlib object."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
 
 
 class PullError(Exception):
@@ -94,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def pull(repo_id: str, models_dir: str, *, revision: str | None = None) -> dict[str, Any]:
+def pull(repo_id: str, models_dir: str, *, revision: str | None = None) -> PullRecord:
     """Download, verify, mark complete; returns the marker's record. Raises ``PullError``."""
     if not sys.stderr.isatty():   # bars are for people; in a log they are noise
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -129,9 +157,9 @@ def pull(repo_id: str, models_dir: str, *, revision: str | None = None) -> dict[
                     fetch(repo_id, commit, tree[f], dest, token or False)
             checked = verify(dest, [tree[f] for f in files])
             shutil.rmtree(dest / PARTS, ignore_errors=True)  # parts of other revisions' files
-            record = {"repo": repo_id, "revision": revision or "main", "commit": commit,
-                      "endpoint": api.endpoint, "files": checked,
-                      "pulled_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+            record: PullRecord = {"repo": repo_id, "revision": revision or "main", "commit": commit,
+                                  "endpoint": api.endpoint, "files": checked,
+                                  "pulled_at": datetime.datetime.now(datetime.UTC).isoformat()}
             write_marker(dest, record)
         return record
     finally:
@@ -139,7 +167,7 @@ def pull(repo_id: str, models_dir: str, *, revision: str | None = None) -> dict[
             _give_to(owner, Path(models_dir), dest)
 
 
-def select(tree: dict[str, Any]) -> list[str]:
+def select(tree: dict[str, RepoFile]) -> list[str]:
     """The files of ``tree`` (path -> RepoFile) vLLM needs, sorted."""
     top = [p for p in tree if "/" not in p]
     chosen = [p for p in top if any(fnmatch(p, pat) for pat in WANTED)]
@@ -148,7 +176,7 @@ def select(tree: dict[str, Any]) -> list[str]:
     return sorted(chosen)
 
 
-def fetch(repo_id: str, commit: str, entry: Any, dest: Path, token: str | bool) -> None:
+def fetch(repo_id: str, commit: str, entry: RepoFile, dest: Path, token: str | bool) -> None:
     """One file into ``dest``, through a part file that a later run continues with a Range
     request. A file already there at its size is left for ``verify`` to judge."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
@@ -179,12 +207,12 @@ def fetch(repo_id: str, commit: str, entry: Any, dest: Path, token: str | bool) 
     os.replace(part, target)
 
 
-def verify(dest: Path, entries: list[Any]) -> list[dict[str, Any]]:
+def verify(dest: Path, entries: list[RepoFile]) -> list[FileRecord]:
     """Each file's size and hash against the hub's listing; a bad file is deleted (so the next
     pull fetches it again) and ``PullError`` raised."""
     total = sum((e.lfs.size if e.lfs else e.size) for e in entries)
     print(f"qwenbox pull: verifying {len(entries)} files ({_size(total)})", file=sys.stderr)
-    checked = []
+    checked: list[FileRecord] = []
     for e in entries:
         path = dest / e.path
         size = e.lfs.size if e.lfs else e.size
@@ -203,11 +231,12 @@ def verify(dest: Path, entries: list[Any]) -> list[dict[str, Any]]:
             found = f"{got_size} bytes, expected {size}" if got_size != size else f"{algo} {got}, expected {want}"
             raise PullError(f"{e.path} does not match the hub's checksum ({found}); deleted it, "
                             "run qwenbox pull again", ExitCode.BAD_DOWNLOAD)
-        checked.append({"path": e.path, "size": size, algo: want})
+        checked.append({"path": e.path, "size": size, "sha256": want} if e.lfs
+                       else {"path": e.path, "size": size, "git-sha1": want})
     return checked
 
 
-def write_marker(dest: Path, record: dict[str, Any]) -> None:
+def write_marker(dest: Path, record: PullRecord) -> None:
     """``models.MARKER``, atomically and durably: a crash leaves either no marker or this one."""
     write_atomic(dest / models.MARKER, json.dumps(record, indent=2) + "\n", mode=0o644)
 
@@ -230,7 +259,7 @@ def _size(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
-def _hash_file(path: Path, h: Any) -> str:
+def _hash_file(path: Path, h: _Hash) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
@@ -246,7 +275,8 @@ def _remove_stale(dest: Path, files: list[str]) -> None:
     ``*.safetensors`` shard next to the new ones)."""
     keep = set(files)
     for p in dest.iterdir():
-        if p.is_file() and not p.name.startswith(".") and p.name not in keep and any(fnmatch(p.name, pat) for pat in WANTED + WEIGHTS_FALLBACK):
+        if (p.is_file() and not p.name.startswith(".") and p.name not in keep
+                and any(fnmatch(p.name, pat) for pat in WANTED + WEIGHTS_FALLBACK)):
             _discard(dest, p.name)
 
 

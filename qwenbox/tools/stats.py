@@ -9,7 +9,19 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TypedDict
+
+
+class Summary(TypedDict):
+    """``summary``'s figures; all but ``n`` are None when there is no value."""
+    n: int
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    mean: float | None
+    min: float | None
+    max: float | None
 
 
 def _clean(values: Iterable[float | None]) -> list[float]:
@@ -25,7 +37,7 @@ def percentiles(values: Iterable[float | None], ps: Sequence[int]) -> dict[int, 
     return {p: cuts[p - 1] for p in ps}
 
 
-def summary(values: Iterable[float | None]) -> dict[str, Any]:
+def summary(values: Iterable[float | None]) -> Summary:
     """n, p50, p95, p99, mean, min and max: the shape every JSON report of ours uses."""
     xs = _clean(values)
     p = percentiles(xs, (50, 95, 99))

@@ -28,7 +28,8 @@ SETTINGS = Settings.from_env()
 CLIENT = ChatClient(SETTINGS)
 
 THINKING = "*Thinking…* (a long message is answered in one piece)"
-STARTING = "**The model is starting.** Your message will be answered as soon as it is ready (retry {n}, next in {s:.0f} s)."
+STARTING = ("**The model is starting.** Your message will be answered as soon as it is ready "
+            "(retry {n}, next in {s:.0f} s).")
 BUSY = "**The model is busy.** Your message waits for a free place (retry {n}, next in {s:.0f} s)."
 
 
@@ -69,7 +70,7 @@ async def on_message(message: cl.Message) -> None:
 
 
 async def _turn(text: str, history: list[dict[str, str]], session_id: str) -> None:
-    messages, left_out = fit_body(history + [{"role": "user", "content": text}], SETTINGS.max_body_bytes)
+    messages, left_out = fit_body([*history, {"role": "user", "content": text}], SETTINGS.max_body_bytes)
     stream = len(text) < SETTINGS.stream_below_chars
     notice: cl.Message | None = None
 

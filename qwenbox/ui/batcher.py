@@ -11,7 +11,7 @@ happens on an ``add`` that finds the interval passed, or at ``close``.
 from __future__ import annotations
 
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 
 class Batcher:

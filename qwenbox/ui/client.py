@@ -26,11 +26,15 @@ import json
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, cast
 
 import httpx
 import openai
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 from .settings import Settings
 
@@ -65,24 +69,30 @@ class Reply:
     finish: str | None = None
 
 
-def retry_after(headers: Any) -> float | None:
+# A chat message as the page keeps and sends it: {"role": ..., "content": ...}.
+Message = dict[str, str]
+
+
+def retry_after(headers: Mapping[str, str] | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds form); None when absent or odd."""
     raw = headers.get("retry-after") if headers is not None else None
+    if raw is None:
+        return None
     try:
         v = float(raw)
-    except (TypeError, ValueError):
+    except ValueError:
         return None
     return min(max(v, 0.0), RETRY_AFTER_MAX_S) if v == v else None
 
 
-def truncated_count(headers: Any) -> int:
+def truncated_count(headers: Mapping[str, str] | None) -> int:
     m = re.search(r"dropped (\d+)", (headers or {}).get("x-qwenbox-truncated", "") or "")
     return int(m.group(1)) if m else 0
 
 
-def fit_body(messages: list[dict[str, str]], max_body_bytes: int) -> tuple[list[dict[str, str]], int]:
+def fit_body(messages: list[Message], max_body_bytes: int) -> tuple[list[Message], int]:
     """-> (messages that fit in one request body, how many old ones were left out)."""
-    def size(ms):
+    def size(ms: list[Message]) -> int:
         return len(json.dumps(ms, ensure_ascii=False).encode()) + BODY_OVERHEAD_BYTES
 
     kept = list(messages)
@@ -135,13 +145,15 @@ class ChatClient:
         self.s = settings
         transport = httpx.AsyncHTTPTransport(uds=settings.socket)
         timeout = httpx.Timeout(connect=10.0, read=settings.read_timeout_s, write=30.0, pool=30.0)
+        # openai takes httpx's client at run time (is_legacy_httpx_async_client) but types httpx2's only.
         self.api = openai.AsyncOpenAI(base_url="http://localhost/v1", api_key="unused", max_retries=0,
-                                      http_client=httpx.AsyncClient(transport=transport, timeout=timeout))
+                                      http_client=httpx.AsyncClient(  # type: ignore[arg-type]
+                                          transport=transport, timeout=timeout))
 
     async def close(self) -> None:
         await self.api.close()
 
-    async def reply(self, messages: list[dict[str, str]], session_id: str, *, stream: bool,
+    async def reply(self, messages: list[Message], session_id: str, *, stream: bool,
                     on_delta: Callable[[str], Awaitable[None]] | None = None,
                     on_wait: Callable[[WaitInfo], Awaitable[None]] | None = None) -> Reply:
         t0 = time.monotonic()
@@ -184,20 +196,26 @@ class ChatClient:
             except openai.APIError as e:             # an error event in a stream that had begun
                 raise friendly(e) from None
 
-    def _request(self, messages, session_id: str) -> dict[str, Any]:
-        return dict(model=self.s.model, messages=messages, extra_headers={"X-Session-Id": session_id})
+    @staticmethod
+    def _params(messages: list[Message]) -> list[ChatCompletionMessageParam]:
+        # openai's message types are one TypedDict per role; ours are plain {role, content} dicts
+        # of those roles (the server validates them as any client's).
+        return cast("list[ChatCompletionMessageParam]", messages)
 
-    async def _complete(self, messages, session_id: str) -> Reply:
-        raw = await self.api.chat.completions.with_raw_response.create(**self._request(messages, session_id))
+    async def _complete(self, messages: list[Message], session_id: str) -> Reply:
+        raw = await self.api.chat.completions.with_raw_response.create(
+            model=self.s.model, messages=self._params(messages), extra_headers={"X-Session-Id": session_id})
         done = raw.parse()
         choice = done.choices[0]
         return Reply(choice.message.content or "", truncated_count(raw.headers), choice.finish_reason)
 
-    async def _stream(self, messages, session_id: str, on_delta) -> Reply:
+    async def _stream(self, messages: list[Message], session_id: str,
+                      on_delta: Callable[[str], Awaitable[None]]) -> Reply:
         parts: list[str] = []
         finish = None
         async with self.api.chat.completions.with_streaming_response.create(
-                stream=True, **self._request(messages, session_id)) as resp:
+                stream=True, model=self.s.model, messages=self._params(messages),
+                extra_headers={"X-Session-Id": session_id}) as resp:
             truncated = truncated_count(resp.headers)
             async for chunk in await resp.parse():
                 for ch in chunk.choices:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import qwenbox
 
@@ -106,8 +107,7 @@ def prepare(cfg: Config, environ: dict[str, str] | None = None) -> tuple[list[st
     return argv, env
 
 
-def main(cfg: Config) -> int:
+def main(cfg: Config) -> NoReturn:
     argv, env = prepare(cfg)
     os.chdir(cfg.ui.state_dir)
     os.execve(argv[0], argv, env)
-    return 0      # not reached

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 ENV = "QWENBOX_UI_SETTINGS"
@@ -32,7 +33,7 @@ class Settings:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_env(cls, environ=os.environ) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
         raw = environ.get(ENV)
         if not raw:
             raise RuntimeError(f"{ENV} is not set: start the chat page with `qwenbox ui`")

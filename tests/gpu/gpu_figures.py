@@ -63,8 +63,9 @@ async def ttft(s: aiohttp.ClientSession, vocab: int, rng: random.Random) -> tupl
 
 async def serve_and_measure(cfg: Path, sock: Path, log: Path, *, extra: list[str], sleep_check: bool) -> dict:
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "qwenbox", "serve", "--config", str(cfg), *extra],
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    with open(log, "ab") as log_f:      # the child holds its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "qwenbox", "serve", "--config", str(cfg), *extra],
+                                stdout=log_f, stderr=subprocess.STDOUT)
     out: dict = {}
     try:
         conn = aiohttp.UnixConnector(path=str(sock))

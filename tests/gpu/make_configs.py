@@ -26,7 +26,8 @@ untuned = untuned.replace("[warmup]\n", "[warmup]\nenabled = false\n", 1).replac
     "# Run dummy prefills before READY=1 so the first user request is as fast as the thousandth.\nenabled = true\n", "")
 for a, b in [("max_in_flight = 128", "max_in_flight = 1000000"), ("max_queued = 512", "max_queued = 1000000"),
              ("max_queued_prompt_tokens = 524288", "max_queued_prompt_tokens = 1000000000"),
-             ("queue_timeout_s = 30.0", "queue_timeout_s = 86400.0"), ("max_tokens_cap = 4096", "max_tokens_cap = 4096")]:
+             ("queue_timeout_s = 30.0", "queue_timeout_s = 86400.0"),
+             ("max_tokens_cap = 4096", "max_tokens_cap = 4096")]:
     assert a in untuned, a
     untuned = untuned.replace(a, b)
 (out / "untuned.toml").write_text(untuned)
