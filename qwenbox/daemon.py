@@ -21,6 +21,7 @@ a listener that cannot be bound raises ``ListenerError`` (the CLI's exit 69).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -32,8 +33,7 @@ import psutil
 from . import eventlog
 from .admission import Admission
 from .api.app import make_app
-from .config import Config, ConfigError, reloaded
-from .config import load as load_config
+from .config import Config, ConfigError, load as load_config, reloaded
 from .eventlog import Event
 from .exitcode import ExitCode, Halt
 from .frontend import Frontend
@@ -152,10 +152,8 @@ class Daemon:
         log.warning("exiting now: %s", h.reason)
         # every child: the engine's cores, and those of an engine still being built
         for p in psutil.Process().children(recursive=True):
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         self.frontend.remove_own_socket()
         logging.shutdown()
         os._exit(h.exit_code)
@@ -256,5 +254,5 @@ class Daemon:
         while self._started:
             await self._started.pop().stop()
         if self.lifecycle.can(Phase.STOPPED):
-            self.lifecycle.to(Phase.STOPPED, "exit %d" % h.exit_code)
+            self.lifecycle.to(Phase.STOPPED, f"exit {int(h.exit_code)}")
         eventlog.event(Event.STOPPED, exit_code=int(h.exit_code), uptime_s=round(time.monotonic() - self._t0, 3))

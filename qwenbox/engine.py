@@ -17,6 +17,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -24,9 +25,9 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import psutil
 
@@ -87,7 +88,7 @@ class _ChildLogTap:
     pipe and keep it, the parent gets the real stdout back once the engine is up.
     """
 
-    PATTERNS = {
+    PATTERNS: ClassVar[dict[str, re.Pattern[str]]] = {
         "weights_s": re.compile(r"Loading weights took ([\d.]+) s"),
         "model_load_s": re.compile(r"Model loading took [\d.]+ ?GiB.*? and ([\d.]+) s"),
         "compile_s": re.compile(r"torch\.compile (?:takes|took) ([\d.]+) s in total"),
@@ -132,10 +133,8 @@ class _ChildLogTap:
                     break
                 if not chunk:
                     break
-                try:
+                with contextlib.suppress(OSError):   # no stdout left: the figures still count
                     os.write(out, chunk)
-                except OSError:
-                    pass
                 buf = (buf + chunk)[-65536:]
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
@@ -187,7 +186,7 @@ class ChatTokenizer:
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         """Apply the model's chat template with the assistant turn opened."""
         try:
-            return self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return str(self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         except Exception as e:  # jinja raises on templates' own checks (role order, ...)
             raise EngineRequestError(f"the model's chat template rejected these messages: {e}") from e
 
@@ -195,10 +194,10 @@ class ChatTokenizer:
         return list(self._tok.encode(text, add_special_tokens=special))
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
+        return str(self._tok.decode(ids))
 
 
-def _progress_logger_factory(progress: Progress):
+def _progress_logger_factory(progress: Progress) -> type:
     """A vLLM stat logger that copies each engine step's counters into ``progress``."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -206,7 +205,8 @@ def _progress_logger_factory(progress: Progress):
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
             self.p = progress
 
-        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
             p = self.p
             if scheduler_stats is not None:
                 p.running = scheduler_stats.num_running_reqs
@@ -225,7 +225,7 @@ def _progress_logger_factory(progress: Progress):
 
 
 class Engine:
-    def __init__(self, cfg: Config, llm: Any, vllm_mod: Any, cold: ColdStart, progress: Progress,
+    def __init__(self, cfg: Config, llm: Any, vllm_mod: _VllmApi, cold: ColdStart, progress: Progress,
                  tokenizer: Any, device: str) -> None:
         self.cfg = cfg
         self._llm = llm
@@ -233,7 +233,7 @@ class Engine:
         self.cold_start = cold
         self.progress = progress
         self.tokenizer = ChatTokenizer(tokenizer)
-        self.version = vllm_mod.__version__
+        self.version = vllm_mod.version
         self.device = device
         self._children = [p for p in psutil.Process().children(recursive=True)]
         self.kv_cache_blocks = llm.vllm_config.cache_config.num_gpu_blocks or 0
@@ -242,7 +242,7 @@ class Engine:
     # ------------------------------------------------------------ open / close
     @classmethod
     async def open(cls, cfg: Config, on_step: Callable[[str], None] = lambda s: None,
-                   load_format: str | None = None) -> "Engine":
+                   load_format: str | None = None) -> Engine:
         """``load_format="dummy"``: random weights of the model's shapes, nothing read from
         the weight files (``qwenbox compile-cache``: the compile caches do not depend on them)."""
         cold = ColdStart()
@@ -321,7 +321,7 @@ class Engine:
 
     @property
     def max_model_len(self) -> int:
-        return self._llm.model_config.max_model_len
+        return int(self._llm.model_config.max_model_len)
 
     # ------------------------------------------------------------ requests
     def _sampling_params(self, r: GenerationRequest) -> Any:
@@ -399,7 +399,7 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def _import_vllm() -> Any:
+def _import_vllm() -> _VllmApi:
     import vllm
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -410,17 +410,21 @@ def _import_vllm() -> Any:
             pass
     from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-    class Namespace:
-        pass
+    return _VllmApi(version=str(vllm.__version__), SamplingParams=SamplingParams,
+                    RequestOutputKind=RequestOutputKind, EngineDeadError=EngineDeadError,
+                    EngineGenerateError=EngineGenerateError, VLLMClientError=VLLMClientError)
 
-    ns = Namespace()
-    ns.__version__ = vllm.__version__
-    ns.SamplingParams = SamplingParams
-    ns.RequestOutputKind = RequestOutputKind
-    ns.EngineDeadError = EngineDeadError
-    ns.EngineGenerateError = EngineGenerateError
-    ns.VLLMClientError = VLLMClientError
-    return ns
+
+@dataclass(frozen=True)
+class _VllmApi:
+    """The few vLLM names the engine uses after the import (vllm's own types are not
+    followed by the type checker: they are opaque here)."""
+    version: str
+    SamplingParams: Any
+    RequestOutputKind: Any
+    EngineDeadError: Any
+    EngineGenerateError: Any
+    VLLMClientError: Any
 
 
 def _platform_name() -> str:

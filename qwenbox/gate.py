@@ -117,7 +117,7 @@ class Gate:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return not self.in_flight
 
     async def serving_engine(self, dead: ServingEngine | None = None) -> ServingEngine:

@@ -93,12 +93,13 @@ class Metrics:
             self.phase.labels(p.value).set(1 if p == phase else 0)
         self.sleeping.set(1 if phase == Phase.SLEEPING else 0)
 
-    def set_cold_start(self, figures: Mapping[str, float]) -> None:
+    def set_cold_start(self, figures: Mapping[str, object]) -> None:
+        """The seconds figures (``*_s``) of a cold start; other figures (counts, names) are not metrics."""
         for k, v in figures.items():
             if k.endswith("_s") and isinstance(v, (int, float)):
                 self.cold_start.labels(k[:-2]).set(v)
-        if "warmup_s" in figures:
-            self.warmup.set(figures["warmup_s"])
+        if isinstance(w := figures.get("warmup_s"), (int, float)):
+            self.warmup.set(w)
 
     def set_session_usage(self, usage: SessionUsage) -> None:
         """From ``SessionTracker.usage()``; a quantile with no sample yet is NaN."""

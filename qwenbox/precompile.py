@@ -17,9 +17,10 @@ import time
 
 from . import warmup
 from .config import Config
+from .engine_protocol import FigureValue
 
 
-async def fill(cfg: Config) -> dict[str, float]:
+async def fill(cfg: Config) -> dict[str, FigureValue]:
     from .engine import Engine
 
     t0 = time.monotonic()

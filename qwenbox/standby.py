@@ -20,9 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 from . import eventlog
-from .eventlog import Event
 from .config import StandbyConfig
 from .engine_protocol import ServingEngine
+from .eventlog import Event
 from .lifecycle import Lifecycle, Phase
 
 log = logging.getLogger("qwenbox.standby")

@@ -27,6 +27,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -82,7 +83,7 @@ class EngineSupervisor:
         self._changed = asyncio.Event()
         self._t0 = time.monotonic()
         self.cold_start: Figures = {}
-        self.warmup: dict[str, object] = {}
+        self.warmup: warmup.WarmupFigures | None = None
         self.recovery: dict[str, object] = {}        # the rebuilds so far, the last one's figures
         self._rebuilds: list[float] = []              # monotonic start times of the rebuilds in the window
         self._rebuilding: asyncio.Task[None] | None = None
@@ -181,7 +182,7 @@ class EngineSupervisor:
         rc = self.settings().recovery
         now = time.monotonic()
         self._rebuilds = [t for t in self._rebuilds if now - t < rc.window_s]
-        if self._stopped or self._rebuilding is not None and not self._rebuilding.done():
+        if self._stopped or (self._rebuilding is not None and not self._rebuilding.done()):
             return
         if not self.lifecycle.phase.serves_requests:
             self.halt(Halt(f"engine died: {why}", ExitCode.ENGINE_FAILED))
@@ -245,10 +246,8 @@ class EngineSupervisor:
         side closed."""
         procs = dead.core_processes()
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         await asyncio.to_thread(psutil.wait_procs, procs, _REAP_TIMEOUT_S)
         await self._close(dead)
 
@@ -284,7 +283,7 @@ class EngineSupervisor:
 
     # ------------------------------------------------------------ /health
     def health(self) -> dict[str, object]:
-        body: dict[str, object] = {"cold_start": self.cold_start, "warmup": self.warmup}
+        body: dict[str, object] = {"cold_start": self.cold_start, "warmup": self.warmup or {}}
         if self.recovery:
             body["recovery"] = self.recovery
         body.update(self.standby.health())

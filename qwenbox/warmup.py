@@ -20,34 +20,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypedDict
+from typing import TypedDict
 
 from .config import Config
-from .generation import Delta, GenerationRequest, Sampling
+from .engine_protocol import PromptTokenizer, ServingEngine
+from .generation import GenerationRequest, Sampling
 
 _FILLER = ("The quick brown fox jumps over the lazy dog while the scheduler batches prefill "
            "and decode steps, and the cache keeps every block it has seen. ")
-
-
-class Tokenizer(Protocol):
-    """What the warm-up needs of the engine's tokenizer (``engine.ChatTokenizer``)."""
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str: ...
-
-
-class Warmable(Protocol):
-    """What the warm-up needs of an engine (``engine.Engine``)."""
-
-    @property
-    def tokenizer(self) -> Tokenizer: ...
-
-    def generate(self, r: GenerationRequest) -> AsyncIterator[list[Delta]]: ...
-
-    async def reset_prefix_cache(self) -> None: ...
 
 
 class ShapedSampling(TypedDict):
@@ -109,7 +91,7 @@ def plan(cfg: Config) -> list[Step]:
     return steps
 
 
-def dummy_prompt(tokenizer: Tokenizer, length: int, salt: str) -> list[int]:
+def dummy_prompt(tokenizer: PromptTokenizer, length: int, salt: str) -> list[int]:
     """``length`` ordinary tokens, starting with ``salt`` so prompts don't share a prefix."""
     ids = tokenizer.encode(f"{salt}. ")
     filler = tokenizer.encode(_FILLER)
@@ -125,7 +107,7 @@ def serving_sampling(cfg: Config) -> ShapedSampling:
             "presence_penalty": cfg.shaping.presence_penalty}
 
 
-async def _one(engine: Warmable, prompt: list[int], max_tokens: int,
+async def _one(engine: ServingEngine, prompt: list[int], max_tokens: int,
                sampling: ShapedSampling | None = None) -> tuple[float, float]:
     shaped = (Sampling(max_tokens=max_tokens, ignore_eos=True, **sampling) if sampling is not None
               else Sampling(max_tokens=max_tokens, ignore_eos=True, temperature=0.0))
@@ -139,7 +121,7 @@ async def _one(engine: Warmable, prompt: list[int], max_tokens: int,
     return (ttft if ttft is not None else time.monotonic() - t0), time.monotonic() - t0
 
 
-async def run(engine: Warmable, cfg: Config, on_step: Callable[[int, int, str], None] = lambda i, n, s: None
+async def run(engine: ServingEngine, cfg: Config, on_step: Callable[[int, int, str], None] = lambda i, n, s: None
               ) -> WarmupReport:
     import asyncio
 
@@ -177,7 +159,7 @@ async def run(engine: Warmable, cfg: Config, on_step: Callable[[int, int, str], 
     return report
 
 
-async def prefill_system_prompt(engine: Warmable, cfg: Config) -> tuple[int, float]:
+async def prefill_system_prompt(engine: ServingEngine, cfg: Config) -> tuple[int, float]:
     """Put the configured system prompt into the prefix cache (also after a wake-up).
 
     The prompt is rendered through the chat template exactly as a user request with that
@@ -191,7 +173,7 @@ async def prefill_system_prompt(engine: Warmable, cfg: Config) -> tuple[int, flo
     return len(ids), ttft
 
 
-def _after_system_prompt(engine: Warmable, cfg: Config, user: str) -> list[int]:
+def _after_system_prompt(engine: ServingEngine, cfg: Config, user: str) -> list[int]:
     """Token ids of a chat of the configured system prompt and one user turn."""
     return engine.tokenizer.encode(engine.tokenizer.render_chat(
         [{"role": "system", "content": cfg.warmup.system_prompt}, {"role": "user", "content": user}]))

@@ -9,8 +9,8 @@ import logging
 import time
 
 import pytest
-
 from fake_engine import FakeEngine
+
 from qwenbox import shaping
 from qwenbox.admission import Admission, Rejected, SessionTracker
 from qwenbox.config import AdmissionConfig, Config, SessionsConfig, StandbyConfig

@@ -5,9 +5,9 @@ test double (``fake_engine.py``)."""
 import asyncio
 
 import pytest
+from fake_engine import FakeEngine, FakeOpener
 from prometheus_client import CollectorRegistry
 
-from fake_engine import FakeEngine, FakeOpener
 from qwenbox.admission import Admission, Rejected
 from qwenbox.config import AdmissionConfig, Config, SessionsConfig
 from qwenbox.gate import Gate, NotServing
@@ -155,7 +155,7 @@ def test_a_request_whose_engine_died_before_its_first_output_is_resubmitted_once
 
     async def main():
         dying, new = FakeEngine(), FakeEngine(outputs=("x", "y"))
-        gate, sup, lc, _ = supervised(FakeOpener(dying, new), hold_s=60)
+        gate, sup, _, _ = supervised(FakeOpener(dying, new), hold_s=60)
         await sup.start()
         dying.die_after, dying.calls = 0, []     # warmed up; the next request kills it
         task = asyncio.create_task(collect(gate, dying))

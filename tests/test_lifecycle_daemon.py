@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
-import subprocess
-import sys
 import os
+import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
 
 from helpers import Daemon, UnixHTTPConnection, request, sse_events
-from qwenbox.listeners import ListenerError, bind_unix
 from qwenbox.eventlog import parse_line
+from qwenbox.listeners import ListenerError, bind_unix
 
 CHAT = "/v1/chat/completions"
 MSGS = [{"role": "user", "content": "Tell me a long story."}]

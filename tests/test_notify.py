@@ -7,6 +7,8 @@ start-up, watchdog pings, two SIGHUP reloads (one good, one bad file) and SIGTER
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import re
@@ -52,7 +54,7 @@ class NotifySocket:
         while not self._stop:
             try:
                 data, anc, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(12))
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -86,10 +88,8 @@ class NotifySocket:
         self._thread.join(2)
         self.sock.close()
         if not self.path.startswith("@"):
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)
-            except OSError:
-                pass
 
 
 # ---------------------------------------------------------------- Notifier, no daemon
@@ -103,7 +103,7 @@ def test_notifier_consumes_env_and_sends_utf8(tmp_path, monkeypatch):
         for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             assert var not in os.environ, f"{var} left for child processes to inherit"
         assert n.enabled and n.watchdog_usec == 30_000_000 and n.watchdog_interval_s == 15.0
-        cjk = "正在加载 通义千问 Qwen3-4B（预热 3/5）"
+        cjk = "正在加载 通义千问 Qwen3-4B（预热 3/5）"  # noqa: RUF001 (fullwidth parentheses: CJK text on purpose)
         assert n.status(cjk)
         assert n.send(STATUS="line one\nline two")          # one datagram field per line: flattened
         assert n.watchdog()
@@ -236,7 +236,7 @@ def test_daemon_notify_sequence(tmp_path, demo_model):
         warm = before[5:]
         assert len(warm) >= 4 and len(warm) % 2 == 0, warm
         steps = []
-        for extend, status in zip(warm[::2], warm[1::2]):
+        for extend, status in zip(warm[::2], warm[1::2], strict=True):
             assert extend == ext, warm                        # every step first buys more time
             m = re.fullmatch(r"STATUS=warming: warming (\d+)/(\d+): .+", status)
             assert m, status
@@ -262,7 +262,7 @@ def test_daemon_notify_sequence(tmp_path, demo_model):
         last = ns.wait_for(lambda t: t == "WATCHDOG=1", 10, first + 1)
         last = ns.wait_for(lambda t: t == "WATCHDOG=1", 10, last + 1)
         pings = [m for m in ns.messages[ready_i:] if m[2] == "WATCHDOG=1"]
-        gaps = [round(b[0] - a[0], 2) for a, b in zip(pings, pings[1:])]
+        gaps = [round(b[0] - a[0], 2) for a, b in itertools.pairwise(pings)]
         print(f"notify: {len(pings)} WATCHDOG=1 after READY, gaps {gaps} s (WatchdogSec=2)")
         verdict = jrequest(d.sock, "GET", "/health")[2]["watchdog"]
         assert verdict["healthy"] and verdict["pinging"] and verdict["watchdog_sec"] == 2.0, verdict

@@ -10,9 +10,9 @@ import asyncio
 import dataclasses
 
 import pytest
+from fake_engine import FakeEngine, FakeOpener
 from prometheus_client import CollectorRegistry
 
-from fake_engine import FakeEngine, FakeOpener
 from qwenbox.config import Config, ConfigError, RecoveryConfig
 from qwenbox.exitcode import ExitCode
 from qwenbox.lifecycle import Lifecycle, Phase

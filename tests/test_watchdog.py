@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from fake_engine import FakeEngine
 
 from conftest import wait_for
-from fake_engine import FakeEngine
 from qwenbox.config import WatchdogConfig
 from qwenbox.lifecycle import Lifecycle, Phase
 from qwenbox.watchdog import Watchdog
@@ -71,7 +71,7 @@ def wait_status(proc: psutil.Process, want, timeout: float = 10.0) -> None:
 
 
 def test_healthy_idle_engine_pings_every_half_watchdogsec(child):
-    wd, gate, _ = make(FakeEngine(procs=[child]))
+    wd, _, _ = make(FakeEngine(procs=[child]))
     t = time.monotonic()
     for dt in (0, 1, 2, 3, 4, 5, 6, 7):
         assert wd.check(now=t + dt).healthy
@@ -81,7 +81,7 @@ def test_healthy_idle_engine_pings_every_half_watchdogsec(child):
 
 
 def test_stopped_engine_process_is_unhealthy_until_continued(child):
-    wd, gate, _ = make(FakeEngine(procs=[child]))
+    wd, _, _ = make(FakeEngine(procs=[child]))
     t = time.monotonic()
     assert wd.check(now=t).healthy and wd.pings == 1
     child.send_signal(signal.SIGSTOP)
@@ -215,7 +215,7 @@ def test_no_pings_and_no_health_part_before_the_first_ready():
 
 
 def test_without_systemd_no_pings_but_a_verdict(child):
-    wd, gate, fatal = make(FakeEngine(procs=[child]), watchdog_sec=None, exit_after=5.0)
+    wd, _, _ = make(FakeEngine(procs=[child]), watchdog_sec=None, exit_after=5.0)
     assert wd.check().healthy and wd.notifier.pings == [] and wd.exit_after_s == 5.0
     assert wd.health()["watchdog"]["pinging"] is False
 
