@@ -290,7 +290,8 @@ def size(cfg: Config, limits: EngineLimits, facts: EngineFacts, throughput: Thro
       cache holds at once, so that requests we admit are never preempted for want of KV;
       at most the engine's max_num_seqs (more would wait in vLLM's queue, where our session
       priority and queue bounds cannot reach them), at least 1. Prefix sharing, which
-      lets more fit, is not counted.
+      lets more fit, is not counted. (Active sessions may go sessions.reserved_share x
+      max_in_flight beyond it, admission.py; past max_num_seqs those wait in vLLM's queue.)
     max_queued: how many may wait and still get their first token within
       τ = sizing.target_ttft_p95_s. A fluid model of a busy engine with N = max_in_flight
       running: requests finish at R per second, where

@@ -538,28 +538,39 @@ def test_check_config_refuses_fp8_on_the_cpu_build(tmp_path, method):
 
 def test_check_config_refuses_an_fp8_checkpoint_on_the_cpu_build(tmp_path, demo_model):
     cpu_build_only()
-    import json
-    import shutil
     from helpers import write_config
     from qwenbox.engine import check_backend
-    model = tmp_path / "fp8-model"
-    shutil.copytree(demo_model, model)
-    meta = json.loads((model / "config.json").read_text())
-    meta["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                   "weight_block_size": [128, 128]}   # as Qwen3-4B-Instruct-2507-FP8 has it
-    (model / "config.json").write_text(json.dumps(meta))
-    cfg = config.load(write_config(tmp_path / "q.toml", {"model": {"path": str(model)}}))
+    cfg = config.load(write_config(tmp_path / "q.toml", {"model": {"path": str(fp8_checkpoint(tmp_path, demo_model))}}))
     with pytest.raises(ConfigError) as ei:
         check_backend(cfg)
     assert ei.value.key == "model.path" and "FP8 checkpoint" in str(ei.value)
     check_backend(config.load(write_config(tmp_path / "ok.toml", {"model": {"path": str(demo_model)}})))
 
 
-def test_a_gpu_build_leaves_fp8_to_the_card(tmp_path, monkeypatch):
+def fp8_checkpoint(tmp_path: Path, demo_model: Path) -> Path:
+    """The demo model with the quantization_config Qwen3-4B-Instruct-2507-FP8's config.json has."""
+    import json
+    import shutil
+    model = tmp_path / "fp8-model"
+    shutil.copytree(demo_model, model)
+    meta = json.loads((model / "config.json").read_text())
+    meta["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                   "weight_block_size": [128, 128]}
+    (model / "config.json").write_text(json.dumps(meta))
+    return model
+
+
+def test_a_gpu_build_leaves_fp8_to_the_card(tmp_path, monkeypatch, demo_model):
+    """Nothing of ours refuses FP8 on a GPU build: neither the key nor an FP8 checkpoint,
+    which needs no key (vLLM reads its method from its config.json)."""
     from helpers import write_config
     from qwenbox import engine
     monkeypatch.setattr(engine, "installed_build", lambda: "vllm")
     engine.check_backend(config.load(write_config(tmp_path / "q.toml", {"engine": {"quantization": "fp8"}})))
+    cfg = config.load(write_config(tmp_path / "c.toml", {"model": {"path": str(fp8_checkpoint(tmp_path, demo_model))}}),
+                      need_model=True)
+    engine.check_backend(cfg)
+    assert "quantization" not in engine.engine_args_dict(cfg)
 
 
 def test_vllms_quantization_refusal_at_start_is_a_config_error(tmp_path, monkeypatch):
