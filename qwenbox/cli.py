@@ -57,10 +57,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate as `serve` does, then say which files were read and what sizing chose
+    before the engine (the rest is chosen at start, from the engine's KV cache)."""
+    from . import sizing
+
     cfg = _load(args)
+    limits = sizing.engine_limits(cfg, sizing.probe_device())
     print(f"{cfg.source}: OK (model {cfg.model.name!r}, max_model_len {cfg.model.max_model_len}, "
-          f"max_num_seqs {cfg.engine.max_num_seqs}, socket {cfg.server.socket or '-'}"
+          f"max_num_seqs {limits.max_num_seqs.value}, socket {cfg.server.socket or '-'}"
           f"{', tcp ' + cfg.server.tcp if cfg.server.tcp else ''})")
+    print("files read, in merge order:")
+    for f in cfg.files:
+        print(f"  {f}")
+    print("sizing:")
+    for line in sizing.describe_before_engine(cfg, limits):
+        print(f"  {line}")
     return 0
 
 

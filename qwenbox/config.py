@@ -1,12 +1,27 @@
 """The one typed, frozen configuration object and its loader.
 
 Contract:
-- ``load(path, overrides)`` reads one TOML file and returns a frozen ``Config``.
-- Anything wrong with the file raises ``ConfigError`` whose ``str()`` names the file,
-  the line (where it can be found) and the dotted key path, e.g.
-  ``/etc/qwenbox/qwenbox.toml:14: engine.max_num_seqs: expected an integer, got 'many'``.
+- ``load(path, overrides)`` reads the main TOML file, then the drop-ins: every ``*.toml``
+  in ``conf.d/`` beside it (``/etc/qwenbox/conf.d/*.toml`` for the shipped file), in name
+  order, each merged over what came before (tables key by key; later files win; names
+  starting with "." and files not ending in ``.toml`` are ignored), then ``overrides``;
+  it returns a frozen ``Config`` whose ``files`` lists the files read, in that order.
+  Loading the main file again (a SIGHUP reload) reads its drop-ins again.
+- Anything wrong with a file raises ``ConfigError`` whose ``str()`` names the file that
+  has the bad value (a drop-in's own path for a drop-in), the line (where it can be
+  found) and the dotted key path, e.g.
+  ``/etc/qwenbox/qwenbox.toml:14: engine.max_num_seqs: expected an integer or "auto", got 'many'``.
+  Every file is checked on its own (unknown keys, types, ranges), so a bad value is an
+  error even where a later file overrides it; rules across keys are checked on the merge
+  and name the file that set the key they report.
 - Unknown keys, wrong types, out-of-range values and a missing local model path are errors;
   nothing is silently ignored or coerced (an int is accepted where a float is expected).
+- Sizing keys (``engine.max_num_seqs``, ``engine.max_num_batched_tokens``,
+  ``admission.max_in_flight``, ``admission.max_queued``, ``admission.max_queued_prompt_tokens``)
+  take an integer or the string ``"auto"`` (``AUTO``): ``qwenbox.sizing`` chooses those
+  for the card (engine keys before the engine is built, admission keys from what the
+  built engine reports) and ``sizing.apply`` puts the numbers in; explicit values win.
+  Code that needs a number from one of them reads it from an applied config.
 - ``load(..., need_model=True)`` (serve, check-config, compile-cache) also requires that a
   Hugging Face id in ``model.path``/``model.tokenizer`` has been pulled into
   ``model.models_dir`` (``qwenbox pull``; ``models.py``): nothing downloads at start.
@@ -26,7 +41,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, Callable, Literal, NoReturn, get_origin, get_type_hints
 
 from . import models
 from .generation import RULES, Rule
@@ -37,6 +52,22 @@ else:  # pragma: no cover - setup.cfg requires tomli there
     import tomli as tomllib
 
 DEFAULT_CONFIG_PATH = "/etc/qwenbox/qwenbox.toml"
+# Drop-ins: DROPIN_DIR beside the main file, every *.toml in it, in name order.
+DROPIN_DIR = "conf.d"
+
+# A sizing key's value "auto": qwenbox.sizing chooses it for the card (see that module).
+AUTO: Literal["auto"] = "auto"
+Auto = Literal["auto"]
+
+# vLLM's quantization methods (vllm/model_executor/layers/quantization/__init__.py,
+# QUANTIZATION_METHODS of vLLM 0.26.0, the GPU build); "" = none. A pre-quantized checkpoint
+# (e.g. an FP8 one) needs none of them: vLLM reads its method from the model's config.json.
+QUANTIZATION_METHODS = (
+    "awq", "auto_awq", "fp8", "fbgemm_fp8", "fp_quant", "modelopt", "modelopt_fp4", "modelopt_mxfp8",
+    "modelopt_mixed", "auto_gptq", "gptq", "gptq_marlin", "awq_marlin", "humming", "compressed-tensors",
+    "bitsandbytes", "experts_int8", "quark", "moe_wna16", "torchao", "inc", "mxfp4", "gpt_oss_mxfp4",
+    "deepseek_v4_fp8", "online", "fp8_per_tensor", "fp8_per_block", "fp8_per_channel",
+    "int8_per_channel_weight_only", "nvfp4_per_token", "mxfp8")
 
 
 class ConfigError(Exception):
@@ -55,11 +86,13 @@ class ConfigError(Exception):
 
 
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,
-         choices: tuple | None = None, min_exclusive: bool = False, list_of: Any = None) -> Any:
+         choices: tuple | None = None, min_exclusive: bool = False, list_of: Any = None,
+         auto: bool = False) -> Any:
     """A dataclass field with its validation bounds kept next to its default (``list_of``:
-    an example item, for a list whose default is empty)."""
+    an example item, for a list whose default is empty; ``auto``: an integer key that also
+    takes ``"auto"``)."""
     meta = {"min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive,
-            "list_of": default[0] if isinstance(default, list) and default else list_of}
+            "list_of": default[0] if isinstance(default, list) and default else list_of, "auto": auto}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -94,8 +127,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     gpu_memory_utilization: float = _opt(0.7, min=0.0, max=1.0, min_exclusive=True)
-    max_num_seqs: int = _opt(128, min=1, max=4096)
-    max_num_batched_tokens: int = _opt(8192, min=16)
+    max_num_seqs: int | Auto = _opt(AUTO, min=1, max=4096, auto=True)
+    max_num_batched_tokens: int | Auto = _opt(AUTO, min=16, auto=True)
     block_size: int = _opt(16, choices=(8, 16, 32, 64, 128))
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
@@ -107,6 +140,7 @@ class EngineConfig:
     cache_dir: str = ""
     kv_cache_memory_gib: float = _opt(0.0, min=0.0)
     scheduling_policy: str = _opt("priority", choices=("priority", "fcfs"))
+    quantization: str = _opt("", choices=("", *QUANTIZATION_METHODS))
 
 
 @dataclass(frozen=True)
@@ -164,9 +198,9 @@ class RecoveryConfig:
 
 @dataclass(frozen=True)
 class AdmissionConfig:
-    max_in_flight: int = _opt(128, min=1)
-    max_queued: int = _opt(512, min=0)
-    max_queued_prompt_tokens: int = _opt(524288, min=0)
+    max_in_flight: int | Auto = _opt(AUTO, min=1, auto=True)
+    max_queued: int | Auto = _opt(AUTO, min=0, auto=True)
+    max_queued_prompt_tokens: int | Auto = _opt(AUTO, min=0, auto=True)
     queue_timeout_s: float = _opt(30.0, min=0.0, min_exclusive=True)
 
 
@@ -175,6 +209,15 @@ class SessionsConfig:
     keepalive_s: float = _opt(120.0, min=0.0)
     reserved_share: float = _opt(0.25, min=0.0, max=0.9)
     max_tracked: int = _opt(10000, min=1)
+
+
+@dataclass(frozen=True)
+class SizingConfig:
+    """What ``qwenbox.sizing`` sizes the "auto" keys for: a first-token latency target for
+    a request that had to wait, and the request it thinks of as typical."""
+    target_ttft_p95_s: float = _opt(2.0, min=0.0, min_exclusive=True)
+    typical_prompt_tokens: int = _opt(512, min=1)
+    typical_output_tokens: int = _opt(128, min=1)
 
 
 @dataclass(frozen=True)
@@ -222,6 +265,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    sizing: SizingConfig = field(default_factory=SizingConfig)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
     standby: StandbyConfig = field(default_factory=StandbyConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
@@ -231,6 +275,11 @@ class Config:
     # The command-line overrides ``load`` applied, as (dotted key, value) pairs: a reload
     # of ``source`` applies them again.
     overrides: tuple = field(default=(), compare=False)
+    # The files ``load`` read, in the order they were merged: ``source``, then its drop-ins.
+    files: tuple[str, ...] = field(default=(), compare=False)
+    # Dotted keys that read "auto" in the files and got their number from
+    # ``sizing.apply``: ``reloaded`` keeps that number while the files still say "auto".
+    sized: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def socket_mode_int(self) -> int:
@@ -243,7 +292,8 @@ class Config:
         return sorted({min(int(b), cap) for b in self.warmup.prompt_buckets if b > 0})
 
 
-SECTIONS = {k: v for k, v in get_type_hints(Config).items() if k not in ("source", "overrides")}
+_NOT_SECTIONS = ("source", "overrides", "files", "sized")
+SECTIONS = {k: v for k, v in get_type_hints(Config).items() if k not in _NOT_SECTIONS}
 
 
 # ---------------------------------------------------------------- locating keys in the text
@@ -275,6 +325,12 @@ def _type_name(tp: Any) -> str:
 
 
 def _check_value(tp: Any, value: Any, meta: dict, err) -> Any:
+    if meta.get("auto"):
+        if value == AUTO:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            err(f'expected an integer or "{AUTO}", got {value!r}')
+        tp = int
     if tp is bool:
         if not isinstance(value, bool):
             err(f"expected {_type_name(bool)} (true/false), got {value!r}")
@@ -338,9 +394,14 @@ def _semantic_checks(cfg: Config, err_at) -> None:
     if cfg.limits.max_tokens_cap >= cfg.model.max_model_len:
         err_at("limits.max_tokens_cap",
                f"must be below model.max_model_len ({cfg.model.max_model_len}), got {cfg.limits.max_tokens_cap}")
-    if cfg.engine.max_num_batched_tokens < cfg.engine.max_num_seqs:
-        err_at("engine.max_num_batched_tokens",
-               f"must be >= engine.max_num_seqs ({cfg.engine.max_num_seqs}), got {cfg.engine.max_num_batched_tokens}")
+    seqs, batched = cfg.engine.max_num_seqs, cfg.engine.max_num_batched_tokens
+    if isinstance(seqs, int) and isinstance(batched, int) and batched < seqs:   # "auto" keeps them apart itself
+        err_at("engine.max_num_batched_tokens", f"must be >= engine.max_num_seqs ({seqs}), got {batched}")
+    typical = cfg.sizing.typical_prompt_tokens + cfg.sizing.typical_output_tokens
+    if typical > cfg.model.max_model_len:
+        err_at("sizing.typical_prompt_tokens",
+               f"typical_prompt_tokens + typical_output_tokens ({typical}) must be <= model.max_model_len "
+               f"({cfg.model.max_model_len})")
     if not cfg.warmup.prompt_buckets and cfg.warmup.enabled:
         err_at("warmup.prompt_buckets", "must list at least one prompt length when warm-up is enabled")
     if cfg.warmup.decode_steps >= cfg.model.max_model_len:
@@ -394,32 +455,33 @@ def _check_ui(ui: UiConfig, err_at) -> None:
                                        f"(scheme://host[:port], no path), got {o!r}")
 
 
+# Keys that hold file paths, and whether a relative one may follow symlinks: a venv's
+# bin/python is a link to the base interpreter, and following it would leave the venv.
+_PATH_KEYS: dict[str, bool] = {
+    "model.path": True, "model.tokenizer": True, "model.models_dir": True, "server.socket": True,
+    "engine.cache_dir": True, "logging.file": True, "ui.python": False, "ui.state_dir": True,
+}
+
+
+def _fix_path(p: str, base: Path, follow_links: bool = True) -> str:
+    """``p`` with "~" expanded, and made absolute against ``base`` when it starts with "."."""
+    if p and not os.path.isabs(os.path.expanduser(p)) and p.startswith("."):
+        return str((base / p).resolve()) if follow_links else os.path.normpath(base / p)
+    return os.path.expanduser(p) if p else p
+
+
 def _resolve_relative(cfg: Config, base: Path) -> Config:
     """Relative file paths in the config are relative to the config file's directory."""
-    def fix(p: str, follow_links: bool = True) -> str:
-        if p and not os.path.isabs(os.path.expanduser(p)) and p.startswith("."):
-            # a venv's bin/python is a link to the base interpreter: following it leaves the venv
-            return str((base / p).resolve()) if follow_links else os.path.normpath(base / p)
-        return os.path.expanduser(p) if p else p
-    return dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, path=fix(cfg.model.path), tokenizer=fix(cfg.model.tokenizer),
-                                  models_dir=fix(cfg.model.models_dir)),
-        server=dataclasses.replace(cfg.server, socket=fix(cfg.server.socket)),
-        engine=dataclasses.replace(cfg.engine, cache_dir=fix(cfg.engine.cache_dir)),
-        logging=dataclasses.replace(cfg.logging, file=fix(cfg.logging.file)),
-        ui=dataclasses.replace(cfg.ui, python=fix(cfg.ui.python, follow_links=False), state_dir=fix(cfg.ui.state_dir)),
-    )
+    fixed: dict[str, dict[str, str]] = {}
+    for dotted, follow in _PATH_KEYS.items():
+        section, key = dotted.split(".")
+        fixed.setdefault(section, {})[key] = _fix_path(getattr(getattr(cfg, section), key), base, follow)
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **keys)
+                                       for section, keys in fixed.items()})
 
 
-def from_dict(raw: dict, *, source: str = "<dict>", text: str = "",
-              base: Path | None = None, need_model: bool = False) -> Config:
-    """Validate a parsed TOML document. ``text`` (the file body) lets errors carry lines;
-    ``need_model``: see ``load``."""
-    def err_at(keypath: str, message: str):
-        raise ConfigError(message, file=source, line=_line_of(text, keypath) if text else None,
-                          key=keypath)
-
+def _build_sections(raw: dict[str, Any], err_at: Callable[[str, str], NoReturn]) -> dict[str, Any]:
+    """Each table of a parsed document, checked key by key, as its section's dataclass."""
     sections = {}
     for name, value in raw.items():
         if name not in SECTIONS:
@@ -427,7 +489,21 @@ def from_dict(raw: dict, *, source: str = "<dict>", text: str = "",
             err_at(name, "unknown section" + (f" (did you mean '{close[0]}'?)" if close else
                                               f"; known sections: {', '.join(SECTIONS)}"))
         sections[name] = _build_section(SECTIONS[name], value, name, err_at)
-    cfg = Config(**sections, source=source)
+    return sections
+
+
+def from_dict(raw: dict, *, source: str = "<dict>", text: str = "",
+              base: Path | None = None, need_model: bool = False,
+              origins: dict[str, tuple[str, str]] | None = None) -> Config:
+    """Validate a parsed TOML document. ``text`` (the file body) lets errors carry lines;
+    ``need_model``: see ``load``. ``origins`` (``load``'s merge of several files): the
+    (file, text) that set each dotted key, so that an error names that file; keys not in
+    it are blamed on ``source``."""
+    def err_at(keypath: str, message: str) -> NoReturn:
+        file, body = (origins or {}).get(keypath, (source, text))
+        raise ConfigError(message, file=file, line=_line_of(body, keypath) if body else None, key=keypath)
+
+    cfg = Config(**_build_sections(raw, err_at), source=source)
     if base is not None:
         cfg = _resolve_relative(cfg, base)
     _semantic_checks(cfg, err_at)
@@ -436,12 +512,37 @@ def from_dict(raw: dict, *, source: str = "<dict>", text: str = "",
     return cfg
 
 
-def load(path: str | os.PathLike = DEFAULT_CONFIG_PATH, overrides: dict[str, Any] | None = None,
-         *, need_model: bool = False) -> Config:
-    """Read, merge ``overrides`` ({"server.socket": ..., "model.path": ...}) and validate.
-    ``need_model``: also require a hub id's model (and tokenizer) to be pulled into
-    ``model.models_dir`` - what starting the engine needs; ``qwenbox pull`` and the UI load
-    without it."""
+# ---------------------------------------------------------------- reading files
+@dataclass(frozen=True)
+class _Layer:
+    """One file read: its path, its text (for line numbers) and its parsed tables."""
+    path: str
+    text: str
+    raw: dict[str, Any]
+
+
+def dropin_dir(path: str | os.PathLike[str]) -> Path:
+    """Where the drop-ins of the main file ``path`` live: ``conf.d/`` beside it."""
+    return Path(os.path.abspath(path)).parent / DROPIN_DIR
+
+
+def dropin_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The drop-ins of the main file ``path``, in the order they are merged (by name).
+    Hidden names (editors' lock and swap files) and names not ending in ``.toml`` are
+    skipped; a missing ``conf.d/`` means none."""
+    d = dropin_dir(path)
+    try:
+        entries = list(d.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise ConfigError(f"cannot read the drop-in directory: {e.strerror}", file=str(d)) from None
+    return sorted((p for p in entries if p.name.endswith(".toml") and not p.name.startswith(".") and p.is_file()),
+                  key=lambda p: p.name)
+
+
+def _read_layer(path: str | os.PathLike[str]) -> _Layer:
+    """Read and parse one TOML file; a missing, unreadable or malformed file is a ConfigError naming it."""
     source = str(path)
     try:
         raw_bytes = Path(path).read_bytes()
@@ -461,20 +562,75 @@ def load(path: str | os.PathLike = DEFAULT_CONFIG_PATH, overrides: dict[str, Any
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         raise ConfigError(f"TOML syntax error: {msg}" + (f" (column {m.group(2)})" if m else ""),
                           file=source, line=int(m.group(1)) if m else None) from None
+    return _Layer(source, text, raw)
+
+
+def _check_layer(layer: _Layer) -> None:
+    """Every key of one file on its own (known, right type, in range): an error names this
+    file, even where a later file sets the key again."""
+    def err_at(keypath: str, message: str) -> NoReturn:
+        raise ConfigError(message, file=layer.path, line=_line_of(layer.text, keypath), key=keypath)
+
+    _build_sections(layer.raw, err_at)
+
+
+def _resolve_layer_paths(layer: _Layer) -> _Layer:
+    """A drop-in's relative paths, made absolute against the drop-in's own directory
+    (the main file's are resolved against its directory later, with the defaults)."""
+    base = Path(layer.path).resolve().parent
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.raw.items()}
+    for dotted, follow in _PATH_KEYS.items():
+        section, key = dotted.split(".")
+        value = raw.get(section, {}).get(key)
+        if isinstance(value, str) and value.startswith("."):
+            raw[section][key] = _fix_path(value, base, follow)
+    return _Layer(layer.path, layer.text, raw)
+
+
+def _merge(layers: list[_Layer]) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+    """The layers merged in order (tables key by key, later files win), and for every
+    section and dotted key the (file, text) of the layer that set it last."""
+    merged: dict[str, Any] = {}
+    origins: dict[str, tuple[str, str]] = {}
+    for layer in layers:
+        for section, table in layer.raw.items():
+            merged.setdefault(section, {}).update(table)
+            origins[section] = (layer.path, layer.text)
+            for key in table:
+                origins[f"{section}.{key}"] = (layer.path, layer.text)
+    return merged, origins
+
+
+def load(path: str | os.PathLike = DEFAULT_CONFIG_PATH, overrides: dict[str, Any] | None = None,
+         *, need_model: bool = False) -> Config:
+    """Read the main file and its drop-ins (``dropin_files``), merge them in order, merge
+    ``overrides`` ({"server.socket": ..., "model.path": ...}) over them and validate.
+    ``need_model``: also require a hub id's model (and tokenizer) to be pulled into
+    ``model.models_dir`` - what starting the engine needs; ``qwenbox pull`` and the UI load
+    without it."""
+    main = _read_layer(path)
+    layers = [main] + [_read_layer(p) for p in dropin_files(path)]
+    for layer in layers:
+        _check_layer(layer)
+    merged, origins = _merge([main] + [_resolve_layer_paths(layer) for layer in layers[1:]])
     applied = tuple((k, v) for k, v in (overrides or {}).items() if v is not None)
     for dotted, value in applied:
         section, key = dotted.split(".", 1)
-        raw.setdefault(section, {})[key] = value
-    cfg = from_dict(raw, source=source, text=text, base=Path(path).resolve().parent, need_model=need_model)
-    return dataclasses.replace(cfg, overrides=applied) if applied else cfg
+        merged.setdefault(section, {})[key] = value
+        origins.pop(dotted, None)       # blamed on the main file, as before drop-ins existed
+    cfg = from_dict(merged, source=str(path), text=main.text, base=Path(path).resolve().parent,
+                    need_model=need_model, origins=origins)
+    return dataclasses.replace(cfg, overrides=applied, files=tuple(layer.path for layer in layers))
 
 
 # ---------------------------------------------------------------- SIGHUP reload
 # What a running daemon may take from a re-read file without restarting the engine:
 # whole sections, or named keys of a section. Everything else needs a restart.
+# [sizing] only feeds the admission limits (qwenbox.sizing, after the engine is built).
 RELOADABLE: dict[str, tuple[str, ...] | None] = {
     "limits": None, "logging": None, "admission": None, "sessions": None, "shaping": None,
-    "watchdog": None, "recovery": None, "server": ("retry_after_s", "drain_timeout_s", "access_log"),
+    "watchdog": None, "recovery": None, "sizing": None,
+    "server": ("retry_after_s", "drain_timeout_s", "access_log"),
 }
 
 
@@ -484,6 +640,11 @@ def reloaded(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
     ``ignored`` lists the changed keys that need a restart (engine, model, listener, ...);
     they keep their running values. Cross-key rules are checked again on the result, so a
     reload can never produce a config that ``load`` would refuse (raises ``ConfigError``).
+
+    A key that ``sizing.apply`` filled in (``old.sized``) and that still reads "auto" is
+    unchanged: it keeps its number. A sizing key may come out "auto" (the file changed it
+    to "auto"), and ``[sizing]`` may have changed: the caller runs sizing's second step
+    again on the result and applies it before handing the limits to admission.
     """
     applied: list[str] = []
     ignored: list[str] = []
@@ -496,16 +657,17 @@ def reloaded(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
         keys = RELOADABLE.get(section, ())
         take = {}
         for f in dataclasses.fields(o):
-            if getattr(o, f.name) == getattr(n, f.name):
-                continue
             path = f"{section}.{f.name}"
+            if getattr(o, f.name) == getattr(n, f.name) or (path in old.sized and getattr(n, f.name) == AUTO):
+                continue
             if keys is None or f.name in keys:
                 take[f.name] = getattr(n, f.name)
                 applied.append(path)
             else:
                 ignored.append(path)
         merged[section] = dataclasses.replace(o, **take) if take else o
-    cfg = Config(**merged, source=new.source, overrides=new.overrides)
+    still_sized = tuple(k for k in old.sized if k not in applied)     # an ignored one keeps its number
+    cfg = Config(**merged, source=new.source, overrides=new.overrides, files=new.files, sized=still_sized)
 
     def err_at(keypath: str, message: str):
         raise ConfigError(message, file=new.source, key=keypath)

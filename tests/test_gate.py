@@ -80,8 +80,8 @@ def test_wait_idle_and_drain_abort():
 def test_admit_yields_a_ticket_tracks_the_session_and_counts_rejections():
     async def main():
         metrics = Metrics(CollectorRegistry())
-        a = Admission(AdmissionConfig(max_in_flight=1, max_queued=0), SessionsConfig(keepalive_s=60,
-                                                                                      reserved_share=0.0), metrics)
+        a = Admission(AdmissionConfig(max_in_flight=1, max_queued=0, max_queued_prompt_tokens=0),
+                      SessionsConfig(keepalive_s=60, reserved_share=0.0), metrics)
         async with a.admit(10, "s1") as ticket:
             assert ticket.priority == 1 and not ticket.session_active and ticket.queued_s == 0.0
             assert metrics.registry.get_sample_value("qwenbox_requests_in_flight") == 1

@@ -9,7 +9,7 @@ import sys
 import psutil
 import pytest
 
-from helpers import ROOT
+from helpers import DEMO_CONFIG, ROOT
 
 SUITE = ROOT / "tests" / "gpu" / "suite.py"
 
@@ -26,16 +26,16 @@ def _running_on(out):
     return found
 
 
-# Nine engine starts (two of them vLLM's server) at ~25 s each on an idle 2-core VM; much
+# Ten engine starts (three of them vLLM's server) at ~25 s each on an idle 2-core VM; much
 # more on a busy one, hence a time limit above the suite-wide 600 s.
-@pytest.mark.timeout(2700)
+@pytest.mark.timeout(3000)
 @pytest.mark.engine
 def test_gpu_suite_smoke_mode_runs_every_phase_and_the_report(tmp_path):
     out = tmp_path / "suite"
     proc = subprocess.Popen([sys.executable, str(SUITE), "--out", str(out), "--smoke", "--phase", "all"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
     try:
-        stdout, _ = proc.communicate(timeout=2600)
+        stdout, _ = proc.communicate(timeout=2900)
     finally:
         if proc.poll() is None:            # interrupted: let the suite stop its servers itself
             proc.terminate()
@@ -67,10 +67,10 @@ def test_gpu_suite_smoke_mode_runs_every_phase_and_the_report(tmp_path):
         assert launch["launch_to_ready_s"] > 0 and launch["ttft_after_ready"]["next_n"] == suite.SMOKE["after_ready"]
     assert cold["qwenbox"]["phases"]["engine_s"] > 0        # qwenbox's /health cold_start
 
-    # the same workloads, every request answered, on all three paths
+    # the same workloads, every request answered, on all four paths
     p = suite.SMOKE
-    expected = {f"burst{p['burst']}": p["burst"], **{f"c{c}": n for c, n in p["concurrency"].items()}}
-    for name in ("qwenbox", "vllm", "inproc"):
+    expected = {**{f"burst{b}": b for b in p["bursts"]}, **{f"c{c}": n for c, n in p["concurrency"].items()}}
+    for name in ("qwenbox", "vllm", "vllm-defaults", "inproc"):
         ph = res["phases"][name]
         assert ph["prompt_check"]["distinct"] == ph["prompt_check"]["n"]
         assert set(ph["workloads"]) == set(expected), name
@@ -80,6 +80,14 @@ def test_gpu_suite_smoke_mode_runs_every_phase_and_the_report(tmp_path):
             assert all(t > 0 for t in w["output_tokens_per_s"])
     for name in ("qwenbox", "vllm"):
         assert res["phases"][name]["launch"]["cache_state"] in ("cold", "warm")
+    # vLLM's defaults: the model and the socket, and only what the CPU backend cannot start without
+    from qwenbox.config import load
+    model = load(DEMO_CONFIG).model.local_dir
+    argv = res["phases"]["vllm-defaults"]["launch"]["argv"]
+    assert argv[:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", model, "--uds"]
+    assert argv[6:] == p["vllm_defaults_cpu_flags"]
+    basis = res["mfu_basis"]
+    assert basis["parameters"] == suite.model_parameters(model)[0] and basis["peak_tflops"] is None
 
     rec = res["phases"]["recovery"]
     assert rec["engine_cores"], "no engine core found to kill"
@@ -101,4 +109,42 @@ def test_gpu_suite_smoke_mode_runs_every_phase_and_the_report(tmp_path):
     print(md)
     assert md.startswith("# Benchmarks") and "Card: **" in md and "NOT a benchmark" in md
     assert "| launch -> ready, empty caches |" in md and "tuned / untuned" in md
+    assert "`vllm serve MODEL` (its defaults)" in md and f"| {p['bursts'][1]:,} at once: served (all repetitions) |" in md
+    assert "MFU: n/a (no dense bf16 peak known for this device (no GPU))" in md
     assert json.loads((out / "benchmarks.json").read_text())["phases"].keys() == res["phases"].keys()
+
+
+# ------------------------------------------------------------------ the report's arithmetic, no engine
+def _suite():
+    sys.path.insert(0, str(SUITE.parent))
+    import suite
+    return suite
+
+
+def test_mfu_of_issue_16s_h200_figure():
+    """Issue 16: 512 -> 128 costs 2 x 4.0 G x 640 = 5.1 TFLOP per request; at ~790 TFLOP/s
+    that is ~155 requests/s, ~19.8k output tok/s - so 9.6k output tok/s is ~49%."""
+    suite = _suite()
+    basis = {"parameters": 4_022_468_096, "peak_tflops": 790.0}
+    assert suite.mfu(9600.0, basis, 512, 128) == pytest.approx(9600 / 128 * 2 * 4_022_468_096 * 640 / 790e12)
+    assert suite.mfu(19_750.0, basis, 512, 128) == pytest.approx(1.0, abs=0.01)
+    assert suite.mfu(9600.0, {"parameters": 4_022_468_096, "peak_tflops": None}, 512, 128) is None
+    assert suite.mfu(None, basis, 512, 128) is None
+
+
+def test_peaks_are_keyed_by_the_gpus_name():
+    suite = _suite()
+    assert suite.peak_for("NVIDIA H200")[0] == 790.0
+    assert suite.peak_for("NVIDIA H100 80GB HBM3")[0] == 989.0 and suite.peak_for("NVIDIA H100 PCIe")[0] == 756.0
+    assert suite.peak_for("NVIDIA A100-SXM4-80GB")[0] == 312.0
+    assert suite.peak_for("NVIDIA L40") is None and suite.peak_for("NVIDIA L4")[0] == 121.0
+    assert suite.peak_for(None) is None
+
+
+def test_parameters_from_safetensors_headers_and_from_config(tmp_path, demo_model):
+    suite = _suite()
+    n, how = suite.model_parameters(demo_model)
+    assert "safetensors" in how
+    (tmp_path / "config.json").write_text((demo_model / "config.json").read_text())
+    estimate, how = suite.model_parameters(tmp_path)
+    assert "estimated" in how and estimate < n < estimate * 1.01       # the norms are all that is left out

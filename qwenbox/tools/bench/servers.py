@@ -39,7 +39,7 @@ VLLM_FLAGS: dict[str, str] = {
     "max_num_seqs": "value", "max_num_batched_tokens": "value", "block_size": "value",
     "enable_prefix_caching": "bool", "enforce_eager": "bool", "kv_cache_dtype": "value",
     "cpu_offload_gb": "value", "enable_sleep_mode": "bool", "seed": "value", "scheduling_policy": "value",
-    "kv_offloading_size": "value", "kv_cache_memory_bytes": "value",
+    "kv_offloading_size": "value", "kv_cache_memory_bytes": "value", "quantization": "value",
     "disable_log_stats": "true-only",      # qwenbox reads the engine's stats; the server logs them by default
     "enable_log_requests": "bool",
 }
@@ -155,11 +155,10 @@ def derived_config(src: str | os.PathLike, dst: str | os.PathLike,
     import dataclasses
     import json
 
-    from ...config import load
+    from ...config import SECTIONS, load
 
     cfg = load(src)
-    raw = {f.name: dataclasses.asdict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-           if f.name not in ("source", "overrides")}
+    raw = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
     for sec, kv in (overrides or {}).items():
         raw.setdefault(sec, {}).update(kv)
     lines = [f"# derived from {Path(src).resolve()} by qwenbox bench"]
