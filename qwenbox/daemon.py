@@ -30,7 +30,7 @@ from typing import Protocol
 
 import psutil
 
-from . import eventlog
+from . import eventlog, sizing
 from .admission import Admission
 from .api.app import make_app
 from .config import Config, ConfigError, load as load_config, reloaded
@@ -70,9 +70,9 @@ class Daemon:
         self.notifier = notifier or Notifier.from_environ()
         self.lifecycle = Lifecycle()
         self.metrics = Metrics()
-        self.admission = Admission(cfg.admission, cfg.sessions, self.metrics)
+        self.admission = Admission(sizing.unsized(cfg.admission), cfg.sessions, self.metrics)
         self.supervisor = EngineSupervisor(lambda: self.cfg, self.lifecycle, self.metrics, self.notifier,
-                                           busy=lambda: self.gate.in_flight, halt=self.halt)
+                                           busy=lambda: self.gate.in_flight, halt=self.halt, on_sized=self._sized)
         self.gate = Gate(self.lifecycle, self.supervisor, hold_s=lambda: self.cfg.recovery.hold_requests_s)
         self.watchdog = Watchdog(self.lifecycle, lambda: self.supervisor.engine, lambda: self.gate.running_ids,
                                  self.notifier, settings=lambda: self.cfg.watchdog, halt=self.halt,
@@ -207,9 +207,16 @@ class Daemon:
                 eventlog.setup(old.logging.level, old.logging.format, old.logging.file)
                 raise ConfigError(f"cannot open the log file: {e}", file=old.source, key="logging.file") from e
         self.cfg = cfg
-        self.admission.configure(cfg.admission, cfg.sessions)
+        self.admission.configure(sizing.unsized(cfg.admission), cfg.sessions)
+        self.supervisor.resize()       # [sizing] or an "auto" key may have changed
         eventlog.event(Event.RELOAD, ok=True, applied=applied, needs_restart=ignored)
         return f"reloaded {len(applied)} setting(s)" + (f"; needs a restart: {', '.join(ignored)}" if ignored else "")
+
+    def _sized(self, s: sizing.Sizing) -> None:
+        """The supervisor sized the engine it built: its numbers go into the config, and
+        admission serves with them from here on."""
+        self.cfg = sizing.apply(self.cfg, s)
+        self.admission.configure(self.cfg.admission, self.cfg.sessions)
 
     # ---------------------------------------------------------------- observers
     def _on_phase(self, old: Phase, new: Phase, detail: str) -> None:

@@ -237,7 +237,7 @@ class Engine:
         self.device = device
         self._children = [p for p in psutil.Process().children(recursive=True)]
         self.kv_cache_blocks = llm.vllm_config.cache_config.num_gpu_blocks or 0
-        self.block_size = llm.vllm_config.cache_config.block_size
+        self.block_size: int = int(llm.vllm_config.cache_config.block_size)
 
     # ------------------------------------------------------------ open / close
     @classmethod

@@ -51,6 +51,9 @@ class ServingEngine(Protocol):
     @property
     def max_model_len(self) -> int: ...
 
+    @property
+    def block_size(self) -> int: ...
+
     def figures(self) -> dict[str, FigureValue]:
         """Its start-up phases in seconds (``import_s``, ``engine_s``, ...) and the engine's
         own figures (``weights_s``, ``kv_cache_tokens``, ...), rounded."""

@@ -31,6 +31,7 @@ class Event(enum.StrEnum):
     PHASE = "phase"                     # a lifecycle transition
     ENGINE_LOADED = "engine_loaded"     # an engine is built (first boot or rebuild), before warm-up
     COLD_START = "cold_start"           # first boot done: the cold-start figures
+    SIZING = "sizing"                   # the limits chosen for the engine just built (or on reload)
     ENGINE_DIED = "engine_died"         # the engine died while serving; an in-process rebuild starts
     ENGINE_RECOVERED = "engine_recovered"   # that rebuild is serving
     ENGINE_FAILED = "engine_failed"     # fatal: the process exits non-zero

@@ -51,7 +51,9 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from .config import AUTO, Config
+from .config import AUTO, AdmissionConfig, Config
+from .engine_protocol import ServingEngine
+from .warmup import WarmupReport
 
 GiB = 1 << 30
 VLLM_DEFAULTS_VERSION = "0.26.0"      # whose get_batch_defaults engine_limits follows
@@ -202,10 +204,11 @@ class EngineFacts:
     max_num_batched_tokens: int
 
     @classmethod
-    def from_engine(cls, engine: Any, limits: EngineLimits) -> EngineFacts:
-        """From a built ``engine.Engine``: the KV cache size vLLM logged (``cold_start``),
-        else its block count x block size; the limits it was built with (``limits``)."""
-        kv = int(engine.cold_start.vllm.get("kv_cache_tokens") or engine.kv_cache_blocks * engine.block_size)
+    def from_engine(cls, engine: ServingEngine, limits: EngineLimits) -> EngineFacts:
+        """From a built engine: the KV cache size it reports (``figures()["kv_cache_tokens"]``);
+        the limits it was built with (``limits``)."""
+        reported = engine.figures().get("kv_cache_tokens")
+        kv = int(reported) if isinstance(reported, (int, float)) else 0
         if kv <= 0:
             raise ValueError("the engine reported no KV cache size: cannot size admission")
         return cls(kv, int(engine.max_model_len), int(engine.block_size), limits.max_num_seqs.value,
@@ -225,7 +228,7 @@ class Throughput:
         return {"tokens_per_s": round(self.tokens_per_s, 1), "step_s": round(self.step_s, 5), "source": self.source}
 
 
-def throughput_from_warmup(report: Any, decode_steps: int) -> Throughput | None:
+def throughput_from_warmup(report: WarmupReport, decode_steps: int) -> Throughput | None:
     """The engine's speed from a ``warmup.WarmupReport`` (or None: no prefill step timed).
 
     tokens_per_s = the largest single prefill's prompt tokens / its time to first token;
@@ -233,7 +236,7 @@ def throughput_from_warmup(report: Any, decode_steps: int) -> Throughput | None:
     only one token). A lone prefill of a few thousand tokens is close to compute-bound on
     a GPU, but its TTFT also carries the request path's fixed costs, so tokens_per_s is a
     lower bound of the busy engine's rate: sizing from it errs towards meeting the target."""
-    prefills = [s for s in getattr(report, "steps", []) if s.name.startswith("prefill ") and s.requests == 1
+    prefills = [s for s in report.steps if s.name.startswith("prefill ") and s.requests == 1
                 and s.ttft_s > 0 and s.prompt_tokens > 0]
     if not prefills:
         return None
@@ -406,6 +409,13 @@ def apply(cfg: Config, sizing: Sizing) -> Config:
 
 
 ADMISSION_KEYS = ("admission.max_in_flight", "admission.max_queued", "admission.max_queued_prompt_tokens")
+
+
+def unsized(admission: AdmissionConfig) -> AdmissionConfig:
+    """``admission`` with 0 in its "auto" limits: what admission holds before the first engine
+    is sized. Nothing is admitted then anyway (the gate refuses every request until ready)."""
+    return dataclasses.replace(admission, **{k.split(".")[1]: 0 for k in ADMISSION_KEYS
+                                             if getattr(admission, k.split(".")[1]) == AUTO})
 
 
 def describe_before_engine(cfg: Config, limits: EngineLimits) -> list[str]:

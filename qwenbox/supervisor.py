@@ -21,8 +21,13 @@ Contract:
 - ``await stop()``: a rebuild in progress is cancelled (and waited for), the standby loop
   stopped, the engine detached (from then on the watchdog judges only the event loop) and
   closed. Idempotent.
-- ``health()``: the cold-start figures, the warm-up, the rebuilds so far, the standby's and
-  the engine's own parts. Every figure and metric about engines is written here.
+- Sizing (``sizing.py``): every build runs step (a) (the engine's scheduler limits for the
+  device) and, once the engine is warm, step (b) (the admission limits from its KV cache,
+  its warm-up speed and ``[sizing]``); the result goes to ``on_sized`` before the engine
+  is attached, so admission never serves an engine it was not sized for. ``resize()``
+  runs step (b) again on the current settings (a reload).
+- ``health()``: the cold-start figures, the warm-up, the rebuilds so far, the sizing, the
+  standby's and the engine's own parts. Every figure and metric about engines is written here.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from collections.abc import Callable
 
 import psutil
 
-from . import eventlog, warmup
+from . import eventlog, sizing, warmup
 from .config import Config, ConfigError
 from .engine_protocol import EngineOpener, FigureValue, ServingEngine
 from .eventlog import Event
@@ -69,6 +74,7 @@ def failure_halt(why: str, exc: BaseException | None) -> Halt:
 class EngineSupervisor:
     def __init__(self, settings: Callable[[], Config], lifecycle: Lifecycle, metrics: Metrics,
                  notifier: Notifier, busy: Callable[[], int], halt: Callable[[Halt], None],
+                 on_sized: Callable[[sizing.Sizing], None] = lambda s: None,
                  open_engine: EngineOpener = open_vllm_engine) -> None:
         self.settings = settings
         self.lifecycle = lifecycle
@@ -76,6 +82,7 @@ class EngineSupervisor:
         self.notifier = notifier
         self.halt = halt
         self.busy = busy
+        self.on_sized = on_sized
         self.open_engine = open_engine
         self.standby = Standby(lambda: settings().standby, lifecycle, engine=lambda: self._engine, busy=busy,
                                rewarm=self._rewarm, on_sleep=lambda s: metrics.sleeps.inc(), on_wake=self._on_wake)
@@ -89,6 +96,8 @@ class EngineSupervisor:
         self._rebuilding: asyncio.Task[None] | None = None
         self._standby_loop: asyncio.Task[None] | None = None
         self._stopped = False
+        self.sizing: sizing.Sizing | None = None
+        self._basis: tuple[sizing.EngineLimits, sizing.EngineFacts, sizing.Throughput | None] | None = None
         lifecycle.observe(lambda old, new, detail: self._notify())
 
     # ------------------------------------------------------------ what others ask
@@ -123,13 +132,13 @@ class EngineSupervisor:
     async def start(self) -> None:
         cfg = self.settings()
         self.lifecycle.to(Phase.LOADING, "importing vLLM")
-        engine, report = await self._build(self._start_step,
-                                           lambda: self.lifecycle.to(Phase.WARMING, "warm-up"))
+        engine, report, limits = await self._build(self._start_step,
+                                                   lambda: self.lifecycle.to(Phase.WARMING, "warm-up"))
         self.warmup = report.as_dict()
         self.cold_start = {**self._boot_figures(engine, report), "total_s": round(time.monotonic() - self._t0, 3)}
         self.metrics.set_cold_start(self.cold_start)
         eventlog.event(Event.COLD_START, model=cfg.model.name, **self.cold_start, warmup_steps=len(report.steps))
-        self._serve(engine, self._ready_status())
+        self._serve(engine, report, limits, self._ready_status())
 
     def _start_step(self, detail: str) -> None:
         """A start-up step begins: give systemd more time, tell humans (STATUS)."""
@@ -137,10 +146,12 @@ class EngineSupervisor:
         self.lifecycle.note(detail)
 
     async def _build(self, step: Callable[[str], None], warming: Callable[[], None]
-                     ) -> tuple[ServingEngine, warmup.WarmupReport]:
-        """Open an engine and warm it. A failure or a cancellation never leaves it running."""
+                     ) -> tuple[ServingEngine, warmup.WarmupReport, sizing.EngineLimits]:
+        """Open an engine with sizing's step (a) and warm it. A failure or a cancellation
+        never leaves it running."""
         cfg = self.settings()
-        opening = asyncio.ensure_future(self.open_engine(cfg, step))
+        limits = sizing.engine_limits(cfg, await asyncio.to_thread(sizing.probe_device))
+        opening = asyncio.ensure_future(self.open_engine(sizing.apply_engine(cfg, limits), step))
         try:
             engine = await asyncio.shield(opening)
         except asyncio.CancelledError:      # the build thread cannot be interrupted:
@@ -155,7 +166,7 @@ class EngineSupervisor:
         except BaseException:
             await self._dispose(engine)
             raise
-        return engine, report
+        return engine, report, limits
 
     @staticmethod
     def _boot_figures(engine: ServingEngine, report: warmup.WarmupReport) -> Figures:
@@ -165,12 +176,30 @@ class EngineSupervisor:
             figures["first_token_s"] = round(report.steps[0].ttft_s, 3)
         return figures
 
-    def _serve(self, engine: ServingEngine, status: str) -> None:
-        """Attach ``engine`` and serve from it: phase ready, the standby loop."""
+    def _serve(self, engine: ServingEngine, report: warmup.WarmupReport, limits: sizing.EngineLimits,
+               status: str) -> None:
+        """Size admission for ``engine`` (step b), attach it and serve from it: phase ready,
+        the standby loop."""
+        cfg = self.settings()
+        self._basis = (limits, sizing.EngineFacts.from_engine(engine, limits),
+                       sizing.throughput_from_warmup(report, cfg.warmup.decode_steps))
+        self.resize()
         self._attach(engine)
         self.lifecycle.to(Phase.READY, status)
         if self._standby_loop is None or self._standby_loop.done():
             self._standby_loop = asyncio.create_task(self.standby.run(), name="qwenbox-standby")
+
+    def resize(self) -> None:
+        """Sizing's step (b) on the current settings for the engine last built; its result to
+        ``on_sized``, the log and /health. Nothing before the first engine is built."""
+        if self._basis is None:
+            return
+        limits, facts, throughput = self._basis
+        self.sizing = sizing.size(self.settings(), limits, facts, throughput)
+        self.on_sized(self.sizing)
+        eventlog.event(Event.SIZING, **self.sizing.as_dict())
+        for line in self.sizing.lines():
+            log.info("sizing: %s", line)
 
     def _ready_status(self) -> str:
         p = self.cold_start
@@ -222,7 +251,7 @@ class EngineSupervisor:
                            ExitCode.ENGINE_FAILED, now=True))
             return
         try:
-            engine, report = build.result()
+            engine, report, limits = build.result()
         except Exception as e:
             self.metrics.engine_restarts.labels("failed").inc()
             log.error("engine rebuild failed", exc_info=e)
@@ -234,9 +263,10 @@ class EngineSupervisor:
         self.metrics.engine_restarts.labels("recovered").inc()
         self.metrics.last_recovery.set(took)
         eventlog.event(Event.ENGINE_RECOVERED, seconds=round(took, 3), rebuild=n, **figures)
-        self._serve(engine, self._ready_status())
+        self._serve(engine, report, limits, self._ready_status())
 
-    async def _replace(self, dead: ServingEngine | None) -> tuple[ServingEngine, warmup.WarmupReport]:
+    async def _replace(self, dead: ServingEngine | None
+                       ) -> tuple[ServingEngine, warmup.WarmupReport, sizing.EngineLimits]:
         if dead is not None:
             await self._dispose(dead)
         return await self._build(self.lifecycle.note, lambda: self.lifecycle.note("warm-up"))
@@ -284,6 +314,8 @@ class EngineSupervisor:
     # ------------------------------------------------------------ /health
     def health(self) -> dict[str, object]:
         body: dict[str, object] = {"cold_start": self.cold_start, "warmup": self.warmup or {}}
+        if self.sizing is not None:
+            body["sizing"] = self.sizing.as_dict()
         if self.recovery:
             body["recovery"] = self.recovery
         body.update(self.standby.health())

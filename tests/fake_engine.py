@@ -40,7 +40,8 @@ class CharTokenizer:
 
 class FakeEngine:
     def __init__(self, outputs: Sequence[str] = ("a", "b"), die_after: int | None = None,
-                 procs: Sequence[psutil.Process] = (), max_model_len: int = 4096) -> None:
+                 procs: Sequence[psutil.Process] = (), max_model_len: int = 4096,
+                 kv_cache_tokens: int = 65_536) -> None:
         self.outputs = list(outputs)
         self.die_after = die_after
         self.procs = list(procs)
@@ -52,6 +53,7 @@ class FakeEngine:
         self.closed = False
         self._dead = False
         self._max_model_len = max_model_len
+        self.kv_cache_tokens = kv_cache_tokens
 
     # ------------------------------------------------------------ the test's levers
     def kill(self) -> None:
@@ -74,8 +76,12 @@ class FakeEngine:
     def max_model_len(self) -> int:
         return self._max_model_len
 
+    @property
+    def block_size(self) -> int:
+        return 16
+
     def figures(self) -> dict[str, FigureValue]:
-        return {"import_s": 0.0, "engine_s": 0.0, "kv_cache_tokens": 1024}
+        return {"import_s": 0.0, "engine_s": 0.0, "kv_cache_tokens": self.kv_cache_tokens}
 
     async def generate(self, r: GenerationRequest) -> AsyncGenerator[list[Delta], None]:
         self.calls.append(("generate", r.request_id))
@@ -125,8 +131,10 @@ class FakeOpener:
         self.built: list[FakeEngine] = []
         self.fail, self.fail_on = fail, fail_on
         self.release: asyncio.Event | None = None     # set by a test: builds wait for it
+        self.started = 0                               # builds begun
 
     async def __call__(self, cfg: Config, on_step: object) -> ServingEngine:
+        self.started += 1
         if self.release is not None:
             await self.release.wait()
         if self.fail is not None and len(self.built) + 1 == self.fail_on:

@@ -258,19 +258,13 @@ def test_apply_leaves_no_auto_and_reports_why():
 
 
 def test_facts_from_an_engine():
-    class FakeEngine:
-        class cold_start:
-            vllm = {"kv_cache_tokens": 650_000}
-        max_model_len, block_size, kv_cache_blocks = 8192, 16, 40_625
+    from fake_engine import FakeEngine
 
     limits = sizing.engine_limits(shipped(), H200)
-    f = EngineFacts.from_engine(FakeEngine(), limits)
+    f = EngineFacts.from_engine(FakeEngine(max_model_len=8192, kv_cache_tokens=650_000), limits)
     assert (f.kv_cache_tokens, f.max_model_len, f.block_size, f.max_num_seqs) == (650_000, 8192, 16, 1024)
-    FakeEngine.cold_start.vllm = {}                       # no log line read: blocks x block size
-    assert EngineFacts.from_engine(FakeEngine(), limits).kv_cache_tokens == 650_000
-    FakeEngine.kv_cache_blocks = 0
     with pytest.raises(ValueError, match="no KV cache size"):
-        EngineFacts.from_engine(FakeEngine(), limits)
+        EngineFacts.from_engine(FakeEngine(kv_cache_tokens=0), limits)
 
 
 def test_describe_before_engine_says_what_waits_for_the_engine():

@@ -32,8 +32,10 @@ class Rig:
         self.metrics = Metrics(CollectorRegistry())
         self.halts: list = []
         self.opener = opener
+        self.sized: list = []              # (the phase when it came, the Sizing)
         self.sup = EngineSupervisor(lambda: self.cfg, self.lifecycle, self.metrics, Notifier(None, None),
-                                    busy=lambda: 0, halt=self.halts.append, open_engine=opener)
+                                    busy=lambda: 0, halt=self.halts.append, open_engine=opener,
+                                    on_sized=lambda s: self.sized.append((self.lifecycle.phase, s)))
 
     def restarts(self, outcome: str) -> float | None:
         return self.metrics.registry.get_sample_value("qwenbox_engine_restarts_total", {"outcome": outcome})
@@ -128,7 +130,7 @@ def test_a_stop_during_the_first_build_closes_what_the_build_made():
         rig = Rig(FakeOpener(engine))
         rig.opener.release = asyncio.Event()
         boot = asyncio.create_task(rig.sup.start())
-        await rig.until(lambda: rig.lifecycle.phase == Phase.LOADING)
+        await rig.until(lambda: rig.opener.started == 1)
         boot.cancel()
         await asyncio.sleep(0)
         assert not boot.done(), "the build cannot be interrupted: it is let finish"
@@ -146,4 +148,26 @@ def test_a_setting_the_engine_refuses_is_a_config_halt():
             await rig.sup.start()
         assert failure_halt("engine failed to start", e.value).exit_code == ExitCode.CONFIG
         assert failure_halt("engine failed to start", RuntimeError("x")).exit_code == ExitCode.ENGINE_FAILED
+    run(main())
+
+
+def test_every_engine_built_is_sized_before_it_serves():
+    """Admission must never serve an engine it was not sized for: step (b) of sizing reaches
+    ``on_sized`` before the engine is attached and the phase is ready, on the first boot and
+    after a rebuild (whose engine may report another KV cache)."""
+    async def main():
+        small, big = FakeEngine(kv_cache_tokens=64 * 640), FakeEngine(kv_cache_tokens=1024 * 640)
+        rig = Rig(FakeOpener(small, big))
+        await rig.sup.start()
+        ((phase, s),) = rig.sized
+        assert phase == Phase.WARMING and s.facts.kv_cache_tokens == 64 * 640
+        assert 1 <= s.max_in_flight.value <= 64 and s.max_in_flight.auto
+        assert rig.sup.health()["sizing"]["kv_cache_tokens"] == 64 * 640
+        rig.sup.engine_died("engine died")
+        await rig.until(lambda: rig.sup.engine is big and rig.lifecycle.phase == Phase.READY)
+        phase, s2 = rig.sized[-1]
+        assert phase == Phase.RECOVERING and s2.max_in_flight.value > s.max_in_flight.value
+        rig.sup.resize()                           # a reload: step (b) again, same engine
+        assert rig.sized[-1][1].max_in_flight == s2.max_in_flight
+        await rig.sup.stop()
     run(main())
