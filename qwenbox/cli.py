@@ -11,8 +11,9 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, ConfigError, load

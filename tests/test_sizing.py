@@ -346,6 +346,7 @@ def test_the_wiring_recipe_on_the_cpu_demo_engine(tmp_path, demo_model):
     import json
     import subprocess
     import sys
+
     from helpers import write_config
     auto = {"max_in_flight": "auto", "max_queued": "auto", "max_queued_prompt_tokens": "auto"}
     cfg = write_config(tmp_path / "auto.toml", {"engine": {"max_num_seqs": "auto", "max_num_batched_tokens": "auto"},

@@ -80,11 +80,17 @@ if str(ROOT) not in sys.path:       # `python tests/gpu/suite.py` runs this chec
 from qwenbox.listeners import raise_fd_limit  # noqa: E402
 from qwenbox.tools.bench import load as L  # noqa: E402
 from qwenbox.tools.bench.results import gpu_memory, machine  # noqa: E402
-from qwenbox.tools.bench.servers import (CacheState, derived_config, engine_cores, vllm_argv,  # noqa: E402
-                                         vllm_env)
+from qwenbox.tools.bench.servers import CacheState, derived_config, engine_cores, vllm_argv, vllm_env  # noqa: E402
 from qwenbox.tools.bench.tokens import check_prompt_set, load_tokenizer, random_id_prompts, tok_info  # noqa: E402
-from qwenbox.tools.client import Result, Server, ServerError, get_json, serve_argv, stream_completion  # noqa: E402
-from qwenbox.tools.client import unix_session  # noqa: E402
+from qwenbox.tools.client import (  # noqa: E402
+    Result,
+    Server,
+    ServerError,
+    get_json,
+    serve_argv,
+    stream_completion,
+    unix_session,
+)
 from qwenbox.tools.report import dig, fmt, write_json  # noqa: E402
 from qwenbox.tools.stats import median, ratio  # noqa: E402
 
@@ -882,7 +888,7 @@ def report(out: Path, doc: Path | None) -> str:
     g = lambda *p: dig(ph, *p)  # noqa: E731
     gpu = res.get("gpu") or "no GPU (nvidia-smi absent)"
     smoke = res.get("smoke")
-    lines = [f"# Benchmarks: qwenbox vs `vllm serve` vs AsyncLLM in-process", "",
+    lines = ["# Benchmarks: qwenbox vs `vllm serve` vs AsyncLLM in-process", "",
              f"Card: **{gpu}**. Run: the GPU suite (tests/gpu/suite.py"
              f"{' --smoke, demo model on CPU: NOT a benchmark' if smoke else ''}; phases {', '.join(ph) or 'none'}), "
              f"results created {res.get('created')}; machine {dig(res, 'machine', 'host')}, "

@@ -46,14 +46,31 @@ from typing import Any
 
 from ... import listeners
 from .. import logs
-from ..client import (Result, Server, ServerError, running, served_model, socket_dir, stream_chat, stream_completion,
-                      unix_session)
+from ..client import (
+    Result,
+    Server,
+    ServerError,
+    running,
+    served_model,
+    socket_dir,
+    stream_chat,
+    stream_completion,
+    unix_session,
+)
 from ..report import dig, fmt, table, write_json
 from ..stats import ratio, summary
 from .results import busy_note, finish, gpu_memory, log_dir_for, machine, out_path
 from .tokens import TokInfo, chat_ids, chat_prefix_len, check_prompt_set, load_tokenizer, random_id_prompts, tok_info
-from .workload import (DEFAULT_GPU_HOUR_COST, GPU_HOUR_COST_SOURCE, MAX_BURST, MAX_CONCURRENCY, MAX_REQUESTS, OptionError, check_range,
-                       synthetic_text)
+from .workload import (
+    DEFAULT_GPU_HOUR_COST,
+    GPU_HOUR_COST_SOURCE,
+    MAX_BURST,
+    MAX_CONCURRENCY,
+    MAX_REQUESTS,
+    OptionError,
+    check_range,
+    synthetic_text,
+)
 
 STABLE_FAILURE_RATE = 0.01   # a stable level fails fewer than 1 % of its requests
 
@@ -516,7 +533,7 @@ def phase_table(load: dict[str, Any], title: str) -> str:
 def economics_lines(load: dict[str, Any]) -> str:
     e, f, d = load["economics"], fmt, load.get("decision") or {}
     gpu = d.get("gpu_memory_idle_mib")
-    lines = [f"GPU memory in use at idle: " + (f"{f(gpu)} MiB" if gpu is not None
+    lines = ["GPU memory in use at idle: " + (f"{f(gpu)} MiB" if gpu is not None
                                                else f"n/a ({d.get('gpu_memory_idle_note')})"),
              f"P95 latency at concurrency 1: {f(d.get('p95_latency_concurrency_1_s'), 's')}",
              f"highest stable concurrency ({d.get('stable_rule')}): {f(d.get('highest_stable_concurrency'))}"

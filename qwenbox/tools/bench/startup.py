@@ -46,13 +46,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..client import (Result, Server, ServerError, package_env, running, served_model, serve_argv, socket_dir,
-                      stream_chat, unix_session)
+from ..client import (
+    Result,
+    Server,
+    ServerError,
+    package_env,
+    running,
+    serve_argv,
+    served_model,
+    socket_dir,
+    stream_chat,
+    unix_session,
+)
 from ..logs import request_values
 from ..report import dig, fmt, table, write_json
 from ..stats import median, ratio, summary
 from .results import busy_note, finish, log_dir_for, machine, out_path
-from .servers import CacheState, derived_config, vllm_argv, vllm_env  # noqa: F401 (vllm_argv: tests)
+from .servers import CacheState, derived_config, vllm_argv, vllm_env
 from .tokens import PromptSetError, check_chat_set, load_tokenizer
 from .workload import MAX_CONCURRENCY, MAX_REQUESTS, OptionError, check_range, synthetic_text
 

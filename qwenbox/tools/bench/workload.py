@@ -12,11 +12,11 @@ import random
 # Words the demo model's tokenizer knows (~1.35 tokens per word there); any model's
 # tokenizer handles them. Prompt lengths are given in words; real token counts are
 # read back from the server's usage figures and reported.
-WORDS = ("the quick brown fox jumps over lazy dog you are a helpful assistant answer question "
-         "briefly and precisely summarize following text in one sentence what is capital of "
-         "france paris explain how transformer language model generates token by gpu memory kv "
-         "cache prefix caching batching latency inference costs write short poem about sea wind "
-         "morning light").split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "you", "are", "a", "helpful", "assistant",
+         "answer", "question", "briefly", "and", "precisely", "summarize", "following", "text", "in", "one", "sentence",
+         "what", "is", "capital", "of", "france", "paris", "explain", "how", "transformer", "language", "model",
+         "generates", "token", "by", "gpu", "memory", "kv", "cache", "prefix", "caching", "batching", "latency",
+         "inference", "costs", "write", "short", "poem", "about", "sea", "wind", "morning", "light"]
 
 MAX_CONCURRENCY = 512      # no option can push more requests at once than this (closed loop)
 MAX_BURST = 4096           # nor more requests sent at the same instant (the burst)
