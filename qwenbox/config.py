@@ -35,22 +35,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import shlex
-import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn, get_origin, get_type_hints
+from typing import Any, Literal, NoReturn, TypeVar, get_origin, get_type_hints
 
 from . import models
 from .generation import RULES, Rule
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - setup.cfg requires tomli there
-    import tomli as tomllib
 
 DEFAULT_CONFIG_PATH = "/etc/qwenbox/qwenbox.toml"
 # Drop-ins: DROPIN_DIR beside the main file, every *.toml in it, in name order.
@@ -86,14 +82,30 @@ class ConfigError(Exception):
         return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
 
 
-def _opt(default: Any, *, min: float | None = None, max: float | None = None,
-         choices: tuple | None = None, min_exclusive: bool = False, list_of: Any = None,
-         auto: bool = False) -> Any:
+@dataclass(frozen=True)
+class _Bounds:
+    """What a key's value is checked against (``_opt``'s keywords); a field without ``_opt``
+    has the defaults: no bounds."""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str | int, ...] | None = None
+    min_exclusive: bool = False
+    list_of: str | int | None = None
+    auto: bool = False
+
+
+_T = TypeVar("_T")
+
+
+def _opt(default: _T, *, min: float | None = None, max: float | None = None,
+         choices: tuple[str | int, ...] | None = None, min_exclusive: bool = False,
+         list_of: str | int | None = None, auto: bool = False) -> _T:
     """A dataclass field with its validation bounds kept next to its default (``list_of``:
     an example item, for a list whose default is empty; ``auto``: an integer key that also
     takes ``"auto"``)."""
-    meta = {"min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive,
-            "list_of": default[0] if isinstance(default, list) and default else list_of, "auto": auto}
+    bounds = _Bounds(min, max, choices, min_exclusive,
+                     default[0] if isinstance(default, list) and default else list_of, auto)
+    meta = {"bounds": bounds}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -170,7 +182,7 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class WarmupConfig:
     enabled: bool = True
-    prompt_buckets: list = _opt([16, 512, 2048])
+    prompt_buckets: list[int] = _opt([16, 512, 2048])
     decode_steps: int = _opt(8, min=1, max=1024)
     concurrency: int = _opt(4, min=1, max=1024)
     system_prompt: str = "You are a helpful assistant."
@@ -228,8 +240,8 @@ class ShapingConfig:
     max_tokens_short_prompt: int = _opt(2048, min=1)
     temperature: float = _opt(0.7, **RULES["temperature"].as_config_bounds())
     temperature_summarize: float = _opt(0.3, **RULES["temperature"].as_config_bounds())
-    summarize_keywords: list = _opt(["summarize", "summarise", "summary", "tl;dr", "tldr",
-                                     "总结", "概括", "摘要"])
+    summarize_keywords: list[str] = _opt(["summarize", "summarise", "summary", "tl;dr", "tldr",
+                                          "总结", "概括", "摘要"])
     top_p: float = _opt(0.95, **RULES["top_p"].as_config_bounds())
     presence_penalty: float = _opt(0.1, **RULES["presence_penalty"].as_config_bounds())
     on_overlong: str = _opt("reject", choices=("reject", "truncate"))
@@ -252,7 +264,7 @@ class UiConfig:
     flush_interval_ms: int = _opt(40, min=0, max=1000)
     max_message_chars: int = _opt(16000, min=1, max=200_000)   # socket.io's 1 MB message limit
     start_wait_s: float = _opt(300.0, min=0.0)
-    allow_origins: list = _opt([], list_of="")
+    allow_origins: list[str] = _opt([], list_of="")
     title: str = "qwenbox"
 
 
@@ -275,7 +287,7 @@ class Config:
     source: str = field(default="<defaults>", compare=False)
     # The command-line overrides ``load`` applied, as (dotted key, value) pairs: a reload
     # of ``source`` applies them again.
-    overrides: tuple = field(default=(), compare=False)
+    overrides: tuple[tuple[str, object], ...] = field(default=(), compare=False)
     # The files ``load`` read, in the order they were merged: ``source``, then its drop-ins.
     files: tuple[str, ...] = field(default=(), compare=False)
     # Dotted keys that read "auto" in the files and got their number from
@@ -314,19 +326,19 @@ def _line_of(text: str, keypath: str) -> int | None:
                 return no
             continue
         m = _KEY_RE.match(line)
-        if m and table + [m.group(1).strip("\"'")] == want:
+        if m and [*table, m.group(1).strip("\"'")] == want:
             return no
     return None
 
 
 # ---------------------------------------------------------------- validation
-def _type_name(tp: Any) -> str:
+def _type_name(tp: type) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
             list: "a list"}.get(tp, str(tp))
 
 
-def _check_value(tp: Any, value: Any, meta: dict, err) -> Any:
-    if meta.get("auto"):
+def _check_value(tp: object, value: object, meta: _Bounds, err: Callable[[str], NoReturn]) -> object:
+    if meta.auto:
         if value == AUTO:
             return value
         if isinstance(value, bool) or not isinstance(value, int):
@@ -346,13 +358,13 @@ def _check_value(tp: Any, value: Any, meta: dict, err) -> Any:
         if not isinstance(value, str):
             err(f"expected {_type_name(str)}, got {value!r}")
     elif tp is list or get_origin(tp) is list:
-        item = type(meta["list_of"]) if meta.get("list_of") is not None else int
+        item = type(meta.list_of) if meta.list_of is not None else int
         if not isinstance(value, list) or not all(
                 isinstance(v, item) and not isinstance(v, bool) for v in value):
             err(f"expected a list of {'strings' if item is str else 'integers'}, got {value!r}")
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        err(f"must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}")
-    rule = Rule(meta.get("min"), meta.get("max"), bool(meta.get("min_exclusive")))
+    if meta.choices is not None and value not in meta.choices:
+        err(f"must be one of {', '.join(map(repr, meta.choices))}, got {value!r}")
+    rule = Rule(meta.min, meta.max, meta.min_exclusive)
     items = value if isinstance(value, list) else [value]
     for v in items:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -362,24 +374,24 @@ def _check_value(tp: Any, value: Any, meta: dict, err) -> Any:
     return value
 
 
-def _build_section(cls: type, raw: Any, section: str, err_at) -> Any:
+def _build_section(cls: type, raw: object, section: str, err_at: Callable[[str, str], NoReturn]) -> Any:
     if not isinstance(raw, dict):
         err_at(section, f"expected a table [{section}], got {raw!r}")
     hints = get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
+    values: dict[str, object] = {}
     for key, value in raw.items():
         path = f"{section}.{key}"
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             err_at(path, "unknown key" + (f" (did you mean '{close[0]}'?)" if close else
                                           f"; known keys: {', '.join(sorted(known))}"))
-        values[key] = _check_value(hints[key], value, dict(known[key].metadata),
-                                   lambda msg, p=path: err_at(p, msg))
+        values[key] = _check_value(hints[key], value, known[key].metadata.get("bounds", _Bounds()),
+                                   functools.partial(err_at, path))
     return cls(**values)
 
 
-def _semantic_checks(cfg: Config, err_at) -> None:
+def _semantic_checks(cfg: Config, err_at: Callable[[str, str], NoReturn]) -> None:
     """Rules that span keys or touch the file system."""
     try:
         int(cfg.server.socket_mode, 8)
@@ -428,10 +440,11 @@ def _semantic_checks(cfg: Config, err_at) -> None:
     elif tok and not models.looks_local(tok) and not models.is_hub_id(tok):
         err_at("model.tokenizer", f"expected a directory or a Hugging Face id like \"org/name\", got {tok!r}")
     if not os.path.isabs(cfg.model.models_dir):
-        err_at("model.models_dir", f"expected an absolute path or one starting with \"./\", got {cfg.model.models_dir!r}")
+        err_at("model.models_dir",
+               f"expected an absolute path or one starting with \"./\", got {cfg.model.models_dir!r}")
 
 
-def _check_pulled(cfg: Config, err_at) -> None:
+def _check_pulled(cfg: Config, err_at: Callable[[str, str], NoReturn]) -> None:
     """A hub id is served only from a finished ``qwenbox pull``; the hint names the command."""
     for key, name in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
         if not models.is_hub_id(name) or models.is_pulled(name, cfg.model.models_dir):
@@ -446,7 +459,7 @@ def _check_pulled(cfg: Config, err_at) -> None:
         err_at(key, f"model {name!r} {state} {cfg.model.models_dir}: run '{cmd}'")
 
 
-def _check_ui(ui: UiConfig, err_at) -> None:
+def _check_ui(ui: UiConfig, err_at: Callable[[str, str], NoReturn]) -> None:
     host, _, port = ui.listen.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         err_at("ui.listen", f"expected \"HOST:PORT\" (e.g. \"127.0.0.1:8300\"), got {ui.listen!r}")
@@ -493,7 +506,7 @@ def _build_sections(raw: dict[str, Any], err_at: Callable[[str, str], NoReturn])
     return sections
 
 
-def from_dict(raw: dict, *, source: str = "<dict>", text: str = "",
+def from_dict(raw: dict[str, Any], *, source: str = "<dict>", text: str = "",
               base: Path | None = None, need_model: bool = False,
               origins: dict[str, tuple[str, str]] | None = None) -> Config:
     """Validate a parsed TOML document. ``text`` (the file body) lets errors carry lines;
@@ -602,7 +615,7 @@ def _merge(layers: list[_Layer]) -> tuple[dict[str, Any], dict[str, tuple[str, s
     return merged, origins
 
 
-def load(path: str | os.PathLike = DEFAULT_CONFIG_PATH, overrides: dict[str, Any] | None = None,
+def load(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH, overrides: dict[str, Any] | None = None,
          *, need_model: bool = False) -> Config:
     """Read the main file and its drop-ins (``dropin_files``), merge them in order, merge
     ``overrides`` ({"server.socket": ..., "model.path": ...}) over them and validate.
@@ -670,7 +683,7 @@ def reloaded(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
     still_sized = tuple(k for k in old.sized if k not in applied)     # an ignored one keeps its number
     cfg = Config(**merged, source=new.source, overrides=new.overrides, files=new.files, sized=still_sized)
 
-    def err_at(keypath: str, message: str):
+    def err_at(keypath: str, message: str) -> NoReturn:
         raise ConfigError(message, file=new.source, key=keypath)
 
     _semantic_checks(cfg, err_at)
