@@ -16,7 +16,7 @@ from importlib import metadata
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_CONFIG_PATH, ConfigError, load
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
 from .exitcode import ExitCode
 
 
@@ -25,9 +25,9 @@ def _abs(p: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(p)) if p else p
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> Config:
     """The config as starting the engine needs it: a hub id must have been pulled."""
-    overrides = {}
+    overrides: dict[str, str | bool | None] = {}
     if getattr(args, "socket", None) is not None:
         overrides["server.socket"] = _abs(args.socket) if args.socket else ""
     if getattr(args, "model", None):
@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return args.func(args)
+        return func(args)
     except ConfigError as e:
         print(f"qwenbox: config error: {e}", file=sys.stderr)
         return ExitCode.CONFIG

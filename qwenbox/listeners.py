@@ -26,6 +26,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -437,8 +438,6 @@ class Listeners:
 
     def remove_own_socket(self) -> None:
         if self._own_socket:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self._own_socket)
-            except OSError:
-                pass
             self._own_socket = None

@@ -174,7 +174,8 @@ def engine_limits(cfg: Config, device: Device) -> EngineLimits:
         t_why = why + (f", capped at max_num_seqs x max_model_len ({seqs_for_tokens} x {cfg.model.max_model_len})"
                        if tokens < d_tokens else "")
         if not seqs_auto and tokens < seqs_for_tokens:
-            tokens, t_why = seqs_for_tokens, f"raised to engine.max_num_seqs ({seqs_for_tokens}): vLLM needs at least that"
+            tokens = seqs_for_tokens
+            t_why = f"raised to engine.max_num_seqs ({seqs_for_tokens}): vLLM needs at least that"
         tokens_choice = Choice(tokens, t_why, auto=True)
     else:
         tokens_choice = _explicit(int(tokens_cfg))
@@ -189,7 +190,8 @@ def engine_limits(cfg: Config, device: Device) -> EngineLimits:
 
 def apply_engine(cfg: Config, limits: EngineLimits) -> Config:
     """``cfg`` with step (a)'s numbers in its "auto" engine keys (recorded in ``sized``)."""
-    chosen = {"engine.max_num_seqs": limits.max_num_seqs, "engine.max_num_batched_tokens": limits.max_num_batched_tokens}
+    chosen = {"engine.max_num_seqs": limits.max_num_seqs,
+              "engine.max_num_batched_tokens": limits.max_num_batched_tokens}
     return _replace_auto(cfg, chosen)
 
 
@@ -298,17 +300,17 @@ def size(cfg: Config, limits: EngineLimits, facts: EngineFacts, throughput: Thro
     max_queued: how many may wait and still get their first token within
       τ = sizing.target_ttft_p95_s. A fluid model of a busy engine with N = max_in_flight
       running: requests finish at R per second, where
-          R = min(ρ / (P + O), N / (P / ρ + O x d))
-      (ρ = throughput.tokens_per_s: every prompt or output token costs the same compute,
+          R = min(rho / (P + O), N / (P / rho + O x d))
+      (rho = throughput.tokens_per_s: every prompt or output token costs the same compute,
       the engine being compute-bound when busy; d = throughput.step_s: a request cannot
       decode faster than one token per lone step). Finishes are spread out (sustained
       load, not one synchronised burst), so the q-th waiting request gets a slot after
       q / R seconds, then needs t1 to its first token: its prompt in chunks of what the
       step budget B = max_num_batched_tokens leaves beside N decodes, each step taking
-      max(d, min(B, N + P) / ρ). So max_queued = floor(R x (τ - t1)), 0 when t1 >= τ.
+      max(d, min(B, N + P) / rho). So max_queued = floor(R x (τ - t1)), 0 when t1 >= τ.
       Without a throughput (warm-up off), one engine-full (N) may wait, unchecked.
       A burst that arrives at once is not what this bounds: its first max_in_flight
-      requests share the prefill (about N x P / ρ seconds for the last of them), and the
+      requests share the prefill (about N x P / rho seconds for the last of them), and the
       why-sentence of max_in_flight says when that exceeds τ.
     max_queued_prompt_tokens: max_queued typical prompts, but at least one prompt of
       max_model_len tokens (so any admissible prompt can wait), 0 when max_queued is 0.
