@@ -19,8 +19,17 @@ run (never by ``qwenbox serve``), and neither imports this one.
 """
 from __future__ import annotations
 
+import argparse
 import os
-from typing import Any
+from typing import Any, Protocol
+
+
+class _Mode(Protocol):
+    """What ``run`` calls of a mode's module (``startup``, ``load``)."""
+
+    def validate(self, args: argparse.Namespace) -> object: ...
+
+    def main(self, args: argparse.Namespace) -> int: ...
 
 
 # ------------------------------------------------------------------ CLI
@@ -98,7 +107,8 @@ def run(args: Any) -> int:
     from . import load, startup
     from .workload import OptionError
 
-    modes = [(name, m) for name, m in (("startup", startup), ("load", load)) if args.mode in (name, "all")]
+    every: tuple[tuple[str, _Mode], ...] = (("startup", startup), ("load", load))
+    modes = [(name, m) for name, m in every if args.mode in (name, "all")]
     for name, m in modes:
         try:
             m.validate(args)

@@ -40,6 +40,7 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,8 @@ def _length_cap(max_model_len: int | None, max_tokens: int, kind: str) -> int | 
 
 
 def level_requests(args: Any, level: int) -> int:
-    return min(MAX_REQUESTS, max(args.per_level, 2 * level))
+    per_level: int = args.per_level
+    return min(MAX_REQUESTS, max(per_level, 2 * level))
 
 
 def sweep_specs(args: Any, level: int, n: int, cap: int | None, info: TokInfo | None = None) -> list[Spec]:
@@ -262,7 +264,8 @@ def best_level(sweep: list[dict[str, Any]]) -> int | None:
     clean = [p for p in sweep if p["sent"] and not p["failed"]] or [p for p in sweep if p["ok"]]
     if not clean:
         return None
-    return max(clean, key=lambda p: p["requests_per_s"] or 0)["concurrency"]
+    best: int = max(clean, key=lambda p: p["requests_per_s"] or 0)["concurrency"]
+    return best
 
 
 def stability(p: dict[str, Any], p95_bound: float) -> str | None:
@@ -335,9 +338,11 @@ def validate(args: Any) -> list[int]:
 
 
 def burst_size(args: Any, stable: int | None, levels: list[int]) -> int:
-    if args.burst is not None:
-        return args.burst
-    return min(MAX_BURST, args.burst_factor * (stable or levels[0]))
+    burst: int | None = args.burst
+    factor: int = args.burst_factor
+    if burst is not None:
+        return burst
+    return min(MAX_BURST, factor * (stable or levels[0]))
 
 
 def plan(args: Any, levels: list[int], max_len: int | None, info: TokInfo | None) -> dict[str, Any]:
@@ -350,8 +355,8 @@ def plan(args: Any, levels: list[int], max_len: int | None, info: TokInfo | None
             "burst": mix_specs(args, largest, cap, salt="burst", info=info) if largest else []}
 
 
-async def run_load(sock: str, args: Any, levels: list[int], say=lambda s: None, tok: Any = None,
-                   block_size: int = 16, gpu_idle: dict[str, Any] | None = None) -> dict[str, Any]:
+async def run_load(sock: str, args: Any, levels: list[int], say: Callable[[str], None] = lambda s: None,
+                   tok: Any = None, block_size: int = 16, gpu_idle: dict[str, Any] | None = None) -> dict[str, Any]:
     """All phases against the server on ``sock``. ``tok`` is the served model's tokenizer
     (loaded from ``args.tokenizer`` when None); the prompts are checked before any is sent
     (PromptSetError otherwise)."""
@@ -361,7 +366,8 @@ async def run_load(sock: str, args: Any, levels: list[int], say=lambda s: None, 
     info = tok_info(tok)
     specs = plan(args, levels, max_len, info)
     every = [s for lv in specs["sweep"].values() for s in lv] + specs["mix"] + specs["burst"]
-    out: dict[str, Any] = {"model": model, "max_model_len": max_len, "prompt_kind": getattr(args, "prompt_kind", "text"),
+    out: dict[str, Any] = {"model": model, "max_model_len": max_len,
+                           "prompt_kind": getattr(args, "prompt_kind", "text"),
                            "prompt_check": check_specs(tok, every, block_size)}
     say(f"prompts checked: {len(every)} requests' prompts, "
         + ", ".join(f"{k}: {v['distinct']} distinct, longest shared prefix {v['max_shared_prefix_tokens']} tokens"
@@ -444,7 +450,7 @@ def server_log_summary(path: Path) -> dict[str, Any] | None:
 
 
 def run_with_daemon(config: str, label: str, sock_dir: Path, log_path: Path, args: Any, levels: list[int],
-                    say, env: dict[str, str] | None = None) -> dict[str, Any]:
+                    say: Callable[[str], None], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Start ``qwenbox serve`` on ``config``, measure GPU memory at idle once it is ready,
     run every phase, stop it. The prompts are checked before the daemon starts."""
     from ...config import load as load_config
@@ -544,7 +550,7 @@ def economics_lines(load: dict[str, Any]) -> str:
              f"({f(e['cost_per_request'], '$')} per request); price source: {d.get('gpu_hour_cost_source')}"]
     if load.get("burst"):
         lines.append(f"burst of {load['burst_size']} at once: failure rate {f(load['burst']['failure_rate'], '%')}")
-    rej = {}
+    rej: dict[str, int] = {}
     for p in [*load["sweep"], load["mix"], load.get("burst") or {}]:
         for k, v in (p.get("rejected_by_reason") or {}).items():
             rej[k] = rej.get(k, 0) + v
@@ -614,7 +620,7 @@ def _main(args: Any, levels: list[int], out: Path, logs_dir: Path, res: dict[str
     if args.compare:
         print(f"qwenbox bench load --compare: A={args.compare[0]} B={args.compare[1]}; logs in {logs_dir}/", flush=True)
         with socket_dir() as sd:
-            for label, cfg in zip(("A", "B"), args.compare):
+            for label, cfg in zip(("A", "B"), args.compare, strict=True):     # --compare takes 2
                 res["runs"].append(run_with_daemon(cfg, label, sd, logs_dir / f"daemon-{label}.log", args, levels, say))
         res["comparison"] = comparison(res["runs"][0], res["runs"][1])
     elif args.socket:

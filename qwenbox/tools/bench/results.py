@@ -12,7 +12,15 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
+
+
+class Gpu(TypedDict):
+    """One GPU as ``gpu_memory`` lists it (``nvidia-smi``'s figures, MiB)."""
+    index: int
+    name: str
+    used_mib: float
+    total_mib: float
 
 
 def default_out(kind: str) -> Path:
@@ -78,7 +86,7 @@ def gpu_memory() -> dict[str, Any]:
         return {"available": False, "why": f"nvidia-smi failed: {e}"}
     if out.returncode != 0:
         return {"available": False, "why": f"nvidia-smi exited {out.returncode}: {out.stderr.strip()[:200]}"}
-    gpus = []
+    gpus: list[Gpu] = []
     for line in out.stdout.strip().splitlines():
         bits = [b.strip() for b in line.split(",")]
         if len(bits) == 4:

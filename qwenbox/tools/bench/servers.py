@@ -23,11 +23,12 @@ Nothing here imports vllm (``engine.engine_args_dict`` does not).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import site
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 # How each engine argument (engine.engine_args_dict) becomes a flag of vLLM's server:
 # "value" -> --flag VALUE; "bool" -> --flag / --no-flag; "true-only" -> --flag when true
@@ -80,7 +81,7 @@ def vllm_env() -> dict[str, str]:
 class CacheState:
     """One server's cache directories under ``root`` (see the module docstring)."""
 
-    DIRS = {  # environment variable -> directory under root
+    DIRS: ClassVar[dict[str, str]] = {  # environment variable -> directory under root
         "VLLM_CACHE_ROOT": "vllm",
         "TRITON_CACHE_DIR": "triton",
         "TORCHINDUCTOR_CACHE_DIR": "inductor",
@@ -119,10 +120,8 @@ class CacheState:
                 for dirpath, _, names in os.walk(p):
                     for n in names:
                         files += 1
-                        try:
+                        with contextlib.suppress(OSError):
                             size += os.lstat(os.path.join(dirpath, n)).st_size
-                        except OSError:
-                            pass
             dirs[var] = {"path": str(p), "exists": p.is_dir(), "files": files, "bytes": size}
         return {"root": str(self.root), "dirs": dirs, "empty": all(d["files"] == 0 for d in dirs.values())}
 
@@ -146,7 +145,7 @@ def engine_cores(pid: int) -> list[Any]:
 
 
 # ------------------------------------------------------------------ configs
-def derived_config(src: str | os.PathLike, dst: str | os.PathLike,
+def derived_config(src: str | os.PathLike[str], dst: str | os.PathLike[str],
                    overrides: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write ``dst``: the config ``src`` (validated, every relative path resolved, every key
     written out) with ``overrides`` ({section: {key: value}}) applied; ``dst`` is loaded

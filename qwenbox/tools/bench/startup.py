@@ -86,14 +86,14 @@ def _system(cfg: Any) -> list[dict[str, str]]:
 def ttft_messages(cfg: Any, args: Any) -> list[Chat]:
     """1 + after_ready chat prompts of the same length, no two sharing a prefix past the system prompt."""
     rng = random.Random(args.seed)
-    return [_system(cfg) + [{"role": "user", "content": synthetic_text(args.prompt_words, f"first-{i}", rng)}]
+    return [[*_system(cfg), {"role": "user", "content": synthetic_text(args.prompt_words, f"first-{i}", rng)}]
             for i in range(1 + args.after_ready)]
 
 
 def throughput_messages(cfg: Any, args: Any, rep: int = 0) -> list[Chat]:
     """The throughput workload; each repetition has its own prompts (no prefix-cache help)."""
     rng = random.Random(args.seed + 1 + 1000 * rep)
-    return [_system(cfg) + [{"role": "user", "content": synthetic_text(args.prompt_words, f"tp{rep}-{i}", rng)}]
+    return [[*_system(cfg), {"role": "user", "content": synthetic_text(args.prompt_words, f"tp{rep}-{i}", rng)}]
             for i in range(args.throughput_requests)]
 
 
@@ -152,7 +152,8 @@ def ttft_ids(tag: str, n: int) -> list[str]:
     return [f"bench-{tag}-{i}" for i in range(n)]
 
 
-async def http_ttft(sock: str, model: str, prompts: list[Chat], args: Any, ids: list[str] | None = None) -> dict[str, Any]:
+async def http_ttft(sock: str, model: str, prompts: list[Chat], args: Any,
+                    ids: list[str] | None = None) -> dict[str, Any]:
     async with unix_session(sock) as session:
         results = []
         for i, msgs in enumerate(prompts):   # one after another: the first one is THE first request

@@ -23,6 +23,8 @@ Contract:
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,10 +62,8 @@ def load_tokenizer(path: str) -> Any:
 
 def tok_info(tok: Any) -> TokInfo:
     excluded = set(getattr(tok, "all_special_ids", ()) or ())
-    try:
+    with contextlib.suppress(Exception):
         excluded |= set(tok.get_added_vocab().values())
-    except Exception:
-        pass
     return TokInfo(size=len(tok), excluded=frozenset(excluded))
 
 
@@ -97,7 +97,7 @@ def chat_prefix_len(tok: Any, messages: list[dict[str, str]]) -> int:
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):     # up to the shorter one's end
         if x != y:
             break
         n += 1
@@ -119,7 +119,7 @@ def check_prompt_set(seqs: Sequence[Sequence[int]], name: str, *, allowed_prefix
             "use token-id prompts (--prompt-kind ids) or a tokenizer that tells the texts apart")
     # The longest prefix any two share is between neighbours in sorted order.
     ordered = sorted(tuples)
-    shared = max((_common_prefix(a, b) for a, b in zip(ordered, ordered[1:])), default=0)
+    shared = max((_common_prefix(a, b) for a, b in itertools.pairwise(ordered)), default=0)
     facts = {"name": name, "n": n, "distinct": distinct, "max_shared_prefix_tokens": shared,
              "allowed_prefix_tokens": allowed_prefix, "block_size": block_size,
              "tokens_min": min((len(s) for s in tuples), default=0),
