@@ -385,23 +385,24 @@ def test_prompt_sets_that_collapse_are_refused(tmp_path):
     # a shared prefix past the template: refused when it fills a KV block, allowed below one
     base = list(range(100, 140))
     with pytest.raises(T.PromptSetError, match="KV block"):
-        T.check_prompt_set([base + [1], base + [2]], "shared", allowed_prefix=0, block_size=16)
-    assert T.check_prompt_set([base[:10] + [1], base[:10] + [2]], "short", allowed_prefix=0, block_size=16)
-    assert T.check_prompt_set([base + [1], base + [2]], "system", allowed_prefix=40, block_size=16)
+        T.check_prompt_set([[*base, 1], [*base, 2]], "shared", allowed_prefix=0, block_size=16)
+    assert T.check_prompt_set([[*base[:10], 1], [*base[:10], 2]], "short", allowed_prefix=0, block_size=16)
+    assert T.check_prompt_set([[*base, 1], [*base, 2]], "system", allowed_prefix=40, block_size=16)
     with pytest.raises(T.PromptSetError, match="cannot load the tokenizer"):
         T.load_tokenizer(str(tmp_path / "missing"))
 
 
 def test_the_benchmarks_refuse_to_measure_with_such_prompts(tmp_path, capsys):
     bad_tok = str(_word_level_tokenizer(tmp_path / "tok"))
+    demo = str(Path(__file__).parent.parent / "etc" / "qwenbox" / "demo.toml")
     # load: refused before any daemon starts (this test may not start one)
-    assert cli.main(["bench", "load", "--config", str(Path(__file__).parent.parent / "etc" / "qwenbox" / "demo.toml"),
+    assert cli.main(["bench", "load", "--config", demo,
                      "--tokenizer", bad_tok, "--prompt-kind", "text", "--out", str(tmp_path / "l.json")]) == 2
     out = capsys.readouterr().out
     assert "qwenbox bench load: prompt set" in out and "distinct token sequences" in out
     assert not (tmp_path / "l.json").exists()
     # startup: the same
-    assert cli.main(["bench", "startup", "--config", str(Path(__file__).parent.parent / "etc" / "qwenbox" / "demo.toml"),
+    assert cli.main(["bench", "startup", "--config", demo,
                      "--tokenizer", bad_tok, "--out", str(tmp_path / "s.json")]) == 2
     assert "qwenbox bench startup: prompt set" in capsys.readouterr().out
 

@@ -24,10 +24,12 @@ untuned = base.replace("max_model_len = 8192", "max_model_len = 262144")
 untuned = untuned.replace("gpu_memory_utilization = 0.7", "gpu_memory_utilization = 0.9")
 untuned = untuned.replace(f'socket = "{out}/tuned.sock"', f'socket = "{out}/untuned.sock"')
 untuned = untuned.replace("[warmup]\n", "[warmup]\nenabled = false\n", 1).replace(
-    "# Run dummy prefills before READY=1 so the first user request is as fast as the thousandth.\nenabled = true\n", "")
+    "# Run dummy prefills before READY=1 so the first user request is as fast as the thousandth.\n"
+    "enabled = true\n", "")
 for a, b in [('max_in_flight = "auto"', "max_in_flight = 1000000"), ('max_queued = "auto"', "max_queued = 1000000"),
              ('max_queued_prompt_tokens = "auto"', "max_queued_prompt_tokens = 1000000000"),
-             ("queue_timeout_s = 30.0", "queue_timeout_s = 86400.0"), ("max_tokens_cap = 4096", "max_tokens_cap = 4096")]:
+             ("queue_timeout_s = 30.0", "queue_timeout_s = 86400.0"),
+             ("max_tokens_cap = 4096", "max_tokens_cap = 4096")]:
     assert a in untuned, a
     untuned = untuned.replace(a, b)
 (out / "untuned.toml").write_text(untuned)

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -527,10 +528,8 @@ def phase_inproc(st: Setup, ph: dict[str, Any]) -> None:
         except subprocess.TimeoutExpired:
             rc = None
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
             proc.wait(30)
     ph["worker_exit_code"] = rc
     if rc == 0 and out_json.exists():
@@ -772,10 +771,8 @@ def reap_leftovers(st: Setup) -> list[int]:
             continue
     groups.discard(os.getpgid(me))
     for g in groups:
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(g, signal.SIGKILL)
-        except OSError:
-            pass
     return sorted(groups)
 
 
@@ -846,18 +843,17 @@ async def _inproc(st: Setup, cfg: Any) -> dict[str, Any]:
             r.e2e_s = time.monotonic() - r.started
             return r
 
+        async def worker(queue: list[list[int]], results: list[Result], tag: str) -> None:
+            while queue:
+                results.append(await one(queue.pop(), tag))
+
         runs: dict[str, list] = {}
         for name, prompts in sets.items():
             conc, _ = workload_plan(st, name)
             queue = list(reversed(prompts))
             results: list[Result] = []
-
-            async def worker() -> None:
-                while queue:
-                    results.append(await one(queue.pop(), name))
-
             t1 = time.monotonic()
-            await asyncio.gather(*(worker() for _ in range(min(conc, len(prompts)))))
+            await asyncio.gather(*(worker(queue, results, name) for _ in range(min(conc, len(prompts)))))
             fig = L.phase_figures(results, time.monotonic() - t1)
             fig.pop("by_tag", None)
             fig.update(name=name, concurrency=conc)
@@ -888,12 +884,14 @@ def report(out: Path, doc: Path | None) -> str:
     g = lambda *p: dig(ph, *p)  # noqa: E731
     gpu = res.get("gpu") or "no GPU (nvidia-smi absent)"
     smoke = res.get("smoke")
+    vllm_version = (dig(ph, "qwenbox", "launch", "health_at_ready", "engine", "vllm")
+                    or dig(ph, "cold", "qwenbox", "health_at_ready", "engine", "vllm") or "?")
     lines = ["# Benchmarks: qwenbox vs `vllm serve` vs AsyncLLM in-process", "",
              f"Card: **{gpu}**. Run: the GPU suite (tests/gpu/suite.py"
              f"{' --smoke, demo model on CPU: NOT a benchmark' if smoke else ''}; phases {', '.join(ph) or 'none'}), "
              f"results created {res.get('created')}; machine {dig(res, 'machine', 'host')}, "
              f"{dig(res, 'machine', 'cpus')} CPUs, Python {dig(res, 'machine', 'python')}. vLLM "
-             f"{dig(ph, 'qwenbox', 'launch', 'health_at_ready', 'engine', 'vllm') or dig(ph, 'cold', 'qwenbox', 'health_at_ready', 'engine', 'vllm') or '?'}.",
+             f"{vllm_version}.",
              ""]
     p = SMOKE if smoke else GPU
     basis = res.get("mfu_basis")
@@ -963,7 +961,8 @@ def report(out: Path, doc: Path | None) -> str:
                 f"({', '.join(f'{k} {n}' for k, n in (rec.get('failed_after_kill_by_status') or {}).items()) or 'none'}"
                 f"; {rec.get('clients')} clients, each retrying {fmt(rec.get('retry_pause_s'), 's')} after a failure)")
         if rec.get("daemon_exit_code") is not None:
-            what += (f"; the daemon exited {rec['daemon_exit_code']} after {fmt(rec.get('daemon_exit_after_kill_s'), 's')}"
+            what += (f"; the daemon exited {rec['daemon_exit_code']} after "
+                     f"{fmt(rec.get('daemon_exit_after_kill_s'), 's')}"
                      f" and was relaunched at once, ready {fmt(rec.get('relaunch_to_ready_s'), 's')} later"
                      f" (+ systemd's RestartSec in production)")
         seen = rec.get("health_seen") or []
@@ -981,14 +980,17 @@ def report(out: Path, doc: Path | None) -> str:
             rows.append(["idle sleep -> wake; the waking request's TTFT",
                          f"{fmt(sl.get('wake_s'), 's')}; {fmt(dig(sl, 'waking_request', 'ttft_s'), 's')} "
                          f"(awake: {fmt(sl.get('ttft_awake_median_s'), 's')})", "-", "-", "-", "-", "-"])
-    lines.append(_md(["figure", "qwenbox", "`vllm serve` (same engine arguments)", "`vllm serve MODEL` (its defaults)",
-                      "AsyncLLM in-process", "qwenbox / vllm (same)", "qwenbox / vllm (defaults)"], rows))
+    lines.append(_md(["figure", "qwenbox", "`vllm serve` (same engine arguments)",
+                      "`vllm serve MODEL` (its defaults)", "AsyncLLM in-process", "qwenbox / vllm (same)",
+                      "qwenbox / vllm (defaults)"], rows))
     lines += ["", f"Throughput cells: median of {p['repeats']} repetitions (min-max); prompts are random token ids, "
               "the same for every server, checked distinct with no shared KV block; client-side timing over the unix "
-              "socket (in-process: no HTTP). Failed requests in the throughput runs: " + (", ".join(fails) or "none") + ".",
+              "socket (in-process: no HTTP). Failed requests in the throughput runs: "
+              + (", ".join(fails) or "none") + ".",
               "", _mfu_note(basis, p)]
     if g("vllm-defaults", "launch", "argv"):
-        lines += ["", "`vllm serve` with its defaults ran as: `" + " ".join(g("vllm-defaults", "launch", "argv")) + "`."]
+        lines += ["", "`vllm serve` with its defaults ran as: `"
+                  + " ".join(g("vllm-defaults", "launch", "argv")) + "`."]
 
     # start-up phases
     prow = []
