@@ -45,6 +45,7 @@ import sys
 from collections import Counter
 from typing import Any, Iterable, Iterator, Sequence
 
+from .. import session_usage as usage_figures
 from ..eventlog import parse_line
 from .report import fmt, table
 from .stats import percentiles, summary
@@ -207,27 +208,12 @@ def _reject_reason(rec: dict[str, Any]) -> str:
 
 
 def session_usage(turns: dict[str, list[tuple[float, float]]], keepalive_s: float) -> dict[str, Any]:
-    """``turns``: session -> [(start, end) epoch seconds] -> P50/P90 of the gap between one
-    turn's end and the next turn's start (turns that overlap have no gap), and of the turns
-    per visit (a gap of ``keepalive_s`` or more starts a new visit)."""
-    gaps: list[float] = []
-    visits: list[int] = []
-    for spans in turns.values():
-        spans.sort()
-        n, end = 0, None
-        for start, stop in spans:
-            if end is not None and start >= end:
-                gaps.append(start - end)
-                if start - end >= keepalive_s:
-                    visits.append(n)
-                    n = 0
-            n += 1
-            end = stop if end is None else max(end, stop)
-        visits.append(n)
-    g, v = percentiles(gaps, (50, 90)), percentiles(visits, (50, 90))
-    return {"keepalive_s": keepalive_s, "sessions": len(turns),
-            "turn_gap_s": {"n": len(gaps), "p50": g[50], "p90": g[90]},
-            "turns_per_visit": {"n": len(visits), "p50": v[50], "p90": v[90]}}
+    """``turns``: session -> [(start, end) epoch seconds] -> the daemon's own figures
+    (``qwenbox.session_usage``: P50/P90 of the gap between turns and of the turns per
+    visit, a visit ending after ``keepalive_s`` idle), with the keep-alive and the number
+    of sessions."""
+    gaps, visits = usage_figures.from_turns(turns, keepalive_s)
+    return {"keepalive_s": keepalive_s, "sessions": len(turns), **usage_figures.figures(gaps, visits)}
 
 
 def analyze(lines: Iterable[str], keepalive_s: float = 120.0) -> dict[str, Any]:
@@ -460,8 +446,8 @@ def render(rep: dict[str, Any], source: str = "") -> str:
         gap, visit = su["turn_gap_s"], su["turns_per_visit"]
         out.append(f"\nSessions: {su['sessions']} (a visit ends after {fmt(su['keepalive_s'], 's')} idle, "
                    "sessions.keepalive_s)")
-        out.append(f"  gap between turns (n={gap['n']}): p50 {fmt(gap['p50'], 's')}  p90 {fmt(gap['p90'], 's')}")
-        out.append(f"  turns per visit (n={visit['n']}): p50 {fmt(visit['p50'])}  p90 {fmt(visit['p90'])}")
+        out.append(f"  gap between turns (n={gap['count']}): p50 {fmt(gap['p50'], 's')}  p90 {fmt(gap['p90'], 's')}")
+        out.append(f"  turns per visit (n={visit['count']}): p50 {fmt(visit['p50'])}  p90 {fmt(visit['p90'])}")
     return "\n".join(out)
 
 
