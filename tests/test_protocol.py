@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from qwenbox.api import convert, protocol
+from qwenbox.api import convert, errors, protocol
 from qwenbox.api.errors import ApiError
 from qwenbox.config import LimitsConfig
 from qwenbox.generation import Delta, Sampling
@@ -249,3 +249,13 @@ def test_chunks():
     assert u["choices"] == [] and u["usage"]["total_tokens"] == 7
     t = convert.completion_chunk("id", 1, "m", 1, "y", "stop")
     assert t["choices"][0] == {"index": 1, "text": "y", "logprobs": None, "finish_reason": "stop"}
+
+
+def test_context_length_errors_are_one_shape():
+    for e in (errors.prompt_too_long(64), errors.prompt_too_long(64, 80, param="prompt"),
+              errors.context_length_exceeded("the prompt is 10 tokens and max_tokens is 60", 64, "lower max_tokens",
+                                             param="max_tokens")):
+        assert e.status == 400 and e.code == "context_length_exceeded" and "64 tokens" in e.message
+    unread = errors.prompt_too_long(64)
+    assert unread.param == "messages" and "more than 64 tokens long" in unread.message
+    assert "80 tokens long" in errors.prompt_too_long(64, 80).message

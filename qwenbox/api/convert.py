@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..generation import Delta, GenerationRequest, Sampling
 from ..shaping import Defaults
-from .errors import bad_request
+from .errors import bad_request, context_length_exceeded, prompt_too_long
 
 # vLLM reports "abort" for requests it cancelled: that is no OpenAI finish reason, and the
 # handler answers an aborted request with an error instead.
@@ -30,14 +30,12 @@ def to_generation(client: Sampling, prompt_ids: list[int], *, request_id: str, m
     if n_prompt == 0:
         raise bad_request("the prompt is empty after tokenization", param="messages")
     if n_prompt >= max_model_len:
-        raise bad_request(f"the prompt is {n_prompt} tokens long, but this model's maximum context length "
-                          f"is {max_model_len} tokens; shorten the prompt", code="context_length_exceeded",
-                          param="messages")
+        raise prompt_too_long(max_model_len, n_prompt)
     room = max_model_len - n_prompt
     if client.max_tokens is not None and client.max_tokens > room:
-        raise bad_request(f"the prompt is {n_prompt} tokens and max_tokens is {client.max_tokens}: "
-                          f"{n_prompt + client.max_tokens} tokens in all, above this model's maximum context "
-                          f"length of {max_model_len} tokens", code="context_length_exceeded", param="max_tokens")
+        raise context_length_exceeded(f"the prompt is {n_prompt} tokens and max_tokens is {client.max_tokens}: "
+                                      f"{n_prompt + client.max_tokens} tokens in all", max_model_len,
+                                      "lower max_tokens or shorten the prompt", param="max_tokens")
     shaped = dataclasses.replace(defaults.sampling, max_tokens=min(defaults.sampling.max_tokens or room, room))
     return GenerationRequest(request_id=request_id, prompt_token_ids=prompt_ids,
                              sampling=client.merged_over(shaped), priority=priority, stream=stream)

@@ -19,7 +19,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .. import shaping
 from ..config import Config
-from . import convert, protocol
+from . import convert, errors, protocol
 from .errors import ApiError, classify, to_sse_event
 from .keys import ADMISSION, CONFIG, GATE, HEALTH, METRICS, STARTED_WALL
 
@@ -56,12 +56,6 @@ def _check_model(cfg: Config, model: str) -> None:
                        code="model_not_found")
 
 
-def _overlong(max_model_len: int, param: str = "messages", tokens: int | None = None) -> ApiError:
-    size = f"{tokens} tokens long" if tokens is not None else f"more than {max_model_len} tokens long"
-    return ApiError(400, f"the prompt is {size}, but this model's maximum context length is {max_model_len} "
-                         "tokens; shorten the prompt", param=param, code="context_length_exceeded")
-
-
 async def _parse(request: web.Request, parse) -> tuple[Config, Any, str | None]:
     """The current config, the parsed request (checked model) and its session id."""
     cfg = request.app[CONFIG]()
@@ -90,7 +84,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         else:
             prompt_ids = await _off_loop(len(text), lambda: tok.encode_within(tok.render_chat(messages), max_len))
             if prompt_ids is None:
-                raise _overlong(max_len)
+                raise errors.prompt_too_long(max_len)
         return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, headers, chat=True)
 
 
@@ -126,8 +120,7 @@ def _fit(tok, max_len: int, messages, client_max_tokens, shaped_max_tokens):
 
 
 def _fit_error(max_len: int, room: int, why: str) -> ApiError:
-    return ApiError(400, f"{why}; this model's maximum context length is {max_len} tokens and "
-                         f"{room} are kept for the answer", param="messages", code="context_length_exceeded")
+    return errors.context_length_exceeded(why, max_len, f"{room} of them are kept for the answer", param="messages")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -143,13 +136,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 raise ApiError(400, f"'prompt' has token id {bad} outside the vocabulary "
                                     f"(0..{tok.vocab_size - 1})", param="prompt")
             if len(prompt_ids) >= engine.max_model_len:
-                raise _overlong(engine.max_model_len, "prompt", len(prompt_ids))
+                raise errors.prompt_too_long(engine.max_model_len, len(prompt_ids), param="prompt")
             text = await _off_loop(len(prompt_ids), lambda: tok.decode(prompt_ids))
         else:
             text = req.prompt
             prompt_ids = await _off_loop(len(text), lambda: tok.encode_within(text, engine.max_model_len))
             if prompt_ids is None:
-                raise _overlong(engine.max_model_len, "prompt")
+                raise errors.prompt_too_long(engine.max_model_len, param="prompt")
         shaped = shaping.defaults(cfg, text)
         return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, {}, chat=False)
 
