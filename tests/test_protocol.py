@@ -1,12 +1,15 @@
-"""qwenbox/api/protocol.py and convert.py: pure functions, no daemon."""
+"""qwenbox/api/protocol.py, convert.py and record.py: pure functions, no daemon."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
+from qwenbox import eventlog
 from qwenbox.api import convert, errors, protocol
 from qwenbox.api.errors import ApiError
+from qwenbox.api.record import RequestRecord
 from qwenbox.config import LimitsConfig
 from qwenbox.generation import Delta, Sampling
 from qwenbox.shaping import Defaults
@@ -259,3 +262,31 @@ def test_context_length_errors_are_one_shape():
     unread = errors.prompt_too_long(64)
     assert unread.param == "messages" and "more than 64 tokens long" in unread.message
     assert "80 tokens long" in errors.prompt_too_long(64, 80).message
+
+
+# ---------------------------------------------------------------- the access-log line (api/record.py)
+def logged(fields: dict) -> str:
+    """The line the daemon's formatter writes for these fields, from `event=` on."""
+    rec = logging.LogRecord("qwenbox.events", logging.INFO, "", 0, eventlog.Event.REQUEST.value, (), None)
+    rec.qb_fields = fields
+    return eventlog.LogfmtFormatter().format(rec).split(" ", 2)[2]
+
+
+def test_request_record_writes_the_line_in_its_order_without_unknown_facts():
+    r = RequestRecord("req-1", started=10.0)
+    r.session, r.intent = "s-1", "chat"
+    r.queued_s, r.priority = 0.0, 0
+    r.prompt_len, r.max_tokens, r.stream = 5, 16, True
+    r.first_output(10.25)
+    r.first_output(11.0)                      # TTFT is the first output's
+    r.ended(4, "length")
+    assert logged(r.line_fields("POST", "/v1/chat/completions", 200, 1.5)) == (
+        "event=request id=req-1 method=POST path=/v1/chat/completions status=200 latency_s=1.5 session=s-1 "
+        "intent=chat queued_s=0 priority=0 prompt_len=5 max_tokens=16 stream=true ttft_s=0.25 output_len=4 "
+        "finish=length")
+    refused = RequestRecord("req-2", started=0.0, truncated=2, session=None, intent="summarize", reason="queue_full")
+    assert logged(refused.line_fields("POST", "/v1/chat/completions", 429, 0.01)) == (
+        "event=request id=req-2 method=POST path=/v1/chat/completions status=429 latency_s=0.01 truncated=2 "
+        "intent=summarize reason=queue_full")
+    assert list(RequestRecord("req-3", 0.0).line_fields("GET", "/x", 404, 0.0)) == \
+        ["id", "method", "path", "status", "latency_s"]

@@ -60,6 +60,11 @@ class Accumulator:
             if d.finish_reason is not None:
                 self.finish[d.index] = finish_reason(d.finish_reason)
 
+    def finish_summary(self) -> str:
+        """The choices' distinct finish reasons, sorted and comma-joined (the access log's
+        ``finish``); a choice with none finished by stopping."""
+        return ",".join(sorted({f or "stop" for f in self.finish}))
+
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

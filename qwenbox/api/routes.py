@@ -3,7 +3,9 @@
 Contract: handlers never see vllm types and never build error responses themselves
 (they raise; middleware maps). A streamed response, once started, ends with
 ``data: [DONE]`` on success, or with one ``data: {"error": ...}`` event and ``[DONE]`` if
-the engine fails mid-stream. A client that goes away aborts its engine request.
+the engine fails mid-stream. A client that goes away aborts its engine request. Each
+fact for the access-log line is written once, into the request's ``RequestRecord``
+(``keys.RECORD``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .. import shaping
 from ..config import Config
 from . import convert, errors, protocol
 from .errors import ApiError, classify, to_sse_event
-from .keys import ADMISSION, CONFIG, GATE, HEALTH, METRICS, STARTED_WALL
+from .keys import ADMISSION, CONFIG, GATE, HEALTH, METRICS, RECORD, STARTED_WALL
 
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no", "Connection": "keep-alive"}
@@ -79,7 +81,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 tok, max_len, messages, req.sampling.max_tokens, shaped.sampling.max_tokens))
             if dropped:
                 headers["X-Qwenbox-Truncated"] = f"dropped {dropped} oldest message(s) to fit the context"
-                request["qb"]["truncated"] = dropped
+                request[RECORD].truncated = dropped
                 request.app[METRICS].truncated.inc()
         else:
             prompt_ids = await _off_loop(len(text), lambda: tok.encode_within(tok.render_chat(messages), max_len))
@@ -149,33 +151,31 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, headers, *, chat):
     prompt_ids = shaping.pad(prompt_ids, cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
-    info = request["qb"]
-    info.update(session=session, intent=shaped.intent)
+    record = request[RECORD]
+    record.session, record.intent = session, shaped.intent
     gate = request.app[GATE]
     async with request.app[ADMISSION].admit(len(prompt_ids), session) as ticket:
-        info.update(queued_s=round(ticket.queued_s, 4), priority=ticket.priority)
-        gen = convert.to_generation(req.sampling, prompt_ids, request_id=request["rid"],
+        record.queued_s, record.priority = round(ticket.queued_s, 4), ticket.priority
+        gen = convert.to_generation(req.sampling, prompt_ids, request_id=record.id,
                                     max_model_len=engine.max_model_len, defaults=shaped,
                                     stream=req.stream, priority=ticket.priority)
-        with gate.running(request["rid"]):
+        with gate.running(record.id):
             return await _run(request, cfg, engine, gen, req, headers, chat=chat)
 
 
 async def _run(request, cfg, engine, gen, req, headers: dict, *, chat: bool) -> web.StreamResponse:
-    info = request["qb"]
-    info.update(prompt_len=len(gen.prompt_token_ids), max_tokens=gen.sampling.max_tokens, stream=req.stream)
-    rid, created, model = f"{'chatcmpl' if chat else 'cmpl'}-{request['rid']}", convert.now(), req.model
+    record = request[RECORD]
+    record.prompt_len, record.max_tokens, record.stream = len(gen.prompt_token_ids), gen.sampling.max_tokens, req.stream
+    rid, created, model = f"{'chatcmpl' if chat else 'cmpl'}-{record.id}", convert.now(), req.model
     acc = convert.Accumulator(gen.sampling.n)
-    t0 = request["t0"]
     gate = request.app[GATE]
     if not req.stream:
         async with aclosing(gate.generate(engine, gen)) as outputs:
             async for deltas in outputs:
-                if "ttft_s" not in info:
-                    info["ttft_s"] = round(time.monotonic() - t0, 4)
+                record.first_output(time.monotonic())
                 acc.add(deltas)
-        gate.raise_if_aborted(request["rid"])
-        _finish(info, acc)
+        gate.raise_if_aborted(record.id)
+        record.ended(acc.completion_tokens, acc.finish_summary())
         body = (convert.chat_body if chat else convert.completion_body)(rid, created, model, acc, len(gen.prompt_token_ids))
         return web.json_response(body, headers=headers)
 
@@ -191,8 +191,7 @@ async def _run(request, cfg, engine, gen, req, headers: dict, *, chat: bool) -> 
                 await send(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}))
         async with aclosing(gate.generate(engine, gen)) as outputs:
             async for deltas in outputs:
-                if "ttft_s" not in info:
-                    info["ttft_s"] = round(time.monotonic() - t0, 4)
+                record.first_output(time.monotonic())
                 acc.add(deltas)
                 for d in deltas:
                     fin = convert.finish_reason(d.finish_reason)
@@ -203,30 +202,25 @@ async def _run(request, cfg, engine, gen, req, headers: dict, *, chat: bool) -> 
                             await send(convert.chat_chunk(rid, created, model, d.index, {}, fin))
                     elif d.text or fin:
                         await send(convert.completion_chunk(rid, created, model, d.index, d.text, fin))
-        gate.raise_if_aborted(request["rid"])
+        gate.raise_if_aborted(record.id)
         if req.include_usage:
             await send(convert.usage_chunk(rid, created, model, "chat.completion.chunk" if chat else "text_completion",
                                            len(gen.prompt_token_ids), acc.completion_tokens))
         await resp.write(b"data: [DONE]\n\n")
-        _finish(info, acc)
+        record.ended(acc.completion_tokens, acc.finish_summary())
     except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
         # aiohttp cancels the handler when the client goes away (handler_cancellation=True)
-        info.update(status=499, finish="client_gone", output_len=acc.completion_tokens)
+        record.ended(acc.completion_tokens, "client_gone", status=499)
         raise   # aclosing() above already aborted the engine request
     except Exception as exc:  # the status line is sent: report the error in-band, once
         err = classify(exc, cfg.server.retry_after_s)
-        info.update(status=err.status, finish="error", output_len=acc.completion_tokens)
+        record.ended(acc.completion_tokens, "error", status=err.status)
         try:
             await resp.write(to_sse_event(exc, cfg.server.retry_after_s))
             await resp.write(b"data: [DONE]\n\n")
         except ConnectionError:
             pass
     return resp
-
-
-def _finish(info: dict, acc: convert.Accumulator) -> None:
-    info["output_len"] = acc.completion_tokens
-    info["finish"] = ",".join(sorted({f or "stop" for f in acc.finish}))
 
 
 def _model_card(request: web.Request) -> dict:
