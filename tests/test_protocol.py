@@ -254,6 +254,28 @@ def test_chunks():
     assert t["choices"][0] == {"index": 1, "text": "y", "logprobs": None, "finish_reason": "stop"}
 
 
+def test_shapes_chunk_a_delta_as_openai_does():
+    head = convert.CHAT.head("req-1", "m")
+    assert head.id == "chatcmpl-req-1" and head.model == "m"
+    opening = convert.CHAT.opening(*head, 2)
+    assert [c["choices"][0]["delta"] for c in opening] == [{"role": "assistant", "content": ""}] * 2
+    assert [c["choices"][0]["index"] for c in opening] == [0, 1]
+    text_and_end = convert.CHAT.delta_chunks(*head, Delta(1, "hi", 1, "length"))
+    assert [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in text_and_end] == \
+        [({"content": "hi"}, None), ({}, "length")]
+    assert convert.CHAT.delta_chunks(*head, Delta(0, "", 0, "abort")) == []     # vLLM's abort is no finish
+    chead = convert.COMPLETION.head("req-1", "m")
+    assert chead.id == "cmpl-req-1" and convert.COMPLETION.opening(*chead, 2) == []
+    [one] = convert.COMPLETION.delta_chunks(*chead, Delta(0, "hi", 1, "stop"))
+    assert one["object"] == "text_completion" and one["choices"][0]["text"] == "hi"
+    assert convert.COMPLETION.delta_chunks(*chead, Delta(0, "", 0)) == []
+    acc = convert.Accumulator(3)
+    acc.add([Delta(0, "a", 1, "length"), Delta(1, "b", 1, "stop")])
+    assert convert.CHAT.body(*head, acc, 4)["object"] == "chat.completion"
+    assert convert.COMPLETION.body(*chead, acc, 4)["object"] == "text_completion"
+    assert acc.finish_summary() == "length,stop"         # the unfinished third choice reads as stop
+
+
 def test_context_length_errors_are_one_shape():
     for e in (errors.prompt_too_long(64), errors.prompt_too_long(64, 80, param="prompt"),
               errors.context_length_exceeded("the prompt is 10 tokens and max_tokens is 60", 64, "lower max_tokens",

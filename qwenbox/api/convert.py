@@ -2,13 +2,16 @@
 
 Contract: no I/O and no vllm types. ``to_generation`` enforces the context-length rule
 (400 naming both lengths) and fills ``max_tokens`` from the room left when the client
-gave none; the ``*_body`` / ``*_chunk`` builders produce exactly OpenAI's shapes.
+gave none; the ``*_body`` / ``*_chunk`` builders produce exactly OpenAI's shapes. A
+``Shape`` (``CHAT``, ``COMPLETION``) is everything in which the two answers differ, so
+a handler picks one and the code that answers has no branch on the kind.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
 
 from ..generation import Delta, GenerationRequest, Sampling
 from ..shaping import Defaults
@@ -66,7 +69,7 @@ class Accumulator:
         return ",".join(sorted({f or "stop" for f in self.finish}))
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
@@ -75,20 +78,20 @@ def now() -> int:
     return int(time.time())
 
 
-def chat_body(rid: str, created: int, model: str, acc: Accumulator, prompt_tokens: int) -> dict:
+def chat_body(rid: str, created: int, model: str, acc: Accumulator, prompt_tokens: int) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": acc.texts[i]},
                          "logprobs": None, "finish_reason": acc.finish[i] or "stop"} for i in range(acc.n)],
             "usage": usage(prompt_tokens, acc.completion_tokens)}
 
 
-def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict,
-               finish: str | None = None) -> dict:
+def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, Any],
+               finish: str | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
 
-def completion_body(rid: str, created: int, model: str, acc: Accumulator, prompt_tokens: int) -> dict:
+def completion_body(rid: str, created: int, model: str, acc: Accumulator, prompt_tokens: int) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": i, "text": acc.texts[i], "logprobs": None,
                          "finish_reason": acc.finish[i] or "stop"} for i in range(acc.n)],
@@ -96,11 +99,61 @@ def completion_body(rid: str, created: int, model: str, acc: Accumulator, prompt
 
 
 def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
-                     finish: str | None = None) -> dict:
+                     finish: str | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
 
 
-def usage_chunk(rid: str, created: int, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(rid: str, created: int, model: str, obj: str, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
             "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_opening(rid: str, created: int, model: str, n: int) -> list[dict[str, Any]]:
+    """A chat stream opens with the assistant's role, once per choice."""
+    return [chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}) for i in range(n)]
+
+
+def chat_delta_chunks(rid: str, created: int, model: str, d: Delta) -> list[dict[str, Any]]:
+    """One delta of a chat stream: its text, then its finish reason as a chunk of its own."""
+    out = []
+    if d.text:
+        out.append(chat_chunk(rid, created, model, d.index, {"content": d.text}))
+    if fin := finish_reason(d.finish_reason):
+        out.append(chat_chunk(rid, created, model, d.index, {}, fin))
+    return out
+
+
+def completion_opening(rid: str, created: int, model: str, n: int) -> list[dict[str, Any]]:
+    return []
+
+
+def completion_delta_chunks(rid: str, created: int, model: str, d: Delta) -> list[dict[str, Any]]:
+    """One delta of a completion stream: text and finish reason in one chunk (none if both empty)."""
+    fin = finish_reason(d.finish_reason)
+    return [completion_chunk(rid, created, model, d.index, d.text, fin)] if d.text or fin else []
+
+
+class Head(NamedTuple):
+    """What every body and chunk of one answer starts with."""
+    id: str             # the Shape's prefix and the request id
+    created: int        # unix seconds
+    model: str
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one kind of answer (chat or text completion) is written."""
+    id_prefix: str                                               # "chatcmpl" | "cmpl"
+    chunk_object: str                                            # a streamed chunk's "object", the usage one's too
+    body: Callable[[str, int, str, Accumulator, int], dict[str, Any]]    # the whole answer (head, acc, prompt tokens)
+    opening: Callable[[str, int, str, int], list[dict[str, Any]]]        # chunks before any output (head, n)
+    delta_chunks: Callable[[str, int, str, Delta], list[dict[str, Any]]]  # the chunks of one delta
+
+    def head(self, request_id: str, model: str) -> Head:
+        return Head(f"{self.id_prefix}-{request_id}", now(), model)
+
+
+CHAT = Shape("chatcmpl", "chat.completion.chunk", chat_body, chat_opening, chat_delta_chunks)
+COMPLETION = Shape("cmpl", "text_completion", completion_body, completion_opening, completion_delta_chunks)
