@@ -169,7 +169,7 @@ def histogram(xs: list[float], per_decade: int = 4) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------ analysis
 Record = dict[str, Any]      # one structured line, values typed back (``normalize``), ``_t`` its time
-Time = dt.datetime | None
+Time = dt.datetime | None     # a line's timestamp; None when it has none
 
 
 class _Class:
