@@ -14,7 +14,8 @@ request lines), so the two cannot drift apart:
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence, TypedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypedDict
 
 
 class Figure(TypedDict):

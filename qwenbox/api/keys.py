@@ -11,7 +11,8 @@ each request's record (``web.RequestKey``, aiohttp 3.14 and later).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 

@@ -13,13 +13,13 @@ import logging
 import re
 import time
 import uuid
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from .. import eventlog
-from ..eventlog import Event
 from ..admission import Rejected
+from ..eventlog import Event
 from ..gate import NotServing
 from .errors import to_response
 from .keys import CONFIG, GATE, METRICS, RECORD

@@ -48,8 +48,9 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from .. import session_usage as usage_figures
 from ..eventlog import Event, parse_line
@@ -530,7 +531,8 @@ def _short(ts: str | None) -> str:
 
 
 def _render_rebuilds(rb: dict[str, Any]) -> list[str]:
-    counts = f" ({rb['recovered']} recovered, {rb['failed']} failed, {rb['unfinished']} unfinished)" if rb["count"] else ""
+    counts = (f" ({rb['recovered']} recovered, {rb['failed']} failed, {rb['unfinished']} unfinished)"
+              if rb["count"] else "")
     out = [f"\nEngine rebuilds in-process: {rb['count']}{counts}"]
     took = rb["seconds"]
     if took["n"]:
@@ -539,7 +541,8 @@ def _render_rebuilds(rb: dict[str, Any]) -> list[str]:
         outcome = f"recovered in {fmt(r['seconds'], 's')}" if r["outcome"] == "recovered" else r["outcome"]
         phases = ", ".join(f"{k[:-2]} {fmt(v, 's')}" for k, v in r["phases"].items())
         in_flight = f", {r['in_flight']} in flight" if r["in_flight"] is not None else ""
-        out.append(f"  {_short(r['ts'])}  {r['reason'] or '-'}{in_flight}: {outcome}" + (f" ({phases})" if phases else ""))
+        out.append(f"  {_short(r['ts'])}  {r['reason'] or '-'}{in_flight}: {outcome}"
+                   + (f" ({phases})" if phases else ""))
     return out
 
 
