@@ -24,7 +24,8 @@ Contract:
   between the end of one turn of a session and the start of its next (every gap, also
   those longer than the keep-alive: they say whether it is long enough), and the turns per
   visit (a visit ends when a session stays idle for ``keepalive_s``; counted when it ends
-  or is forgotten). The most recent ``USAGE_WINDOW`` of each.
+  or is forgotten). The most recent ``USAGE_WINDOW`` of each; the definition and the
+  figures' shape are ``session_usage``'s, which ``qwenbox logs`` uses too.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from . import session_usage
 from .config import AdmissionConfig, SessionsConfig
 
 
@@ -112,13 +114,10 @@ class SessionTracker:
             if sid in self._visit_turns and not self._open.get(sid):
                 self._end_visit(sid)
 
-    def usage(self) -> dict[str, Any]:
+    def usage(self) -> session_usage.SessionUsage:
         """P50/P90 of the gap between turns (seconds) and of the turns per visit."""
         self.close_idle_visits()
-        gaps, turns = list(self.gaps_s), list(self.visit_turns)
-        return {"turn_gap_s": {"count": len(gaps), "p50": _quantile(gaps, 0.5), "p90": _quantile(gaps, 0.9)},
-                "turns_per_visit": {"count": len(turns), "p50": _quantile(turns, 0.5),
-                                    "p90": _quantile(turns, 0.9)}}
+        return session_usage.figures(list(self.gaps_s), list(self.visit_turns))
 
     def turn_ended(self, sid: str | None) -> None:
         if not sid:
@@ -143,17 +142,6 @@ class SessionTracker:
             if not self._open.get(sid):
                 n += 1
         return n + len(self._open)
-
-
-def _quantile(xs: list, q: float) -> float | None:
-    """The q-quantile by linear interpolation between order statistics; None when empty."""
-    if not xs:
-        return None
-    xs = sorted(xs)
-    pos = (len(xs) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
 
 
 class Admission:
