@@ -28,7 +28,7 @@ def line(fmt, event, ts="2026-11-25T10:00:00.000Z", level="info", **fields):
         obj["ts"] = ts
         obj["level"] = level
         return json.dumps(obj)
-    head, _, rest = text.partition(" level=")
+    _, _, rest = text.partition(" level=")
     return f"ts={ts} level={level} " + rest.split(" ", 1)[1]
 
 

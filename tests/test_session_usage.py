@@ -94,7 +94,7 @@ def test_metrics_export_the_quantiles(clock):
 
 
 def request_line(ts: str, session: str, latency: float) -> str:
-    from test_logs import line       # the daemon's own formatter, as test_logs writes lines
+    from test_logs import line  # the daemon's own formatter, as test_logs writes lines
     return line("logfmt", "request", ts=ts, id=f"{session}-{ts}", session=session, status=200,
                 latency_s=latency, path="/v1/chat/completions")
 

@@ -6,6 +6,7 @@ engine-core processes are real child processes, stopped and killed for real.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -273,10 +274,8 @@ def test_frozen_engine_without_systemd_makes_the_daemon_exit_1(tmp_path, demo_mo
         print(f"\nfrozen engine, no systemd: verdict {verdict['reason']!r}; exit {rc} after {took:.1f}s")
         assert verdict and "is stopped" in verdict["reason"]
         assert rc == 1, d.tail()
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):     # gone, reaped: survived it has not
             assert frozen.status() == psutil.STATUS_ZOMBIE, "the frozen engine core survived"
-        except psutil.NoSuchProcess:
-            pass
         events = [e for e in map(parse_line, d.log_text().splitlines()) if e]
         assert any(e.get("event") == "watchdog" and e.get("action") == "exit" for e in events)
         assert any(e.get("event") == "engine_failed" and e.get("reason", "").startswith("watchdog: ")
@@ -284,10 +283,8 @@ def test_frozen_engine_without_systemd_makes_the_daemon_exit_1(tmp_path, demo_mo
     finally:
         if frozen is not None:
             for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
+                with contextlib.suppress(psutil.Error):
                     frozen.send_signal(sig)
-                except psutil.Error:
-                    pass
         d.stop()
 
 

@@ -23,7 +23,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .. import shaping
 from ..config import Config, LimitsConfig
-from ..engine import ChatTokenizer, Engine
+from ..engine_protocol import PromptTokenizer, ServingEngine
 from ..generation import Delta, GenerationRequest
 from . import convert, errors, protocol
 from .errors import ApiError, classify, to_sse_event
@@ -109,7 +109,7 @@ async def _off_loop(size: int, fn: Callable[[], T]) -> T:
     return await asyncio.to_thread(fn) if size > _LARGE_TEXT else fn()
 
 
-def _fit(tok: ChatTokenizer, max_len: int, messages: list[dict[str, str]], client_max_tokens: int | None,
+def _fit(tok: PromptTokenizer, max_len: int, messages: list[dict[str, str]], client_max_tokens: int | None,
          shaped_max_tokens: int | None) -> tuple[list[dict[str, str]], int, list[int]]:
     """on_overlong = "truncate": drop the oldest turns until prompt + room for the answer fit.
     -> (kept messages, how many were dropped, their token ids)."""
@@ -162,7 +162,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, {}, convert.COMPLETION)
 
 
-async def _admit_and_run(request: web.Request, cfg: Config, engine: Engine, req: ParsedRequest,
+async def _admit_and_run(request: web.Request, cfg: Config, engine: ServingEngine, req: ParsedRequest,
                          prompt_ids: list[int], shaped: shaping.Defaults, session: str | None,
                          headers: dict[str, str], shape: convert.Shape) -> web.StreamResponse:
     record = request[RECORD]
@@ -183,7 +183,7 @@ async def _admit_and_run(request: web.Request, cfg: Config, engine: Engine, req:
             return await _whole(request, engine, gen, headers, shape, head)
 
 
-async def _outputs(request: web.Request, engine: Engine,
+async def _outputs(request: web.Request, engine: ServingEngine,
                    gen: GenerationRequest) -> AsyncGenerator[list[Delta], None]:
     """The engine's outputs for ``gen`` (the first sets the record's TTFT); closing this
     closes the engine's stream, which aborts the request there. Raises ``NotServing``
@@ -196,7 +196,7 @@ async def _outputs(request: web.Request, engine: Engine,
     gate.raise_if_aborted(record.id)
 
 
-async def _whole(request: web.Request, engine: Engine, gen: GenerationRequest, headers: dict[str, str],
+async def _whole(request: web.Request, engine: ServingEngine, gen: GenerationRequest, headers: dict[str, str],
                  shape: convert.Shape, head: convert.Head) -> web.Response:
     """Not streamed: one JSON body once the engine is done."""
     acc = convert.Accumulator(gen.sampling.n)
@@ -207,7 +207,7 @@ async def _whole(request: web.Request, engine: Engine, gen: GenerationRequest, h
     return web.json_response(shape.body(*head, acc, len(gen.prompt_token_ids)), headers=headers)
 
 
-async def _streamed(request: web.Request, engine: Engine, gen: GenerationRequest, include_usage: bool,
+async def _streamed(request: web.Request, engine: ServingEngine, gen: GenerationRequest, include_usage: bool,
                     headers: dict[str, str], shape: convert.Shape, head: convert.Head,
                     retry_after: int) -> web.StreamResponse:
     """Streamed: SSE chunks as the engine produces them. Past the 200 an error is one

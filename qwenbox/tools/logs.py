@@ -127,7 +127,7 @@ def parse_ts(ts: Any) -> dt.datetime | None:
         t = dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 def request_values(path: str | os.PathLike[str], ids: Sequence[str], key: str = "ttft_s") -> list[float | None]:
@@ -146,7 +146,7 @@ def request_values(path: str | os.PathLike[str], ids: Sequence[str], key: str = 
 
 
 def _iso(t: dt.datetime | None) -> str | None:
-    return t.astimezone(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if t else None
+    return t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if t else None
 
 
 # ------------------------------------------------------------------ histogram
@@ -163,7 +163,7 @@ def histogram(xs: list[float], per_decade: int = 4) -> list[dict[str, Any]]:
         if x <= 0:
             counts[0] += 1
             continue
-        i = min(max(int(math.floor(math.log10(x) * per_decade)) - lo_e, 0), len(counts) - 1)
+        i = min(max(math.floor(math.log10(x) * per_decade) - lo_e, 0), len(counts) - 1)
         counts[i] += 1
     return [{"lo": edges[i], "hi": edges[i + 1], "count": c} for i, c in enumerate(counts)]
 
@@ -368,7 +368,7 @@ class _Requests:
             self._traffic(t, status, lat)
 
     def _traffic(self, t: dt.datetime, status: int | None, lat: float | None) -> None:
-        utc = t.astimezone(dt.timezone.utc)
+        utc = t.astimezone(dt.UTC)
         h = utc.strftime("%Y-%m-%dT%H:00Z")
         bucket = self.hours.setdefault(h, {"hour": h, "requests": 0, "ok": 0, "4xx": 0, "5xx": 0, "_lat": []})
         bucket["requests"] += 1
@@ -566,8 +566,8 @@ def render(rep: dict[str, Any], source: str = "") -> str:
     out.append(f"\nRequests: {r['total']}" + (f" ({statuses})" if statuses else "")
                + (f"; {r['sessions']} sessions" if r["sessions"] else ""))
     lat, ttft = rep["latency"]["ok"], rep["latency"]["ttft_ok"]
-    out.append(f"Latency of successful requests (n={lat['n']}): p50 {fmt(lat['p50'], 's')}  p95 {fmt(lat['p95'], 's')}  "
-               f"p99 {fmt(lat['p99'], 's')}  max {fmt(lat['max'], 's')}")
+    out.append(f"Latency of successful requests (n={lat['n']}): p50 {fmt(lat['p50'], 's')}  "
+               f"p95 {fmt(lat['p95'], 's')}  p99 {fmt(lat['p99'], 's')}  max {fmt(lat['max'], 's')}")
     if ttft["n"]:
         out.append(f"Time to first token (n={ttft['n']}): p50 {fmt(ttft['p50'], 's')}  p95 {fmt(ttft['p95'], 's')}  "
                    f"p99 {fmt(ttft['p99'], 's')}")
@@ -735,7 +735,8 @@ def main(args: Any) -> int:
     try:
         print(json.dumps(rep, indent=2) if args.json else render(rep, source), flush=True)
     except BrokenPipeError:                      # `qwenbox logs ... | head`
-        sys.stdout = open("/dev/null", "w")
+        # the reader is gone: what is still buffered goes nowhere (open for the process's life)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     if args.plot:
         plot(rep, args.plot)
         if not args.json:
