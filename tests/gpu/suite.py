@@ -88,7 +88,7 @@ from qwenbox.tools.client import unix_session  # noqa: E402
 from qwenbox.tools.report import dig, fmt, write_json  # noqa: E402
 from qwenbox.tools.stats import median, ratio  # noqa: E402
 
-PHASES = ("cold", "qwenbox", "vllm", "vllm-defaults", "inproc", "recovery", "sleep", "cost-untuned", "cost-tuned")
+PHASES = ("cold", "qwenbox", "vllm", "vllm-defaults", "qwenbox-24gib", "inproc", "recovery", "sleep", "cost-untuned", "cost-tuned")
 
 # Counts per mode. GPU: the workloads of issues 11 and 16; smoke: the same code, small, on the demo model.
 GPU = dict(prompt_len=512, out_len=128, bursts=(256, 1024), concurrency={32: 256, 128: 512, 512: 1024}, repeats=3,
@@ -493,6 +493,26 @@ def phase_vllm_defaults(st: Setup, ph: dict[str, Any]) -> None:
     _served(st, ph, "vllm-defaults", vllm_defaults_server(st, "vllm-defaults", model, cache), cache, cfg)
 
 
+EMULATED_CARD_GIB = 24.0     # the source article's A10G
+
+
+def phase_qwenbox_24gib(st: Setup, ph: dict[str, Any]) -> None:
+    """The shipped profile ("auto" sizing) held to 24 GiB of this card, as on the source
+    article's 24 GB A10G: gpu_memory_utilization = 24 GiB / the card's memory, so weights,
+    activations and KV cache share what such a card has. What sizing chose is in
+    /health's ``sizing`` (``launch.health_at_ready``). In smoke mode (CPU) the demo profile
+    runs unchanged: there is no card memory to cap."""
+    from qwenbox.sizing import GiB, probe_device
+
+    cache = st.cache("qwenbox-24gib")
+    cache.create()
+    total = probe_device().memory_bytes
+    extra = {"engine": {"gpu_memory_utilization": round(EMULATED_CARD_GIB * GiB / total, 4)}} if total else None
+    ph["emulated_card_gib"], ph["card_bytes"] = EMULATED_CARD_GIB, total
+    cfg = st.config("qwenbox-24gib", st.tuned_src, cache, extra)
+    _served(st, ph, "qwenbox-24gib", qwenbox_server(st, "qwenbox-24gib", cfg, cache), cache, cfg)
+
+
 def worker_argv(st: Setup, cfg: Path) -> list[str]:
     """The in-process worker's command line: the same mode, model and counts as ours."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--out", str(st.out), "--worker", "inproc",
@@ -742,7 +762,7 @@ def tail(path: Path, n: int = 30) -> str:
 
 
 RUNNERS = {"cold": phase_cold, "qwenbox": phase_qwenbox, "vllm": phase_vllm, "vllm-defaults": phase_vllm_defaults,
-           "inproc": phase_inproc,
+           "qwenbox-24gib": phase_qwenbox_24gib, "inproc": phase_inproc,
            "recovery": phase_recovery, "sleep": phase_sleep,
            "cost-untuned": lambda st, ph: phase_cost(st, ph, "untuned"),
            "cost-tuned": lambda st, ph: phase_cost(st, ph, "tuned")}
@@ -983,6 +1003,7 @@ def report(out: Path, doc: Path | None) -> str:
               "", _mfu_note(basis, p)]
     if g("vllm-defaults", "launch", "argv"):
         lines += ["", "`vllm serve` with its defaults ran as: `" + " ".join(g("vllm-defaults", "launch", "argv")) + "`."]
+    lines += _sizing_section(g, p, tput, served)
 
     # start-up phases
     prow = []
@@ -1069,6 +1090,34 @@ def _model_dirs(res: Any) -> set[str]:
     if isinstance(res, list):
         return set().union(*map(_model_dirs, res)) if res else set()
     return set()
+
+
+def _sizing_section(g: Any, p: dict[str, Any], tput: Any, served: Any) -> list[str]:
+    """What "auto" sizing chose on the card and on the card held to 24 GiB, and how the
+    24 GiB run served the same workloads."""
+    out: list[str] = []
+    for name, label in (("qwenbox", "the whole card"), ("qwenbox-24gib", "held to 24 GiB (an A10G's memory)")):
+        s = g(name, "launch", "health_at_ready", "sizing")
+        if not s:
+            continue
+        chosen = ", ".join(f"{k.split('.')[1]} {c['value']}" for k, c in (s.get("chosen") or {}).items())
+        out += ["", f"Sizing on {label}: KV cache {s.get('kv_cache_tokens'):,} tokens; {chosen}."]
+    w = g("qwenbox-24gib", "workloads")
+    if w:
+        rows = []
+        for b in p["bursts"]:
+            k = f"burst{b}"
+            rows.append([f"{b:,} at once: output tok/s; p95 TTFT; served", tput(w.get(k)),
+                         _med_range(w.get(k), "ttft_p95_s", "s"), served(w.get(k))])
+        for c, n in p["concurrency"].items():
+            k = f"c{c}"
+            rows.append([f"closed loop at {c} ({n:,} requests)", tput(w.get(k)), _med_range(w.get(k), "ttft_p95_s", "s"),
+                         served(w.get(k))])
+        out += ["", "qwenbox held to 24 GiB of the card, the same workloads:", "",
+                _md(["workload", "output tok/s", "p95 TTFT", "served"], rows)]
+        if g("qwenbox-24gib", "errors"):
+            out += ["", f"Errors: {g('qwenbox-24gib', 'errors')}"]
+    return out
 
 
 def _mfu_note(basis: dict[str, Any] | None, p: dict[str, Any]) -> str:
