@@ -897,7 +897,7 @@ def _med_range(w: dict[str, Any] | None, key: str, unit: str = "") -> str:
 
 
 def report(out: Path, doc: Path | None) -> str:
-    res = load_results(out)
+    res = published(load_results(out), out)     # the markdown names no path of the machine it ran on
     ph = res.get("phases", {})
     g = lambda *p: dig(ph, *p)  # noqa: E731
     gpu = res.get("gpu") or "no GPU (nvidia-smi absent)"
@@ -997,7 +997,10 @@ def report(out: Path, doc: Path | None) -> str:
                          f"(awake: {fmt(sl.get('ttft_awake_median_s'), 's')})", "-", "-", "-", "-", "-"])
     lines.append(_md(["figure", "qwenbox", "`vllm serve` (same engine arguments)", "`vllm serve MODEL` (its defaults)",
                       "AsyncLLM in-process", "qwenbox / vllm (same)", "qwenbox / vllm (defaults)"], rows))
-    lines += ["", f"Throughput cells: median of {p['repeats']} repetitions (min-max); prompts are random token ids, "
+    # the repetitions as run (--repeats), not the mode's default
+    repeats = sorted({len(r.get("runs") or []) for w in servers for r in w.values() if isinstance(r, dict)} - {0})
+    lines += ["", f"Throughput cells: median of {'/'.join(map(str, repeats)) or '-'} repetitions (min-max); "
+              "prompts are random token ids, "
               "the same for every server, checked distinct with no shared KV block; client-side timing over the unix "
               "socket (in-process: no HTTP). Failed requests in the throughput runs: " + (", ".join(fails) or "none") + ".",
               "", _mfu_note(basis, p)]
@@ -1061,7 +1064,9 @@ def published(res: dict[str, Any], out: Path) -> dict[str, Any]:
     ran on (the output directory, the sockets' directory, the model directory given to
     vLLM) written as $OUT, $SOCKETS and $MODEL. results.json keeps them."""
     names = {str(out): "$OUT", str(sock_dir(out)): "$SOCKETS"}
-    names.update({m: "$MODEL" for m in _model_dirs(res)})
+    names.update({m: "$MODEL" for m in _argv_values(res, "--model")})
+    # the sockets' directory of the machine that ran it (a report may be written elsewhere)
+    names.update({str(Path(s).parent): "$SOCKETS" for s in _argv_values(res, "--uds")})
     ordered = sorted(names.items(), key=lambda kv: -len(kv[0]))     # a longer path before a prefix of it
 
     def swap(x: Any) -> Any:
@@ -1079,16 +1084,16 @@ def published(res: dict[str, Any], out: Path) -> dict[str, Any]:
     return published_res
 
 
-def _model_dirs(res: Any) -> set[str]:
-    """Every ``--model DIR`` in the argv the results recorded (vLLM's servers)."""
+def _argv_values(res: Any, flag: str) -> set[str]:
+    """Every value of ``flag`` (``--model DIR``, ``--uds SOCK``) in the argv the results recorded."""
     if isinstance(res, dict):
-        found = set().union(*map(_model_dirs, res.values())) if res else set()
+        found = set().union(*(_argv_values(v, flag) for v in res.values())) if res else set()
         argv = res.get("argv")
-        if isinstance(argv, list) and "--model" in argv[:-1]:
-            found.add(str(argv[argv.index("--model") + 1]))
+        if isinstance(argv, list) and flag in argv[:-1]:
+            found.add(str(argv[argv.index(flag) + 1]))
         return found
     if isinstance(res, list):
-        return set().union(*map(_model_dirs, res)) if res else set()
+        return set().union(*(_argv_values(v, flag) for v in res)) if res else set()
     return set()
 
 
