@@ -24,7 +24,8 @@ Contract:
   between the end of one turn of a session and the start of its next (every gap, also
   those longer than the keep-alive: they say whether it is long enough), and the turns per
   visit (a visit ends when a session stays idle for ``keepalive_s``; counted when it ends
-  or is forgotten). The most recent ``USAGE_WINDOW`` of each.
+  or is forgotten). The most recent ``USAGE_WINDOW`` of each; the definition and the
+  figures' shape are ``session_usage``'s, which ``qwenbox logs`` uses too.
 """
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ import contextlib
 import itertools
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
+from . import session_usage
 from .config import AdmissionConfig, SessionsConfig
 
 
@@ -51,7 +54,7 @@ class _Waiter:
     rank: int                      # 0 active session, 1 anonymous
     seq: int
     prompt_tokens: int = field(compare=False)
-    future: asyncio.Future = field(compare=False)
+    future: asyncio.Future[None] = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -112,13 +115,10 @@ class SessionTracker:
             if sid in self._visit_turns and not self._open.get(sid):
                 self._end_visit(sid)
 
-    def usage(self) -> dict[str, Any]:
+    def usage(self) -> session_usage.SessionUsage:
         """P50/P90 of the gap between turns (seconds) and of the turns per visit."""
         self.close_idle_visits()
-        gaps, turns = list(self.gaps_s), list(self.visit_turns)
-        return {"turn_gap_s": {"count": len(gaps), "p50": _quantile(gaps, 0.5), "p90": _quantile(gaps, 0.9)},
-                "turns_per_visit": {"count": len(turns), "p50": _quantile(turns, 0.5),
-                                    "p90": _quantile(turns, 0.9)}}
+        return session_usage.figures(list(self.gaps_s), list(self.visit_turns))
 
     def turn_ended(self, sid: str | None) -> None:
         if not sid:
@@ -145,17 +145,6 @@ class SessionTracker:
         return n + len(self._open)
 
 
-def _quantile(xs: list, q: float) -> float | None:
-    """The q-quantile by linear interpolation between order statistics; None when empty."""
-    if not xs:
-        return None
-    xs = sorted(xs)
-    pos = (len(xs) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
-
-
 class Admission:
     def __init__(self, cfg: AdmissionConfig, sessions: SessionsConfig, metrics: Any = None) -> None:
         self.sessions = SessionTracker(sessions)
@@ -167,13 +156,17 @@ class Admission:
         self._seq = itertools.count()
 
     def configure(self, cfg: AdmissionConfig, sessions: SessionsConfig) -> None:
-        """(Re)read the limits; safe while serving (a SIGHUP reload calls this)."""
+        """(Re)read the limits; safe while serving (a SIGHUP reload calls this). Every limit
+        must be a number: "auto" ones are sized first (``sizing.apply``, ``sizing.unsized``)."""
         self.cfg = cfg
         self.sessions.cfg = sessions
+        self.max_in_flight = _number(cfg.max_in_flight, "max_in_flight")
+        self.max_queued = _number(cfg.max_queued, "max_queued")
+        self.max_queued_tokens = _number(cfg.max_queued_prompt_tokens, "max_queued_prompt_tokens")
         share = sessions.reserved_share if sessions.keepalive_s > 0 else 0.0
-        self.session_extra = math.ceil(cfg.max_in_flight * share)   # slots only active sessions reach
-        self.anon_queued = cfg.max_queued - math.ceil(cfg.max_queued * share)
-        self.anon_queued_tokens = cfg.max_queued_prompt_tokens - math.ceil(cfg.max_queued_prompt_tokens * share)
+        self.session_extra = math.ceil(self.max_in_flight * share)   # slots only active sessions reach
+        self.anon_queued = self.max_queued - math.ceil(self.max_queued * share)
+        self.anon_queued_tokens = self.max_queued_tokens - math.ceil(self.max_queued_tokens * share)
 
     @property
     def queued(self) -> int:
@@ -217,12 +210,12 @@ class Admission:
     def health(self) -> dict[str, Any]:
         return {"admission": {"in_flight": self.in_flight, "queued": self.queued,
                               "queued_prompt_tokens": self.queued_tokens,
-                              "max_in_flight": self.cfg.max_in_flight, "session_extra_slots": self.session_extra,
-                              "max_queued": self.cfg.max_queued},
+                              "max_in_flight": self.max_in_flight, "session_extra_slots": self.session_extra,
+                              "max_queued": self.max_queued},
                 "active_sessions": self.sessions.active_count(), "session_usage": self.sessions.usage()}
 
     def _slots(self, session_active: bool) -> int:
-        return self.cfg.max_in_flight + (self.session_extra if session_active else 0)
+        return self.max_in_flight + (self.session_extra if session_active else 0)
 
     def _may_run(self, session_active: bool) -> bool:
         return self.in_flight < self._slots(session_active)
@@ -233,8 +226,8 @@ class Admission:
         if self._may_run(session_active) and not any(w.rank <= rank for w in self._queue):
             self.in_flight += 1
             return Ticket(session_active, 0.0)
-        max_q = self.cfg.max_queued if session_active else self.anon_queued
-        max_t = self.cfg.max_queued_prompt_tokens if session_active else self.anon_queued_tokens
+        max_q = self.max_queued if session_active else self.anon_queued
+        max_t = self.max_queued_tokens if session_active else self.anon_queued_tokens
         if len(self._queue) >= max_q:
             raise Rejected("queue_full", f"the server is at capacity: {self.in_flight} requests running and "
                                          f"{len(self._queue)} queued; retry later")
@@ -248,7 +241,7 @@ class Admission:
         self.queued_tokens += prompt_tokens
         try:
             await asyncio.wait_for(asyncio.shield(w.future), timeout=self.cfg.queue_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if not self._withdraw(w):   # granted in the same instant: keep the slot
                 return Ticket(session_active, time.monotonic() - t0)
             raise Rejected("queue_timeout", f"waited {self.cfg.queue_timeout_s:g}s in the queue without a free "
@@ -280,8 +273,14 @@ class Admission:
                 self._queue.pop(i)
                 self.queued_tokens -= w.prompt_tokens
                 self.in_flight += 1
-                w.future.set_result(True)
+                w.future.set_result(None)
                 continue
             if self.in_flight >= self._slots(True):
                 break
             i += 1   # an anonymous waiter can't run yet, but a session further back might
+
+
+def _number(value: int | str, key: str) -> int:
+    if not isinstance(value, int):
+        raise ValueError(f"admission.{key} is {value!r}: admission needs a sized config (sizing.apply)")
+    return value

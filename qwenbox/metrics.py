@@ -24,24 +24,13 @@ from prometheus_client import (
 )
 
 from .lifecycle import Phase
+from .session_usage import SessionUsage
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
 class _On(TypedDict):
     registry: CollectorRegistry
-
-
-class UsageFigure(TypedDict):
-    """One session usage figure as ``SessionTracker.usage()`` gives it."""
-    count: int
-    p50: float | None
-    p90: float | None
-
-
-class SessionUsage(TypedDict):
-    turn_gap_s: UsageFigure
-    turns_per_visit: UsageFigure
 
 
 class Metrics:

@@ -55,6 +55,8 @@ _CLOSE_TIMEOUT_S = 30.0
 _REAP_TIMEOUT_S = 10.0
 
 Figures = dict[str, FigureValue]
+# what sizing's step (b) reads of a built engine: its limits, what it reports, its warm-up speed
+SizingBasis = tuple[sizing.EngineLimits, sizing.EngineFacts, sizing.Throughput | None]
 _STATUS_PHASES = ("import_s", "engine_s", "warmup_s")    # the phases READY=1's STATUS names
 
 
@@ -97,7 +99,7 @@ class EngineSupervisor:
         self._standby_loop: asyncio.Task[None] | None = None
         self._stopped = False
         self.sizing: sizing.Sizing | None = None
-        self._basis: tuple[sizing.EngineLimits, sizing.EngineFacts, sizing.Throughput | None] | None = None
+        self._basis: SizingBasis | None = None
         lifecycle.observe(lambda old, new, detail: self._notify())
 
     # ------------------------------------------------------------ what others ask
@@ -132,13 +134,13 @@ class EngineSupervisor:
     async def start(self) -> None:
         cfg = self.settings()
         self.lifecycle.to(Phase.LOADING, "importing vLLM")
-        engine, report, limits = await self._build(self._start_step,
-                                                   lambda: self.lifecycle.to(Phase.WARMING, "warm-up"))
+        engine, report, basis = await self._build(self._start_step,
+                                                  lambda: self.lifecycle.to(Phase.WARMING, "warm-up"))
         self.warmup = report.as_dict()
         self.cold_start = {**self._boot_figures(engine, report), "total_s": round(time.monotonic() - self._t0, 3)}
         self.metrics.set_cold_start(self.cold_start)
         eventlog.event(Event.COLD_START, model=cfg.model.name, **self.cold_start, warmup_steps=len(report.steps))
-        self._serve(engine, report, limits, self._ready_status())
+        self._serve(engine, basis, self._ready_status())
 
     def _start_step(self, detail: str) -> None:
         """A start-up step begins: give systemd more time, tell humans (STATUS)."""
@@ -146,9 +148,9 @@ class EngineSupervisor:
         self.lifecycle.note(detail)
 
     async def _build(self, step: Callable[[str], None], warming: Callable[[], None]
-                     ) -> tuple[ServingEngine, warmup.WarmupReport, sizing.EngineLimits]:
-        """Open an engine with sizing's step (a) and warm it. A failure or a cancellation
-        never leaves it running."""
+                     ) -> tuple[ServingEngine, warmup.WarmupReport, SizingBasis]:
+        """Open an engine with sizing's step (a), warm it, read what step (b) needs of it.
+        A failure or a cancellation never leaves it running."""
         cfg = self.settings()
         limits = sizing.engine_limits(cfg, await asyncio.to_thread(sizing.probe_device))
         opening = asyncio.ensure_future(self.open_engine(sizing.apply_engine(cfg, limits), step))
@@ -163,10 +165,12 @@ class EngineSupervisor:
         try:
             warming()
             report = await warmup.run(engine, cfg, on_step=lambda i, n, name: step(f"warming {i}/{n}: {name}"))
+            basis = (limits, sizing.EngineFacts.from_engine(engine, limits),
+                     sizing.throughput_from_warmup(report, cfg.warmup.decode_steps))
         except BaseException:
             await self._dispose(engine)
             raise
-        return engine, report, limits
+        return engine, report, basis
 
     @staticmethod
     def _boot_figures(engine: ServingEngine, report: warmup.WarmupReport) -> Figures:
@@ -176,13 +180,10 @@ class EngineSupervisor:
             figures["first_token_s"] = round(report.steps[0].ttft_s, 3)
         return figures
 
-    def _serve(self, engine: ServingEngine, report: warmup.WarmupReport, limits: sizing.EngineLimits,
-               status: str) -> None:
+    def _serve(self, engine: ServingEngine, basis: SizingBasis, status: str) -> None:
         """Size admission for ``engine`` (step b), attach it and serve from it: phase ready,
         the standby loop."""
-        cfg = self.settings()
-        self._basis = (limits, sizing.EngineFacts.from_engine(engine, limits),
-                       sizing.throughput_from_warmup(report, cfg.warmup.decode_steps))
+        self._basis = basis
         self.resize()
         self._attach(engine)
         self.lifecycle.to(Phase.READY, status)
@@ -251,7 +252,7 @@ class EngineSupervisor:
                            ExitCode.ENGINE_FAILED, now=True))
             return
         try:
-            engine, report, limits = build.result()
+            engine, report, basis = build.result()
         except Exception as e:
             self.metrics.engine_restarts.labels("failed").inc()
             log.error("engine rebuild failed", exc_info=e)
@@ -263,10 +264,10 @@ class EngineSupervisor:
         self.metrics.engine_restarts.labels("recovered").inc()
         self.metrics.last_recovery.set(took)
         eventlog.event(Event.ENGINE_RECOVERED, seconds=round(took, 3), rebuild=n, **figures)
-        self._serve(engine, report, limits, self._ready_status())
+        self._serve(engine, basis, self._ready_status())
 
     async def _replace(self, dead: ServingEngine | None
-                       ) -> tuple[ServingEngine, warmup.WarmupReport, sizing.EngineLimits]:
+                       ) -> tuple[ServingEngine, warmup.WarmupReport, SizingBasis]:
         if dead is not None:
             await self._dispose(dead)
         return await self._build(self.lifecycle.note, lambda: self.lifecycle.note("warm-up"))

@@ -6,6 +6,7 @@ gets the OpenAI error shape and the right status, and the daemon answers the nex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -177,11 +178,10 @@ def test_chunked_body_over_size_limit(daemon, model, cfg):
 
     conn = UnixHTTPConnection(daemon.sock, timeout=120)
     try:
-        try:
+        # the server may answer and close before the rest of the body is sent
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             conn.request("POST", CHAT, body=body(), headers={"Content-Type": "application/json"},
                          encode_chunked=True)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may answer and close before the rest of the body is sent
         resp = conn.getresponse()
         assert_error(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read(), 413,
                      code="request_too_large")
@@ -324,7 +324,7 @@ def test_health_ready_with_cold_start(daemon):
 
 def test_chat_non_stream(daemon, model):
     status, headers, body = jrequest(daemon.sock, "POST", CHAT, {
-        "model": model, "messages": [{"role": "system", "content": "Be brief."}] + MSGS,
+        "model": model, "messages": [{"role": "system", "content": "Be brief."}, *MSGS],
         "max_tokens": 5, "ignore_eos": True, "temperature": 0})
     assert status == 200, body
     assert headers["content-type"].startswith("application/json")
@@ -537,7 +537,7 @@ def test_client_disconnect_mid_stream_aborts(daemon, model):
     deadline = time.monotonic() + 90
     running, lines = None, []
     while time.monotonic() < deadline:
-        status, _, h = jrequest(daemon.sock, "GET", "/health", timeout=10)
+        _, _, h = jrequest(daemon.sock, "GET", "/health", timeout=10)
         running, tokens_after = h["engine"]["running"], h["engine"]["generated_tokens"]
         lines = request_log_lines(daemon, rid)
         if running == 0 and lines:

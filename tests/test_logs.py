@@ -11,7 +11,7 @@ import pytest
 
 from helpers import Daemon, request
 from qwenbox import cli, eventlog
-from qwenbox.tools import logs
+from qwenbox.tools import logs, stats
 
 MODEL = "qwenbox-demo"
 
@@ -28,7 +28,7 @@ def line(fmt, event, ts="2026-11-25T10:00:00.000Z", level="info", **fields):
         obj["ts"] = ts
         obj["level"] = level
         return json.dumps(obj)
-    head, _, rest = text.partition(" level=")
+    _, _, rest = text.partition(" level=")
     return f"ts={ts} level={level} " + rest.split(" ", 1)[1]
 
 
@@ -54,7 +54,7 @@ def test_each_request_error_class(fmt):
         req(fmt, 499, ts="2026-11-25T10:02:00.000Z"),
         req(fmt, 429, reason="queue_full"),
         req(fmt, 429, ts="2026-11-25T10:05:00.000Z", reason="queue_full"),
-        req(fmt, 429, rejected="queued_tokens_full"),
+        req(fmt, 429, reason="queued_tokens_full"),
         req(fmt, 429),                                            # an older daemon: no reason
         req(fmt, 500),                                            # failed before the first token
         req(fmt, 500, ttft_s=0.01, output_len=4, finish="error"),  # failed mid-stream
@@ -113,6 +113,85 @@ def test_engine_death_oom_and_cold_starts(fmt):
     assert rep["errors"]["out_of_memory"]["count"] == 1
 
 
+def died(fmt, ts, rebuild, in_flight=0, reason="engine core died (pids [12])"):
+    return line(fmt, "engine_died", ts=ts, level="error", reason=reason, rebuild=rebuild, max_restarts=3,
+                window_s=600.0, in_flight=in_flight)
+
+
+def recovered(fmt, ts, rebuild, seconds, **phases):
+    return line(fmt, "engine_recovered", ts=ts, seconds=seconds, rebuild=rebuild, **phases)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_engine_rebuilds_in_process_are_engine_deaths_with_outcomes(fmt):
+    lines = [
+        line(fmt, "listening", ts="2026-11-25T09:00:00.000Z", pid=10),
+        died(fmt, "2026-11-25T09:10:00.000Z", 1, in_flight=2),
+        recovered(fmt, "2026-11-25T09:10:20.500Z", 1, 20.5, engine_s=15.0, warmup_s=4.0, total_s=19.5),
+        died(fmt, "2026-11-25T09:20:00.000Z", 2, reason="engine errored: EngineDeadError"),
+        recovered(fmt, "2026-11-25T09:20:12.250Z", 2, 12.25, engine_s=10.0),
+        # the third rebuild fails: one death (its engine_died), not two
+        died(fmt, "2026-11-25T09:30:00.000Z", 3),
+        line(fmt, "engine_failed", ts="2026-11-25T09:30:05.000Z", level="error", reason="engine rebuild failed",
+             error="RuntimeError: no"),
+        line(fmt, "stopped", ts="2026-11-25T09:30:06.000Z", exit_code=1),
+        # the next process: a rebuild the log ends in the middle of
+        line(fmt, "listening", ts="2026-11-25T09:40:00.000Z", pid=11),
+        died(fmt, "2026-11-25T09:50:00.000Z", 1),
+    ]
+    rep = logs.analyze(lines)
+    rb = rep["engine_rebuilds"]
+    assert (rb["count"], rb["recovered"], rb["failed"], rb["unfinished"]) == (4, 2, 1, 1)
+    assert [r["outcome"] for r in rb["each"]] == ["recovered", "recovered", "failed", "unfinished"]
+    assert rb["seconds"]["n"] == 2 and rb["seconds"]["max"] == 20.5
+    assert rb["seconds"]["p50"] == pytest.approx((20.5 + 12.25) / 2)
+    first = rb["each"][0]
+    assert first == {"ts": "2026-11-25T09:10:00Z", "reason": "engine core died (pids [12])", "in_flight": 2,
+                     "outcome": "recovered", "seconds": 20.5,
+                     "phases": {"engine_s": 15.0, "warmup_s": 4.0, "total_s": 19.5}}
+    d = rep["errors"]["engine_death"]
+    assert d["count"] == 4 and d["by_reason"] == {logs.REBUILT: 4}
+    assert d["first"] == "2026-11-25T09:10:00Z" and d["last"] == "2026-11-25T09:50:00Z"
+    assert json.loads(json.dumps(rep))["engine_rebuilds"] == rb
+    text = logs.render(rep)
+    assert "Engine rebuilds in-process: 4 (2 recovered, 1 failed, 1 unfinished)" in text
+    assert "rebuild took (n=2): p50 16.38 s  max 20.50 s" in text
+    assert "engine core died (pids [12]), 2 in flight: recovered in 20.50 s (engine 15.00 s, warmup 4.00 s" in text
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_engine_deaths_past_the_rebuild_budget_and_after_a_fatal_exit_count_once(fmt):
+    lines = [
+        line(fmt, "listening", ts="2026-11-25T09:00:00.000Z", pid=10),
+        died(fmt, "2026-11-25T09:10:00.000Z", 1),
+        recovered(fmt, "2026-11-25T09:10:20.000Z", 1, 20.0),
+        # past recovery.max_restarts: no rebuild, the process exits 1
+        line(fmt, "engine_failed", ts="2026-11-25T09:20:00.000Z", level="error",
+             reason="engine died: engine core died; 1 rebuild(s) in the last 600s already"),
+        line(fmt, "stopped", ts="2026-11-25T09:20:01.000Z", exit_code=1),
+        line(fmt, "listening", ts="2026-11-25T09:30:00.000Z", pid=11),
+        # the watchdog's fatal exit writes engine_failed and no `stopped`: the restart is no second death
+        line(fmt, "engine_failed", ts="2026-11-25T09:40:00.000Z", level="error", reason="watchdog: stalled"),
+        line(fmt, "listening", ts="2026-11-25T09:41:00.000Z", pid=12),
+        # killed without a word (SIGKILL): the restart says so
+        line(fmt, "listening", ts="2026-11-25T09:50:00.000Z", pid=13),
+    ]
+    rep = logs.analyze(lines)
+    rb = rep["engine_rebuilds"]
+    assert (rb["count"], rb["recovered"], rb["failed"], rb["unfinished"]) == (1, 1, 0, 0)
+    d = rep["errors"]["engine_death"]
+    assert d["count"] == 4, d
+    assert d["by_reason"][logs.REBUILT] == 1 and d["by_reason"]["watchdog: stalled"] == 1
+    assert d["by_reason"]["restarted without a clean stop (process killed?)"] == 1
+
+
+def test_no_rebuilds_reads_as_none():
+    rep = logs.analyze([req("logfmt", 200, ttft_s=0.01)])
+    assert rep["engine_rebuilds"] == {"count": 0, "recovered": 0, "failed": 0, "unfinished": 0,
+                                      "seconds": stats.summary([]), "each": []}
+    assert "Engine rebuilds in-process: 0\n" in logs.render(rep)
+
+
 def test_raw_traceback_oom_and_journald_prefixes():
     lines = [
         "Nov 25 10:00:00 box qwenbox[123]: " + req("logfmt", 200, ttft_s=0.01),
@@ -130,17 +209,18 @@ def test_raw_traceback_oom_and_journald_prefixes():
     assert rep["lines"]["structured"] == 2
 
 
-def test_reject_events_and_request_lines_count_once():
-    """Admission may log its own `rejected` event and then the request line: one 429."""
+def test_a_429_is_its_request_line():
+    """Admission's refusals are request lines (status 429, a reason); no other event names
+    them, and a line of an event the daemon never writes counts for nothing."""
     lines = [line("logfmt", "rejected", id="r1", reason="queue_timeout"),
-             req("logfmt", 429, id="r1"),
-             line("json", "rejected", id="r2", reason="queue_full"),
+             req("logfmt", 429, id="r1", reason="queue_timeout"),
              req("json", 429, id="r2", reason="queue_full"),
              req("json", 429, id="r3", reason="queue_full", session="s-1")]
     rep = logs.analyze(lines)
     assert rep["errors"]["queue_full"]["count"] == 3
     assert rep["errors"]["queue_full"]["by_reason"] == {"queue_full": 2, "queue_timeout": 1}
     assert rep["requests"]["sessions"] == 1
+    assert rep["lines"]["events"] == {"rejected": 1, "request": 3}
 
 
 def test_missing_and_unknown_fields_are_tolerated():

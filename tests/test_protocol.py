@@ -1,12 +1,15 @@
-"""qwenbox/api/protocol.py and convert.py: pure functions, no daemon."""
+"""qwenbox/api/protocol.py, convert.py and record.py: pure functions, no daemon."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
-from qwenbox.api import convert, protocol
+from qwenbox import eventlog
+from qwenbox.api import convert, errors, protocol
 from qwenbox.api.errors import ApiError
+from qwenbox.api.record import RequestRecord
 from qwenbox.config import LimitsConfig
 from qwenbox.generation import Delta, Sampling
 from qwenbox.shaping import Defaults
@@ -249,3 +252,63 @@ def test_chunks():
     assert u["choices"] == [] and u["usage"]["total_tokens"] == 7
     t = convert.completion_chunk("id", 1, "m", 1, "y", "stop")
     assert t["choices"][0] == {"index": 1, "text": "y", "logprobs": None, "finish_reason": "stop"}
+
+
+def test_shapes_chunk_a_delta_as_openai_does():
+    head = convert.CHAT.head("req-1", "m")
+    assert head.id == "chatcmpl-req-1" and head.model == "m"
+    opening = convert.CHAT.opening(*head, 2)
+    assert [c["choices"][0]["delta"] for c in opening] == [{"role": "assistant", "content": ""}] * 2
+    assert [c["choices"][0]["index"] for c in opening] == [0, 1]
+    text_and_end = convert.CHAT.delta_chunks(*head, Delta(1, "hi", 1, "length"))
+    assert [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in text_and_end] == \
+        [({"content": "hi"}, None), ({}, "length")]
+    assert convert.CHAT.delta_chunks(*head, Delta(0, "", 0, "abort")) == []     # vLLM's abort is no finish
+    chead = convert.COMPLETION.head("req-1", "m")
+    assert chead.id == "cmpl-req-1" and convert.COMPLETION.opening(*chead, 2) == []
+    [one] = convert.COMPLETION.delta_chunks(*chead, Delta(0, "hi", 1, "stop"))
+    assert one["object"] == "text_completion" and one["choices"][0]["text"] == "hi"
+    assert convert.COMPLETION.delta_chunks(*chead, Delta(0, "", 0)) == []
+    acc = convert.Accumulator(3)
+    acc.add([Delta(0, "a", 1, "length"), Delta(1, "b", 1, "stop")])
+    assert convert.CHAT.body(*head, acc, 4)["object"] == "chat.completion"
+    assert convert.COMPLETION.body(*chead, acc, 4)["object"] == "text_completion"
+    assert acc.finish_summary() == "length,stop"         # the unfinished third choice reads as stop
+
+
+def test_context_length_errors_are_one_shape():
+    for e in (errors.prompt_too_long(64), errors.prompt_too_long(64, 80, param="prompt"),
+              errors.context_length_exceeded("the prompt is 10 tokens and max_tokens is 60", 64, "lower max_tokens",
+                                             param="max_tokens")):
+        assert e.status == 400 and e.code == "context_length_exceeded" and "64 tokens" in e.message
+    unread = errors.prompt_too_long(64)
+    assert unread.param == "messages" and "more than 64 tokens long" in unread.message
+    assert "80 tokens long" in errors.prompt_too_long(64, 80).message
+
+
+# ---------------------------------------------------------------- the access-log line (api/record.py)
+def logged(fields: dict) -> str:
+    """The line the daemon's formatter writes for these fields, from `event=` on."""
+    rec = logging.LogRecord("qwenbox.events", logging.INFO, "", 0, eventlog.Event.REQUEST.value, (), None)
+    rec.qb_fields = fields
+    return eventlog.LogfmtFormatter().format(rec).split(" ", 2)[2]
+
+
+def test_request_record_writes_the_line_in_its_order_without_unknown_facts():
+    r = RequestRecord("req-1", started=10.0)
+    r.session, r.intent = "s-1", "chat"
+    r.queued_s, r.priority = 0.0, 0
+    r.prompt_len, r.max_tokens, r.stream = 5, 16, True
+    r.first_output(10.25)
+    r.first_output(11.0)                      # TTFT is the first output's
+    r.ended(4, "length")
+    assert logged(r.line_fields("POST", "/v1/chat/completions", 200, 1.5)) == (
+        "event=request id=req-1 method=POST path=/v1/chat/completions status=200 latency_s=1.5 session=s-1 "
+        "intent=chat queued_s=0 priority=0 prompt_len=5 max_tokens=16 stream=true ttft_s=0.25 output_len=4 "
+        "finish=length")
+    refused = RequestRecord("req-2", started=0.0, truncated=2, session=None, intent="summarize", reason="queue_full")
+    assert logged(refused.line_fields("POST", "/v1/chat/completions", 429, 0.01)) == (
+        "event=request id=req-2 method=POST path=/v1/chat/completions status=429 latency_s=0.01 truncated=2 "
+        "intent=summarize reason=queue_full")
+    assert list(RequestRecord("req-3", 0.0).line_fields("GET", "/x", 404, 0.0)) == \
+        ["id", "method", "path", "status", "latency_s"]

@@ -94,7 +94,7 @@ def test_metrics_export_the_quantiles(clock):
 
 
 def request_line(ts: str, session: str, latency: float) -> str:
-    from test_logs import line       # the daemon's own formatter, as test_logs writes lines
+    from test_logs import line  # the daemon's own formatter, as test_logs writes lines
     return line("logfmt", "request", ts=ts, id=f"{session}-{ts}", session=session, status=200,
                 latency_s=latency, path="/v1/chat/completions")
 
@@ -105,10 +105,28 @@ def test_logs_report_session_usage(capsys):
              request_line("2026-11-29T10:00:05Z", "s2", 1.0), request_line("2026-11-29T10:00:06Z", "", 1.0)]
     su = logs.analyze(lines)["session_usage"]
     assert su["sessions"] == 2
-    assert su["turn_gap_s"] == {"n": 3, "p50": pytest.approx(26.0), "p90": pytest.approx(26 + 0.8 * 532)}
-    assert su["turns_per_visit"]["n"] == 3 and su["turns_per_visit"]["p50"] == 1
+    assert su["turn_gap_s"] == {"count": 3, "p50": pytest.approx(26.0), "p90": pytest.approx(26 + 0.8 * 532)}
+    assert su["turns_per_visit"]["count"] == 3 and su["turns_per_visit"]["p50"] == 1
     # a longer keep-alive joins the two visits of s1
-    assert logs.analyze(lines, keepalive_s=1000)["session_usage"]["turns_per_visit"]["n"] == 2
+    assert logs.analyze(lines, keepalive_s=1000)["session_usage"]["turns_per_visit"]["count"] == 2
     text = logs.render(logs.analyze(lines))
     assert "Sessions: 2" in text and "gap between turns (n=3): p50 26.00 s" in text
     assert math.isclose(json.loads(json.dumps(su))["turn_gap_s"]["p50"], 26.0)
+
+
+def test_the_daemon_and_the_log_analyzer_give_the_same_figures(clock):
+    """One definition (qwenbox/session_usage.py): the live table and the logged turns agree."""
+    tr = SessionTracker(SessionsConfig(keepalive_s=120.0))
+    turns = (("s1", 0, 1.0), ("s2", 5, 2.0), ("s1", 11, 1.5), ("s1", 41, 1.0), ("s1", 642, 3.0), ("s2", 300, 1.0))
+    lines = []
+    for sid, start, length in turns:
+        turn(tr, clock, sid, 1000 + start, length)
+        end = f"2026-11-29T10:{(start + length) // 60:02.0f}:{(start + length) % 60:06.3f}Z"
+        lines.append(request_line(end, sid, length))
+    clock.t = 1000 + 642 + 3 + 120            # every visit has ended
+    live, logged = tr.usage(), logs.analyze(lines, keepalive_s=120.0)["session_usage"]
+    assert live["turn_gap_s"]["count"] == 4 and live["turns_per_visit"]["count"] == 4
+    for key in ("turn_gap_s", "turns_per_visit"):
+        assert logged[key]["count"] == live[key]["count"], key
+        assert logged[key]["p50"] == pytest.approx(live[key]["p50"]) and \
+            logged[key]["p90"] == pytest.approx(live[key]["p90"]), (key, live, logged)

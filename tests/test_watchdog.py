@@ -6,6 +6,7 @@ engine-core processes are real child processes, stopped and killed for real.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -273,10 +274,8 @@ def test_frozen_engine_without_systemd_makes_the_daemon_exit_1(tmp_path, demo_mo
         print(f"\nfrozen engine, no systemd: verdict {verdict['reason']!r}; exit {rc} after {took:.1f}s")
         assert verdict and "is stopped" in verdict["reason"]
         assert rc == 1, d.tail()
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):     # gone, reaped: survived it has not
             assert frozen.status() == psutil.STATUS_ZOMBIE, "the frozen engine core survived"
-        except psutil.NoSuchProcess:
-            pass
         events = [e for e in map(parse_line, d.log_text().splitlines()) if e]
         assert any(e.get("event") == "watchdog" and e.get("action") == "exit" for e in events)
         assert any(e.get("event") == "engine_failed" and e.get("reason", "").startswith("watchdog: ")
@@ -284,10 +283,8 @@ def test_frozen_engine_without_systemd_makes_the_daemon_exit_1(tmp_path, demo_mo
     finally:
         if frozen is not None:
             for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
+                with contextlib.suppress(psutil.Error):
                     frozen.send_signal(sig)
-                except psutil.Error:
-                    pass
         d.stop()
 
 
@@ -301,9 +298,11 @@ def test_engine_sigkill_is_rebuilt_in_process_and_requests_after_it_are_served(t
     """An engine core SIGKILLed under load: the same daemon process (socket, imports kept)
     rebuilds the engine, warms it and serves again. /health says "recovering" meanwhile;
     every request sent after the kill is answered 200 (held, or resubmitted when it died
-    with the engine before its first token). Figures printed: kill -> first answer."""
+    with the engine before its first token). `qwenbox logs` on its log counts the death,
+    the rebuild and what it took. Figures printed: kill -> first answer."""
     from helpers import Clients, Daemon, chat_body, jrequest, request
     from qwenbox.eventlog import parse_line
+    from qwenbox.tools import logs
 
     d = Daemon(tmp_path / "d", sections={"recovery": {"max_restarts": 1, "window_s": 600.0}})
     clients = None
@@ -341,11 +340,30 @@ def test_engine_sigkill_is_rebuilt_in_process_and_requests_after_it_are_served(t
             ["engine_died", "engine_recovered"]
         metrics = request(d.sock, "GET", "/metrics")[2].decode()
         assert 'qwenbox_engine_restarts_total{outcome="recovered"} 1.0' in metrics
+        # the analyzer on this log: one engine death, the one rebuild /health counts, recovered
+        rep = logs.analyze(logs.read_files([str(d.log_path)]))
+        rebuilds, deaths = rep["engine_rebuilds"], rep["errors"]["engine_death"]
+        print(f"qwenbox logs: {rebuilds['count']} rebuild(s), {rebuilds['recovered']} recovered, "
+              f"{rebuilds['seconds']}; engine deaths {deaths.get('by_reason')}")
+        assert deaths["count"] == rebuilds["count"] == h2["recovery"]["rebuilds"] == 1, (deaths, rebuilds)
+        assert deaths["by_reason"] == {logs.REBUILT: 1}
+        assert (rebuilds["recovered"], rebuilds["failed"], rebuilds["unfinished"]) == (1, 0, 0)
+        [rebuild] = rebuilds["each"]
+        # the line carries 6 significant digits of /health's figures
+        assert rebuild["seconds"] == pytest.approx(h2["recovery"]["last_recovery_s"], rel=1e-5)
+        assert rebuild["seconds"] > 0 and rebuilds["seconds"]["n"] == 1
+        assert rebuilds["seconds"]["max"] == rebuild["seconds"]
+        assert rebuild["phases"] and rebuild["phases"] == pytest.approx(h2["recovery"]["last_phases"], rel=1e-5)
+        assert rebuild["in_flight"] is not None and "Engine rebuilds in-process: 1 (1 recovered" in logs.render(rep)
 
         # The budget (max_restarts = 1 in 600 s) is spent: the next death is an exit 1.
         _engine_core(h2).send_signal(signal.SIGKILL)
         assert d.proc.wait(120) == 1, d.tail()
         assert "recovery.max_restarts = 1" in d.log_text()
+        # that second death was no rebuild: two engine deaths, still one rebuild
+        rep = logs.analyze(logs.read_files([str(d.log_path)]))
+        assert rep["errors"]["engine_death"]["count"] == 2 and rep["engine_rebuilds"]["count"] == 1, rep["errors"]
+        assert rep["errors"]["engine_death"]["by_reason"][logs.REBUILT] == 1
     finally:
         if clients is not None:
             clients.stop()

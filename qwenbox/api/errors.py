@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from aiohttp import web
 
@@ -32,12 +33,26 @@ class ApiError(Exception):
         # rather than let the server linger reading what is left of it.
         self.close = close
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def context_length_exceeded(size: str, max_model_len: int, remedy: str, *, param: str) -> ApiError:
+    """The one 400 for a request that does not fit the model's context: ``size`` says how
+    long it is, ``remedy`` what the client can change; ``param`` names the field to change."""
+    return ApiError(400, f"{size}, but this model's maximum context length is {max_model_len} tokens; {remedy}",
+                    param=param, code="context_length_exceeded")
+
+
+def prompt_too_long(max_model_len: int, tokens: int | None = None, param: str = "messages") -> ApiError:
+    """The prompt alone is too long: ``tokens`` long, or (None) known only to be longer
+    than the context (it was refused before it was read to its end)."""
+    size = f"{tokens} tokens long" if tokens is not None else f"more than {max_model_len} tokens long"
+    return context_length_exceeded(f"the prompt is {size}", max_model_len, "shorten the prompt", param=param)
 
 
 def unavailable(message: str, retry_after: int, code: str = "service_unavailable") -> ApiError:

@@ -5,8 +5,9 @@ Contract: ``decode_json(raw)`` turns the body into a JSON value that is safe to 
 return a typed request carrying one ``generation.Sampling``, or raise ``ApiError`` (400)
 naming the offending ``param``. Every field is checked for type AND range here (ranges
 shared with the config through ``generation.RULES``), and every client string that can
-reach a log line or a map is bounded, so nothing malformed reaches the engine. Fields we cannot honour (tools, logprobs, JSON mode, batched prompts) are rejected
-with a clear message rather than silently ignored; unknown extra fields are ignored, as
+reach a log line or a map is bounded, so nothing malformed reaches the engine. Fields we
+cannot honour (tools, logprobs, JSON mode, batched prompts) are rejected with a clear
+message rather than silently ignored; unknown extra fields are ignored, as
 OpenAI-compatible servers do, so newer clients keep working.
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ..config import LimitsConfig
 from ..generation import RULES, Sampling
@@ -104,14 +106,14 @@ def _short(path: str, limit: int = 128) -> str:
     return path if len(path) <= limit else path[:limit] + "..."
 
 
-def _object(body: Any) -> dict:
+def _object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
-        raise bad_request(f"request body must be a JSON object, got {type(body).__name__ if body is not None else 'null'}",
-                          code="invalid_json")
+        got = type(body).__name__ if body is not None else "null"
+        raise bad_request(f"request body must be a JSON object, got {got}", code="invalid_json")
     return body
 
 
-def _get(body: dict, key: str, types: tuple, what: str, default: Any = None) -> Any:
+def _get(body: dict[str, Any], key: str, types: tuple[type, ...], what: str, default: Any = None) -> Any:
     v = body.get(key, default)
     if v is None:
         return default
@@ -124,7 +126,7 @@ def _get(body: dict, key: str, types: tuple, what: str, default: Any = None) -> 
     return v
 
 
-def _ruled(body: dict, key: str, default: Any = None) -> Any:
+def _ruled(body: dict[str, Any], key: str, default: Any = None) -> Any:
     """A numeric sampling field, checked against ``generation.RULES`` (shared with config)."""
     rule = RULES[key]
     v = _get(body, key, (int,) if rule.integer else (int, float), "an integer" if rule.integer else "a number",
@@ -136,12 +138,13 @@ def _ruled(body: dict, key: str, default: Any = None) -> Any:
     return v
 
 
-def _reject_if_set(body: dict, key: str, why: str, allowed: tuple = (None, False, [], {})) -> None:
+def _reject_if_set(body: dict[str, Any], key: str, why: str,
+                   allowed: tuple[object, ...] = (None, False, [], {})) -> None:
     if key in body and body[key] not in allowed:
         raise bad_request(f"'{key}' is not supported by this server: {why}", param=key, code="unsupported_parameter")
 
 
-def _max_tokens(body: dict, limits: LimitsConfig) -> int | None:
+def _max_tokens(body: dict[str, Any], limits: LimitsConfig) -> int | None:
     key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     mt = body.get(key)
     if mt is None:
@@ -155,7 +158,7 @@ def _max_tokens(body: dict, limits: LimitsConfig) -> int | None:
     return mt
 
 
-def _stop(body: dict, limits: LimitsConfig) -> tuple[str, ...]:
+def _stop(body: dict[str, Any], limits: LimitsConfig) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
         return ()
@@ -171,7 +174,7 @@ def _stop(body: dict, limits: LimitsConfig) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _sampling(body: dict, limits: LimitsConfig) -> Sampling:
+def _sampling(body: dict[str, Any], limits: LimitsConfig) -> Sampling:
     top_k = _get(body, "top_k", (int,), "an integer", -1)
     if top_k != -1 and not 1 <= top_k <= MAX_TOP_K:
         raise bad_request(f"'top_k' must be -1 (off) or between 1 and {MAX_TOP_K}, got {top_k}", param="top_k")
@@ -191,14 +194,14 @@ def _sampling(body: dict, limits: LimitsConfig) -> Sampling:
         seed=_ruled(body, "seed"), n=n, ignore_eos=_get(body, "ignore_eos", (bool,), "a boolean", False))
 
 
-def _user(body: dict) -> str | None:
+def _user(body: dict[str, Any]) -> str | None:
     user = _get(body, "user", (str,), "a string")
     if user is not None and len(user) > MAX_USER_CHARS:
         raise bad_request(f"'user' must be at most {MAX_USER_CHARS} characters, got {len(user)}", param="user")
     return user or None
 
 
-def _stream(body: dict) -> tuple[bool, bool]:
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = _get(body, "stream", (bool,), "a boolean", False)
     opts = body.get("stream_options")
     include_usage = False
@@ -211,14 +214,14 @@ def _stream(body: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _model(body: dict) -> str:
+def _model(body: dict[str, Any]) -> str:
     m = body.get("model")
     if not isinstance(m, str) or not m:
         raise bad_request("'model' is required and must be a string (see GET /v1/models)", param="model")
     return m
 
 
-def _content(i: int, msg: dict, role: str) -> str:
+def _content(i: int, msg: dict[str, Any], role: str) -> str:
     c = msg.get("content")
     param = f"messages[{i}].content"
     if c is None:

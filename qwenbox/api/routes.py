@@ -1,27 +1,37 @@
 """Thin handlers: parse -> shape -> convert -> engine -> JSON or SSE.
 
 Contract: handlers never see vllm types and never build error responses themselves
-(they raise; middleware maps). A streamed response, once started, ends with
-``data: [DONE]`` on success, or with one ``data: {"error": ...}`` event and ``[DONE]`` if
-the engine fails mid-stream. A client that goes away aborts its engine request.
+(they raise; middleware maps). A handler picks its answer's ``convert.Shape`` (chat or
+text completion) once; ``_whole`` answers with one JSON body, ``_streamed`` with SSE. A
+streamed response, once started, ends with ``data: [DONE]`` on success, or with one
+``data: {"error": ...}`` event and ``[DONE]`` if the engine fails mid-stream. A client
+that goes away aborts its engine request. Each fact for the access-log line is written
+once, into the request's ``RequestRecord`` (``keys.RECORD``).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from .. import shaping
-from ..config import Config
-from . import convert, protocol
+from ..config import Config, LimitsConfig
+from ..engine_protocol import PromptTokenizer, ServingEngine
+from ..generation import Delta, GenerationRequest
+from . import convert, errors, protocol
 from .errors import ApiError, classify, to_sse_event
-from .keys import ADMISSION, CONFIG, GATE, HEALTH, METRICS, STARTED_WALL
+from .keys import ADMISSION, CONFIG, GATE, HEALTH, METRICS, RECORD, STARTED_WALL
+
+ParsedRequest = protocol.ChatRequest | protocol.CompletionRequest
+ParsedT = TypeVar("ParsedT", protocol.ChatRequest, protocol.CompletionRequest)
+T = TypeVar("T")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no", "Connection": "keep-alive"}
@@ -56,13 +66,8 @@ def _check_model(cfg: Config, model: str) -> None:
                        code="model_not_found")
 
 
-def _overlong(max_model_len: int, param: str = "messages", tokens: int | None = None) -> ApiError:
-    size = f"{tokens} tokens long" if tokens is not None else f"more than {max_model_len} tokens long"
-    return ApiError(400, f"the prompt is {size}, but this model's maximum context length is {max_model_len} "
-                         "tokens; shorten the prompt", param=param, code="context_length_exceeded")
-
-
-async def _parse(request: web.Request, parse) -> tuple[Config, Any, str | None]:
+async def _parse(request: web.Request,
+                 parse: Callable[[Any, LimitsConfig], ParsedT]) -> tuple[Config, ParsedT, str | None]:
     """The current config, the parsed request (checked model) and its session id."""
     cfg = request.app[CONFIG]()
     req = parse(await read_json(request), cfg.limits)
@@ -79,34 +84,37 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         messages = req.messages
         text = shaping.prompt_text(messages)
         shaped = shaping.defaults(cfg, text, shaping.last_user_text(messages))
-        headers = {}
+        headers: dict[str, str] = {}
         if cfg.shaping.on_overlong == "truncate":
             messages, dropped, prompt_ids = await _off_loop(len(text), lambda: _fit(
                 tok, max_len, messages, req.sampling.max_tokens, shaped.sampling.max_tokens))
             if dropped:
                 headers["X-Qwenbox-Truncated"] = f"dropped {dropped} oldest message(s) to fit the context"
-                request["qb"]["truncated"] = dropped
+                request[RECORD].truncated = dropped
                 request.app[METRICS].truncated.inc()
         else:
-            prompt_ids = await _off_loop(len(text), lambda: tok.encode_within(tok.render_chat(messages), max_len))
-            if prompt_ids is None:
-                raise _overlong(max_len)
-        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, headers, chat=True)
+            within = await _off_loop(len(text), lambda: tok.encode_within(tok.render_chat(messages), max_len))
+            if within is None:
+                raise errors.prompt_too_long(max_len)
+            prompt_ids = within
+        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, headers, convert.CHAT)
 
 
 _LARGE_TEXT = 32_768   # characters; tokenizing more than this could stall the event loop
 
 
-async def _off_loop(size: int, fn):
+async def _off_loop(size: int, fn: Callable[[], T]) -> T:
     """Run CPU-heavy prompt work in a thread when the text is large, so the event loop (health
     probes, other streams, the watchdog's pings) keeps answering during a huge request."""
     return await asyncio.to_thread(fn) if size > _LARGE_TEXT else fn()
 
 
-def _fit(tok, max_len: int, messages, client_max_tokens, shaped_max_tokens):
+def _fit(tok: PromptTokenizer, max_len: int, messages: list[dict[str, str]], client_max_tokens: int | None,
+         shaped_max_tokens: int | None) -> tuple[list[dict[str, str]], int, list[int]]:
     """on_overlong = "truncate": drop the oldest turns until prompt + room for the answer fit.
     -> (kept messages, how many were dropped, their token ids)."""
-    room = client_max_tokens if client_max_tokens is not None else min(shaped_max_tokens, max_len // 2)
+    half = max_len // 2      # the answer's room when neither the client nor shaping sets one
+    room = client_max_tokens if client_max_tokens is not None else min(shaped_max_tokens or half, half)
     budget = max_len - room
     # What always stays (system prompts, the last turn) must fit on its own: checked cheaply
     # first, so a huge final turn is refused without tokenizing the whole history.
@@ -114,20 +122,19 @@ def _fit(tok, max_len: int, messages, client_max_tokens, shaped_max_tokens):
     if tok.encode_within(tok.render_chat(keep), budget) is None:
         raise _fit_error(max_len, room, f"the system prompt and the last message are more than {budget} tokens")
 
-    def count(ms) -> int:      # past max_len, "more than max_len" is all that matters
+    def count(ms: list[dict[str, str]]) -> int:      # past max_len, "more than max_len" is all that matters
         ids = tok.encode_within(tok.render_chat(ms), max_len)
         return max_len + 1 if ids is None else len(ids)
 
     try:
         kept, dropped = shaping.fit_messages(messages, count, budget)
     except shaping.Overlong as e:
-        raise _fit_error(max_len, room, str(e))
+        raise _fit_error(max_len, room, str(e)) from None
     return kept, dropped, tok.encode(tok.render_chat(kept))
 
 
 def _fit_error(max_len: int, room: int, why: str) -> ApiError:
-    return ApiError(400, f"{why}; this model's maximum context length is {max_len} tokens and "
-                         f"{room} are kept for the answer", param="messages", code="context_length_exceeded")
+    return errors.context_length_exceeded(why, max_len, f"{room} of them are kept for the answer", param="messages")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -143,100 +150,105 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 raise ApiError(400, f"'prompt' has token id {bad} outside the vocabulary "
                                     f"(0..{tok.vocab_size - 1})", param="prompt")
             if len(prompt_ids) >= engine.max_model_len:
-                raise _overlong(engine.max_model_len, "prompt", len(prompt_ids))
+                raise errors.prompt_too_long(engine.max_model_len, len(prompt_ids), param="prompt")
             text = await _off_loop(len(prompt_ids), lambda: tok.decode(prompt_ids))
         else:
             text = req.prompt
-            prompt_ids = await _off_loop(len(text), lambda: tok.encode_within(text, engine.max_model_len))
-            if prompt_ids is None:
-                raise _overlong(engine.max_model_len, "prompt")
+            within = await _off_loop(len(text), lambda: tok.encode_within(text, engine.max_model_len))
+            if within is None:
+                raise errors.prompt_too_long(engine.max_model_len, param="prompt")
+            prompt_ids = within
         shaped = shaping.defaults(cfg, text)
-        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, {}, chat=False)
+        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, {}, convert.COMPLETION)
 
 
-async def _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, headers, *, chat):
+async def _admit_and_run(request: web.Request, cfg: Config, engine: ServingEngine, req: ParsedRequest,
+                         prompt_ids: list[int], shaped: shaping.Defaults, session: str | None,
+                         headers: dict[str, str], shape: convert.Shape) -> web.StreamResponse:
+    record = request[RECORD]
     prompt_ids = shaping.pad(prompt_ids, cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
-    info = request["qb"]
-    info.update(session=session, intent=shaped.intent)
-    gate = request.app[GATE]
+    record.session, record.intent = session, shaped.intent
     async with request.app[ADMISSION].admit(len(prompt_ids), session) as ticket:
-        info.update(queued_s=round(ticket.queued_s, 4), priority=ticket.priority)
-        gen = convert.to_generation(req.sampling, prompt_ids, request_id=request["rid"],
+        record.queued_s, record.priority = round(ticket.queued_s, 4), ticket.priority
+        gen = convert.to_generation(req.sampling, prompt_ids, request_id=record.id,
                                     max_model_len=engine.max_model_len, defaults=shaped,
                                     stream=req.stream, priority=ticket.priority)
-        with gate.running(request["rid"]):
-            return await _run(request, cfg, engine, gen, req, headers, chat=chat)
+        record.prompt_len, record.max_tokens, record.stream = (len(gen.prompt_token_ids), gen.sampling.max_tokens,
+                                                               req.stream)
+        head = shape.head(record.id, req.model)
+        with request.app[GATE].running(record.id):
+            if req.stream:
+                return await _streamed(request, engine, gen, req.include_usage, headers, shape, head,
+                                       cfg.server.retry_after_s)
+            return await _whole(request, engine, gen, headers, shape, head)
 
 
-async def _run(request, cfg, engine, gen, req, headers: dict, *, chat: bool) -> web.StreamResponse:
-    info = request["qb"]
-    info.update(prompt_len=len(gen.prompt_token_ids), max_tokens=gen.sampling.max_tokens, stream=req.stream)
-    rid, created, model = f"{'chatcmpl' if chat else 'cmpl'}-{request['rid']}", convert.now(), req.model
+async def _outputs(request: web.Request, engine: ServingEngine,
+                   gen: GenerationRequest) -> AsyncGenerator[list[Delta], None]:
+    """The engine's outputs for ``gen`` (the first sets the record's TTFT); closing this
+    closes the engine's stream, which aborts the request there. Raises ``NotServing``
+    at the end when a drain aborted the request."""
+    record, gate = request[RECORD], request.app[GATE]
+    async with aclosing(gate.generate(engine, gen)) as outputs:
+        async for deltas in outputs:
+            record.first_output(time.monotonic())
+            yield deltas
+    gate.raise_if_aborted(record.id)
+
+
+async def _whole(request: web.Request, engine: ServingEngine, gen: GenerationRequest, headers: dict[str, str],
+                 shape: convert.Shape, head: convert.Head) -> web.Response:
+    """Not streamed: one JSON body once the engine is done."""
     acc = convert.Accumulator(gen.sampling.n)
-    t0 = request["t0"]
-    gate = request.app[GATE]
-    if not req.stream:
-        async with aclosing(gate.generate(engine, gen)) as outputs:
-            async for deltas in outputs:
-                if "ttft_s" not in info:
-                    info["ttft_s"] = round(time.monotonic() - t0, 4)
-                acc.add(deltas)
-        gate.raise_if_aborted(request["rid"])
-        _finish(info, acc)
-        body = (convert.chat_body if chat else convert.completion_body)(rid, created, model, acc, len(gen.prompt_token_ids))
-        return web.json_response(body, headers=headers)
+    async with aclosing(_outputs(request, engine, gen)) as outputs:
+        async for deltas in outputs:
+            acc.add(deltas)
+    request[RECORD].ended(acc.completion_tokens, acc.finish_summary())
+    return web.json_response(shape.body(*head, acc, len(gen.prompt_token_ids)), headers=headers)
 
+
+async def _streamed(request: web.Request, engine: ServingEngine, gen: GenerationRequest, include_usage: bool,
+                    headers: dict[str, str], shape: convert.Shape, head: convert.Head,
+                    retry_after: int) -> web.StreamResponse:
+    """Streamed: SSE chunks as the engine produces them. Past the 200 an error is one
+    in-band error event and ``[DONE]``; the record says how it ended."""
+    record = request[RECORD]
+    acc = convert.Accumulator(gen.sampling.n)
     resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     await resp.prepare(request)
 
-    async def send(obj: dict) -> None:
+    async def send(obj: dict[str, Any]) -> None:
         await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
     try:
-        if chat:
-            for i in range(gen.sampling.n):
-                await send(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}))
-        async with aclosing(gate.generate(engine, gen)) as outputs:
+        for chunk in shape.opening(*head, gen.sampling.n):
+            await send(chunk)
+        async with aclosing(_outputs(request, engine, gen)) as outputs:
             async for deltas in outputs:
-                if "ttft_s" not in info:
-                    info["ttft_s"] = round(time.monotonic() - t0, 4)
                 acc.add(deltas)
                 for d in deltas:
-                    fin = convert.finish_reason(d.finish_reason)
-                    if chat:
-                        if d.text:
-                            await send(convert.chat_chunk(rid, created, model, d.index, {"content": d.text}))
-                        if fin:
-                            await send(convert.chat_chunk(rid, created, model, d.index, {}, fin))
-                    elif d.text or fin:
-                        await send(convert.completion_chunk(rid, created, model, d.index, d.text, fin))
-        gate.raise_if_aborted(request["rid"])
-        if req.include_usage:
-            await send(convert.usage_chunk(rid, created, model, "chat.completion.chunk" if chat else "text_completion",
-                                           len(gen.prompt_token_ids), acc.completion_tokens))
+                    for chunk in shape.delta_chunks(*head, d):
+                        await send(chunk)
+        if include_usage:
+            await send(convert.usage_chunk(*head, shape.chunk_object, len(gen.prompt_token_ids),
+                                           acc.completion_tokens))
         await resp.write(b"data: [DONE]\n\n")
-        _finish(info, acc)
-    except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
+        record.ended(acc.completion_tokens, acc.finish_summary())
+    except (ConnectionError, asyncio.CancelledError):
         # aiohttp cancels the handler when the client goes away (handler_cancellation=True)
-        info.update(status=499, finish="client_gone", output_len=acc.completion_tokens)
-        raise   # aclosing() above already aborted the engine request
+        record.ended(acc.completion_tokens, "client_gone", status=499)
+        raise   # closing _outputs above already aborted the engine request
     except Exception as exc:  # the status line is sent: report the error in-band, once
-        err = classify(exc, cfg.server.retry_after_s)
-        info.update(status=err.status, finish="error", output_len=acc.completion_tokens)
+        record.ended(acc.completion_tokens, "error", status=classify(exc, retry_after).status)
         try:
-            await resp.write(to_sse_event(exc, cfg.server.retry_after_s))
+            await resp.write(to_sse_event(exc, retry_after))
             await resp.write(b"data: [DONE]\n\n")
         except ConnectionError:
             pass
     return resp
 
 
-def _finish(info: dict, acc: convert.Accumulator) -> None:
-    info["output_len"] = acc.completion_tokens
-    info["finish"] = ",".join(sorted({f or "stop" for f in acc.finish}))
-
-
-def _model_card(request: web.Request) -> dict:
+def _model_card(request: web.Request) -> dict[str, Any]:
     cfg, engine = request.app[CONFIG](), request.app[GATE].engine
     return {"id": cfg.model.name, "object": "model", "created": int(request.app[STARTED_WALL]),
             "owned_by": "qwenbox", "root": cfg.model.path,

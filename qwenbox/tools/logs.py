@@ -6,28 +6,33 @@ Contract:
   JSON, bare or behind a journald ``short`` prefix; lines that are not ours (vLLM's own
   output) are skipped, except that tracebacks there are still scanned for out-of-memory.
 - ``analyze(lines)`` returns one plain dict (what ``--json`` prints): cold starts and their
-  phases; the latency distribution of successful requests (``stats.summary``, a
-  histogram); error classes with counts and first/last times; traffic per hour; session
-  usage (``session_usage``: gap between a session's turns and turns per visit, P50/P90;
-  a visit ends when a session is idle ``keepalive_s``, the daemon's own definition).
+  phases; in-process engine rebuilds (``engine_rebuilds``: each ``engine_died`` with its
+  outcome, recovered / failed / unfinished, and the rebuild's seconds and phases from its
+  ``engine_recovered``; ``seconds`` summarises the recovered ones); the latency
+  distribution of successful requests (``stats.summary``, a histogram); error classes
+  with counts and first/last times; traffic per hour; session usage (``session_usage``:
+  the daemon's own figures and definition, ``qwenbox.session_usage``, with a visit
+  ending after ``keepalive_s`` idle).
+- ``Analyzer`` does the work: one handler per ``eventlog.Event`` that says something here.
 - ``request_values(path, ids, key)``: one field of chosen request lines, for the
   benchmarks' server-side figures.
 - Tolerant by design: unknown events and fields are ignored, missing fields are fine, so
-  newer daemons (admission control's 429 lines with a ``reason``/``rejected`` field, a
-  ``session`` field) and older ones both read.
+  newer and older daemons both read.
 
 Error classes. Every request line lands in exactly one of them (or none when it succeeded):
   client_abort      status 499 (the client went away)
-  queue_full        status 429, by reason (``reason=``/``rejected=``/``code=`` on the line,
-                    or a separate ``rejected`` event with the request's id)
+  queue_full        status 429 (admission's refusal), by the line's ``reason``
   out_of_memory     a 5xx whose error text says out of memory
   prefill_failure   a 5xx (other than 503) that ended before the first token
   server_error_5xx  every other 5xx, by status (503 while loading/draining, mid-stream 500s)
   client_error_4xx  every other 4xx, by status (bad input; not the server's fault)
 Plus two classes of events that are not requests:
-  engine_death      ``engine_failed`` events, a ``stopped`` with an exit code other than 0
-                    and 130 and no ``engine_failed`` before it, and restarts with no
-                    ``stopped`` line before them (the process was killed: OOM killer, SIGKILL)
+  engine_death      ``engine_died`` events (an engine rebuilt in-process: ``rebuilt
+                    in-process``), ``engine_failed`` events other than the failure of such
+                    a rebuild (that death is counted already), a ``stopped`` with an exit
+                    code other than 0 and 130 and no ``engine_failed`` before it, and
+                    restarts with neither a ``stopped`` nor an ``engine_failed`` line before
+                    them (the process was killed: OOM killer, SIGKILL)
   out_of_memory     also counts OOM messages in log lines and raw tracebacks; mentions in
                     the same second count once
 """
@@ -43,15 +48,17 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from ..eventlog import parse_line
+from .. import session_usage as usage_figures
+from ..eventlog import Event, parse_line
 from .report import fmt, table
 from .stats import percentiles, summary
 
 OOM = re.compile(r"out of memory|OutOfMemoryError|Cannot allocate memory|std::bad_alloc|\bMemoryError\b",
                  re.IGNORECASE)
-REJECT_EVENTS = {"rejected", "rejection", "request_rejected", "admission_rejected", "throttled"}
 ERROR_CLASSES = ("out_of_memory", "queue_full", "prefill_failure", "engine_death", "client_abort",
                  "server_error_5xx", "client_error_4xx")
 CLASS_TITLES = {"out_of_memory": "out of memory", "queue_full": "queue full / 429",
@@ -60,7 +67,8 @@ CLASS_TITLES = {"out_of_memory": "out of memory", "queue_full": "queue full / 42
                 "client_error_4xx": "bad requests (4xx)"}
 _BOOL = {"true": True, "false": False}
 _NUM = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-_NUMERIC_KEYS = {"status", "exit_code", "pid", "priority", "n", "queue_depth", "in_flight", "retry_after_s"}
+_NUMERIC_KEYS = {"status", "exit_code", "pid", "priority", "n", "queue_depth", "in_flight", "retry_after_s",
+                 "truncated", "seconds", "rebuild", "max_restarts"}
 
 
 # ------------------------------------------------------------------ reading
@@ -119,10 +127,10 @@ def parse_ts(ts: Any) -> dt.datetime | None:
         t = dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
-def request_values(path: str | os.PathLike, ids: Sequence[str], key: str = "ttft_s") -> list[float | None]:
+def request_values(path: str | os.PathLike[str], ids: Sequence[str], key: str = "ttft_s") -> list[float | None]:
     """``key`` of the daemon's ``request`` lines for these request ids, in the order of
     ``ids``; None where the line or the number is missing or the file cannot be read."""
     found: dict[str, Any] = {}
@@ -130,7 +138,7 @@ def request_values(path: str | os.PathLike, ids: Sequence[str], key: str = "ttft
     try:
         for line in read_files([str(path)]):
             rec = parse_line(line)
-            if rec and rec.get("event") == "request" and rec.get("id") in want:
+            if rec and rec.get("event") == Event.REQUEST and rec.get("id") in want:
                 found[rec["id"]] = normalize(rec).get(key)
     except OSError:
         pass
@@ -138,7 +146,7 @@ def request_values(path: str | os.PathLike, ids: Sequence[str], key: str = "ttft
 
 
 def _iso(t: dt.datetime | None) -> str | None:
-    return t.astimezone(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if t else None
+    return t.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if t else None
 
 
 # ------------------------------------------------------------------ histogram
@@ -155,21 +163,25 @@ def histogram(xs: list[float], per_decade: int = 4) -> list[dict[str, Any]]:
         if x <= 0:
             counts[0] += 1
             continue
-        i = min(max(int(math.floor(math.log10(x) * per_decade)) - lo_e, 0), len(counts) - 1)
+        i = min(max(math.floor(math.log10(x) * per_decade) - lo_e, 0), len(counts) - 1)
         counts[i] += 1
     return [{"lo": edges[i], "hi": edges[i + 1], "count": c} for i, c in enumerate(counts)]
 
 
 # ------------------------------------------------------------------ analysis
+Record = dict[str, Any]      # one structured line, values typed back (``normalize``), ``_t`` its time
+Time = dt.datetime | None     # a line's timestamp; None when it has none
+
+
 class _Class:
     def __init__(self) -> None:
         self.count = 0
         self.first: dt.datetime | None = None
         self.last: dt.datetime | None = None
-        self.by: Counter = Counter()
+        self.by: Counter[str] = Counter()
         self.examples: list[str] = []
 
-    def add(self, t: dt.datetime | None, key: str | None = None, example: str | None = None) -> None:
+    def add(self, t: Time, key: str | None = None, example: str | None = None) -> None:
         self.count += 1
         if t is not None:
             self.first = t if self.first is None or t < self.first else self.first
@@ -191,218 +203,347 @@ class _Class:
 _BY_NAME = {"queue_full": "by_reason", "server_error_5xx": "by_status", "client_error_4xx": "by_status",
             "engine_death": "by_reason", "out_of_memory": "by_source", "prefill_failure": "by_status",
             "client_abort": "by_path"}
+REBUILT = "rebuilt in-process"       # the engine_death key of an engine_died line
 
 
-def _text(rec: dict[str, Any]) -> str:
+def _text(rec: Record) -> str:
     return " ".join(str(rec[k]) for k in ("error", "exc", "msg", "reason", "detail", "code", "error_code")
                     if rec.get(k) not in (None, ""))
 
 
-def _reject_reason(rec: dict[str, Any]) -> str:
-    for key in ("reason", "rejected", "rejection", "code", "error_code"):
-        v = rec.get(key)
-        if isinstance(v, str) and v and v.lower() not in ("true", "false", "1", "0"):
-            return v
-    return "unspecified"
+def _reject_reason(rec: Record) -> str:
+    """A 429 request line's ``reason`` (admission's refusal: queue_full, queue_timeout...)."""
+    reason = rec.get("reason")
+    return reason if isinstance(reason, str) and reason else "unspecified"
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def session_usage(turns: dict[str, list[tuple[float, float]]], keepalive_s: float) -> dict[str, Any]:
-    """``turns``: session -> [(start, end) epoch seconds] -> P50/P90 of the gap between one
-    turn's end and the next turn's start (turns that overlap have no gap), and of the turns
-    per visit (a gap of ``keepalive_s`` or more starts a new visit)."""
-    gaps: list[float] = []
-    visits: list[int] = []
-    for spans in turns.values():
-        spans.sort()
-        n, end = 0, None
-        for start, stop in spans:
-            if end is not None and start >= end:
-                gaps.append(start - end)
-                if start - end >= keepalive_s:
-                    visits.append(n)
-                    n = 0
-            n += 1
-            end = stop if end is None else max(end, stop)
-        visits.append(n)
-    g, v = percentiles(gaps, (50, 90)), percentiles(visits, (50, 90))
-    return {"keepalive_s": keepalive_s, "sessions": len(turns),
-            "turn_gap_s": {"n": len(gaps), "p50": g[50], "p90": g[90]},
-            "turns_per_visit": {"n": len(visits), "p50": v[50], "p90": v[90]}}
+    """``turns``: session -> [(start, end) epoch seconds] -> the daemon's own figures
+    (``qwenbox.session_usage``: P50/P90 of the gap between turns and of the turns per
+    visit, a visit ending after ``keepalive_s`` idle), with the keep-alive and the number
+    of sessions."""
+    gaps, visits = usage_figures.from_turns(turns, keepalive_s)
+    return {"keepalive_s": keepalive_s, "sessions": len(turns), **usage_figures.figures(gaps, visits)}
 
 
-def analyze(lines: Iterable[str], keepalive_s: float = 120.0) -> dict[str, Any]:
-    n_lines = n_parsed = 0
-    events: Counter = Counter()
-    first_t = last_t = None
-    cold: list[dict[str, Any]] = []
-    classes = {c: _Class() for c in ERROR_CLASSES}
-    by_status: Counter = Counter()
-    by_path: Counter = Counter()
-    sessions: set[str] = set()
-    session_turns: dict[str, list[tuple[float, float]]] = {}
-    ok_lat: list[float] = []
-    all_lat: list[float] = []
-    ok_ttft: list[float] = []
-    hours: dict[str, dict[str, Any]] = {}
-    minutes: Counter = Counter()
-    rejected_ids: dict[str, str] = {}      # id -> reason, from separate reject events
-    queue_full_ids: set[str] = set()
-    n_requests = 0
-    running = False                        # a `listening` seen and no `stopped` after it
-    failed_this_run = False                # an engine_failed line since the last `listening`
-    last_seen_t = None
+class _Errors:
+    """The error classes; out-of-memory mentions of one incident (the same second) count once."""
 
-    oom_keys: dict[str, str] = {}          # second -> source that counted it
+    def __init__(self) -> None:
+        self.classes = {c: _Class() for c in ERROR_CLASSES}
+        self._oom_seen: dict[str, str] = {}      # second -> the source that counted it
 
-    def oom(t: dt.datetime | None, source: str, example: str, request: bool = False) -> None:
+    def __getitem__(self, name: str) -> _Class:
+        return self.classes[name]
+
+    def oom(self, t: Time, source: str, example: str, request: bool = False) -> None:
         """Mentions of one incident in the same second count once; every request counts."""
-        c = classes["out_of_memory"]
-        key = t.replace(microsecond=0).isoformat() if t else f"raw-{len(oom_keys)}-{c.count}"
-        seen = oom_keys.get(key)
+        c = self.classes["out_of_memory"]
+        key = t.replace(microsecond=0).isoformat() if t else f"raw-{len(self._oom_seen)}-{c.count}"
+        seen = self._oom_seen.get(key)
         if seen is not None and not request:
             return
         if seen is not None and seen != "request":     # a mention already counted it: it was this request
             c.by[seen] -= 1
             c.by = +c.by
             c.by["request"] += 1
-            oom_keys[key] = "request"
+            self._oom_seen[key] = "request"
             return
-        oom_keys[key] = "request" if request else source
+        self._oom_seen[key] = "request" if request else source
         c.add(t, "request" if request else source, example)
 
-    for raw in lines:
-        n_lines += 1
-        rec0 = parse_line(raw)
-        if rec0 is None:
+    def request(self, rec: Record, status: int | None, t: Time) -> None:
+        """A request line in its one class (none when it succeeded)."""
+        if status is None or status < 400:
+            return
+        if status == 499:
+            self.classes["client_abort"].add(t, str(rec.get("path", "?")))
+        elif status == 429:
+            self.classes["queue_full"].add(t, _reject_reason(rec))
+        elif status >= 500:
+            text = _text(rec)
+            if OOM.search(text):
+                self.oom(t, "request", text, request=True)
+            elif status != 503 and rec.get("ttft_s") in (None, "") and not rec.get("output_len"):
+                self.classes["prefill_failure"].add(t, str(status), text or None)
+            else:
+                self.classes["server_error_5xx"].add(t, str(status), text or None)
+        else:
+            self.classes["client_error_4xx"].add(t, str(status))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {c: self.classes[c].as_dict(_BY_NAME[c]) for c in ERROR_CLASSES}
+
+
+@dataclass
+class _Rebuild:
+    """One in-process engine rebuild: its ``engine_died`` line and what became of it."""
+    ts: str | None
+    reason: str | None
+    in_flight: int | None
+    outcome: str = "unfinished"      # "recovered", "failed" (engine_failed), or the log/process ended first
+    seconds: float | None = None     # engine_recovered's seconds: death seen -> serving again
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class _Rebuilds:
+    """Engine deaths rebuilt in-process (``engine_died``) and their outcomes."""
+
+    def __init__(self) -> None:
+        self.each: list[_Rebuild] = []
+        self.pending: _Rebuild | None = None
+
+    def died(self, rec: Record, t: Time) -> None:
+        in_flight = rec.get("in_flight")
+        self.pending = _Rebuild(_iso(t), str(rec["reason"]) if rec.get("reason") not in (None, "") else None,
+                                in_flight if isinstance(in_flight, int) else None)
+        self.each.append(self.pending)
+
+    def recovered(self, rec: Record) -> None:
+        if self.pending is None:         # the log starts mid-rebuild: its engine_died is not in it
+            self.pending = _Rebuild(None, None, None)
+            self.each.append(self.pending)
+        self.pending.outcome = "recovered"
+        self.pending.seconds = _number(rec.get("seconds"))
+        self.pending.phases = {k: float(v) for k, v in rec.items()
+                               if k.endswith("_s") and not k.startswith("_") and _number(v) is not None}
+        self.pending = None
+
+    def failed(self) -> bool:
+        """An engine_failed line: True when it ended a rebuild (its death is counted already)."""
+        ended, self.pending = self.pending, None
+        if ended is not None:
+            ended.outcome = "failed"
+        return ended is not None
+
+    def process_ended(self) -> None:
+        """A stop or a restart: a rebuild still pending never finished."""
+        self.pending = None
+
+    def as_dict(self) -> dict[str, Any]:
+        outcomes = Counter(r.outcome for r in self.each)
+        return {"count": len(self.each), "recovered": outcomes["recovered"], "failed": outcomes["failed"],
+                "unfinished": outcomes["unfinished"],
+                "seconds": summary(r.seconds for r in self.each if r.outcome == "recovered"),
+                "each": [asdict(r) for r in self.each]}
+
+
+class _Requests:
+    """The access-log lines: counts, latency, traffic per hour and minute, session turns."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_status: Counter[str] = Counter()
+        self.by_path: Counter[str] = Counter()
+        self.sessions: set[str] = set()
+        self.session_turns: dict[str, list[tuple[float, float]]] = {}    # session -> [(start, end)]
+        self.ok_lat: list[float] = []
+        self.all_lat: list[float] = []
+        self.ok_ttft: list[float] = []
+        self.hours: dict[str, dict[str, Any]] = {}
+        self.minutes: Counter[str] = Counter()
+
+    def add(self, rec: Record, status: int | None, t: Time) -> None:
+        self.total += 1
+        self.by_status[str(status) if status is not None else "unknown"] += 1
+        self.by_path[str(rec.get("path", "?"))] += 1
+        lat = _number(rec.get("latency_s"))
+        session = rec.get("session")
+        if session not in (None, ""):
+            self.sessions.add(str(session))
+            if t is not None:                   # the line is written at the end of the turn
+                self.session_turns.setdefault(str(session), []).append((t.timestamp() - (lat or 0.0), t.timestamp()))
+        if lat is not None:
+            self.all_lat.append(lat)
+        ok = status is not None and 200 <= status < 400
+        if ok and lat is not None:
+            self.ok_lat.append(lat)
+        if ok and (ttft := _number(rec.get("ttft_s"))) is not None:
+            self.ok_ttft.append(ttft)
+        if t is not None:
+            self._traffic(t, status, lat)
+
+    def _traffic(self, t: dt.datetime, status: int | None, lat: float | None) -> None:
+        utc = t.astimezone(dt.UTC)
+        h = utc.strftime("%Y-%m-%dT%H:00Z")
+        bucket = self.hours.setdefault(h, {"hour": h, "requests": 0, "ok": 0, "4xx": 0, "5xx": 0, "_lat": []})
+        bucket["requests"] += 1
+        if status is not None:
+            bucket["ok" if status < 400 else "4xx" if status < 500 else "5xx"] += 1
+        if lat is not None and status is not None and status < 400:
+            bucket["_lat"].append(lat)
+        self.minutes[utc.strftime("%Y-%m-%dT%H:%MZ")] += 1
+
+    def traffic_per_hour(self) -> list[dict[str, Any]]:
+        out = []
+        for h in sorted(self.hours):
+            b = {k: v for k, v in self.hours[h].items() if k != "_lat"}
+            p = percentiles(self.hours[h]["_lat"], (50, 95))
+            b["p50_s"], b["p95_s"] = p[50], p[95]
+            out.append(b)
+        return out
+
+
+class Analyzer:
+    """``feed`` it lines one at a time, then ask for the ``report``. Each ``Event`` the
+    daemon writes that says something here has one handler (``_HANDLERS``); other events
+    are only counted, and lines that are not ours only scanned for out-of-memory."""
+
+    def __init__(self, keepalive_s: float = 120.0) -> None:
+        self.keepalive_s = keepalive_s
+        self.n_lines = self.n_parsed = 0
+        self.events: Counter[str] = Counter()
+        self.first_t: Time = None
+        self.last_t: Time = None
+        self.last_seen_t: Time = None        # the time of the latest line that had one
+        self.cold: list[dict[str, Any]] = []
+        self.errors = _Errors()
+        self.rebuilds = _Rebuilds()
+        self.requests = _Requests()
+        self.running = False                 # a `listening` seen and no `stopped` after it
+        self.failed_this_run = False         # an engine_failed line since the last `listening`
+
+    def feed(self, raw: str) -> None:
+        self.n_lines += 1
+        parsed = parse_line(raw)
+        if parsed is None:
             if OOM.search(raw) and ("Error" in raw or "error" in raw or "Killed" in raw):
-                oom(last_seen_t, "raw output", raw.strip())
-            continue
-        n_parsed += 1
-        rec = normalize(rec0)
+                self.errors.oom(self.last_seen_t, "raw output", raw.strip())
+            return
+        self.n_parsed += 1
+        rec = normalize(parsed)
         t = rec["_t"]
         if t is not None:
-            last_seen_t = t
-            first_t = t if first_t is None or t < first_t else first_t
-            last_t = t if last_t is None or t > last_t else last_t
-        ev = str(rec.get("event", ""))
-        events[ev] += 1
+            self.last_seen_t = t
+            self.first_t = t if self.first_t is None or t < self.first_t else self.first_t
+            self.last_t = t if self.last_t is None or t > self.last_t else self.last_t
+        name = str(rec.get("event", ""))
+        self.events[name] += 1
+        kind = _event(name)
+        handler = _HANDLERS.get(kind) if kind is not None else None
+        if handler is not None:
+            handler(self, rec, t)
 
-        if ev == "listening":
-            if running:
-                classes["engine_death"].add(t, "restarted without a clean stop (process killed?)")
-            running, failed_this_run = True, False
-        elif ev == "stopped":
-            running = False
-            code = rec.get("exit_code")
-            if isinstance(code, int) and code not in (0, 130) and not failed_this_run:
-                classes["engine_death"].add(t, f"stopped with exit code {code}")
-        elif ev == "cold_start":
-            phases = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                      and not k.startswith("_")}
-            cold.append({"ts": _iso(t), "model": rec.get("model"), "phases": phases})
-        elif ev == "engine_failed":
-            failed_this_run = True
-            text = _text(rec)
-            classes["engine_death"].add(t, str(rec.get("reason") or "engine failed"), text)
-            if OOM.search(text):
-                oom(t, "engine_failed", text)
-        elif ev in REJECT_EVENTS:
-            rid = rec.get("id")
-            if isinstance(rid, str) and rid:
-                rejected_ids[rid] = _reject_reason(rec)
-                if rid in queue_full_ids:
-                    continue
-                queue_full_ids.add(rid)
-            classes["queue_full"].add(t, _reject_reason(rec))
-        elif ev == "log":
-            text = _text(rec)
-            if OOM.search(text) and str(rec.get("level", "")).lower() in ("warning", "error", "critical"):
-                oom(t, f"log {rec.get('logger', '')}".strip(), text)
-        elif ev == "request":
-            n_requests += 1
-            status = rec.get("status")
-            status = status if isinstance(status, int) else None
-            by_status[str(status) if status is not None else "unknown"] += 1
-            by_path[str(rec.get("path", "?"))] += 1
-            if rec.get("session") not in (None, ""):
-                sessions.add(str(rec["session"]))
-            lat = rec.get("latency_s")
-            lat = float(lat) if isinstance(lat, (int, float)) else None
-            if rec.get("session") not in (None, "") and t is not None:     # the line is written at the end
-                end = t.timestamp()
-                session_turns.setdefault(str(rec["session"]), []).append((end - (lat or 0.0), end))
-            if lat is not None:
-                all_lat.append(lat)
-            if status is not None and 200 <= status < 400:
-                if lat is not None:
-                    ok_lat.append(lat)
-                if isinstance(rec.get("ttft_s"), (int, float)):
-                    ok_ttft.append(float(rec["ttft_s"]))
-            if t is not None:
-                h = t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:00Z")
-                bucket = hours.setdefault(h, {"hour": h, "requests": 0, "ok": 0, "4xx": 0, "5xx": 0, "_lat": []})
-                bucket["requests"] += 1
-                if status is not None:
-                    bucket["ok" if status < 400 else "4xx" if status < 500 else "5xx"] += 1
-                if lat is not None and status is not None and status < 400:
-                    bucket["_lat"].append(lat)
-                minutes[t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")] += 1
-            _classify_request(rec, status, t, classes, rejected_ids, queue_full_ids, oom)
+    def _engine_death(self, t: Time, reason: str, example: str | None = None) -> None:
+        self.errors["engine_death"].add(t, reason, example)
 
-    traffic = []
-    for h in sorted(hours):
-        b = hours[h]
-        lat = b.pop("_lat")
-        p = percentiles(lat, (50, 95))
-        b["p50_s"], b["p95_s"] = p[50], p[95]
-        traffic.append(b)
-    return {
-        "lines": {"total": n_lines, "structured": n_parsed, "events": dict(sorted(events.items()))},
-        "span": {"first": _iso(first_t), "last": _iso(last_t)},
-        "cold_starts": cold,
-        "requests": {"total": n_requests, "by_status": dict(sorted(by_status.items())),
-                     "by_path": dict(sorted(by_path.items())), "sessions": len(sessions)},
-        "latency": {"ok": summary(ok_lat), "all": summary(all_lat), "ttft_ok": summary(ok_ttft),
-                    "histogram": histogram(ok_lat), "histogram_fine": histogram(ok_lat, per_decade=12)},
-        "errors": {c: classes[c].as_dict(_BY_NAME[c]) for c in ERROR_CLASSES},
-        "traffic_per_hour": traffic,
-        "session_usage": session_usage(session_turns, keepalive_s),
-        # per minute only for short logs (under three hours), where per hour says little
-        "traffic_per_minute": ([{"minute": m, "requests": n} for m, n in sorted(minutes.items())]
-                               if len(traffic) < 3 else []),
-    }
+    def on_listening(self, rec: Record, t: Time) -> None:
+        # a start while the previous run never logged its end: that process was killed
+        # (OOM killer, SIGKILL), unless it had already said why it gave up (engine_failed)
+        if self.running and not self.failed_this_run:
+            self._engine_death(t, "restarted without a clean stop (process killed?)")
+        self.rebuilds.process_ended()
+        self.running, self.failed_this_run = True, False
 
+    def on_stopped(self, rec: Record, t: Time) -> None:
+        self.running = False
+        self.rebuilds.process_ended()
+        code = rec.get("exit_code")
+        if isinstance(code, int) and code not in (0, 130) and not self.failed_this_run:
+            self._engine_death(t, f"stopped with exit code {code}")
 
-def _classify_request(rec: dict[str, Any], status: int | None, t: dt.datetime | None,
-                      classes: dict[str, _Class], rejected_ids: dict[str, str], queue_full_ids: set[str],
-                      oom) -> None:
-    if status is None or status < 400:
-        return
-    rid = rec.get("id") if isinstance(rec.get("id"), str) else None
-    if status == 499:
-        classes["client_abort"].add(t, str(rec.get("path", "?")))
-    elif status == 429:
-        if rid and rid in queue_full_ids:
-            return                                  # its reject event counted it already
-        if rid:
-            queue_full_ids.add(rid)
-        reason = _reject_reason(rec)
-        classes["queue_full"].add(t, rejected_ids.get(rid, reason) if reason == "unspecified" and rid else reason)
-    elif status >= 500:
+    def on_cold_start(self, rec: Record, t: Time) -> None:
+        phases = {k: v for k, v in rec.items() if _number(v) is not None and not k.startswith("_")}
+        self.cold.append({"ts": _iso(t), "model": rec.get("model"), "phases": phases})
+
+    def on_engine_died(self, rec: Record, t: Time) -> None:
+        self.rebuilds.died(rec, t)
+        self._engine_death(t, REBUILT, str(rec.get("reason") or "") or None)
+
+    def on_engine_recovered(self, rec: Record, t: Time) -> None:
+        self.rebuilds.recovered(rec)
+
+    def on_engine_failed(self, rec: Record, t: Time) -> None:
+        self.failed_this_run = True
         text = _text(rec)
+        if not self.rebuilds.failed():       # a failed rebuild is the death its engine_died counted
+            self._engine_death(t, str(rec.get("reason") or "engine failed"), text)
         if OOM.search(text):
-            oom(t, "request", text, request=True)
-        elif status != 503 and rec.get("ttft_s") in (None, "") and not rec.get("output_len"):
-            classes["prefill_failure"].add(t, str(status), text or None)
-        else:
-            classes["server_error_5xx"].add(t, str(status), text or None)
-    else:
-        classes["client_error_4xx"].add(t, str(status))
+            self.errors.oom(t, "engine_failed", text)
+
+    def on_log(self, rec: Record, t: Time) -> None:
+        text = _text(rec)
+        if OOM.search(text) and str(rec.get("level", "")).lower() in ("warning", "error", "critical"):
+            self.errors.oom(t, f"log {rec.get('logger', '')}".strip(), text)
+
+    def on_request(self, rec: Record, t: Time) -> None:
+        status = rec.get("status")
+        status = status if isinstance(status, int) else None
+        self.requests.add(rec, status, t)
+        self.errors.request(rec, status, t)
+
+    def report(self) -> dict[str, Any]:
+        """What ``--json`` prints (see the module's contract)."""
+        r = self.requests
+        traffic = r.traffic_per_hour()
+        return {
+            "lines": {"total": self.n_lines, "structured": self.n_parsed, "events": dict(sorted(self.events.items()))},
+            "span": {"first": _iso(self.first_t), "last": _iso(self.last_t)},
+            "cold_starts": self.cold,
+            "engine_rebuilds": self.rebuilds.as_dict(),
+            "requests": {"total": r.total, "by_status": dict(sorted(r.by_status.items())),
+                         "by_path": dict(sorted(r.by_path.items())), "sessions": len(r.sessions)},
+            "latency": {"ok": summary(r.ok_lat), "all": summary(r.all_lat), "ttft_ok": summary(r.ok_ttft),
+                        "histogram": histogram(r.ok_lat), "histogram_fine": histogram(r.ok_lat, per_decade=12)},
+            "errors": self.errors.as_dict(),
+            "traffic_per_hour": traffic,
+            "session_usage": session_usage(r.session_turns, self.keepalive_s),
+            # per minute only for short logs (under three hours), where per hour says little
+            "traffic_per_minute": ([{"minute": m, "requests": n} for m, n in sorted(r.minutes.items())]
+                                   if len(traffic) < 3 else []),
+        }
+
+
+_HANDLERS: dict[Event, Callable[[Analyzer, Record, Time], None]] = {
+    Event.LISTENING: Analyzer.on_listening,
+    Event.STOPPED: Analyzer.on_stopped,
+    Event.COLD_START: Analyzer.on_cold_start,
+    Event.ENGINE_DIED: Analyzer.on_engine_died,
+    Event.ENGINE_RECOVERED: Analyzer.on_engine_recovered,
+    Event.ENGINE_FAILED: Analyzer.on_engine_failed,
+    Event.LOG: Analyzer.on_log,
+    Event.REQUEST: Analyzer.on_request,
+}
+
+
+def _event(name: str) -> Event | None:
+    """The ``Event`` a line names; None for a name this version does not know."""
+    try:
+        return Event(name)
+    except ValueError:
+        return None
+
+
+def analyze(lines: Iterable[str], keepalive_s: float = 120.0) -> dict[str, Any]:
+    analyzer = Analyzer(keepalive_s)
+    for raw in lines:
+        analyzer.feed(raw)
+    return analyzer.report()
 
 
 # ------------------------------------------------------------------ text output
 def _short(ts: str | None) -> str:
     return ts.replace("T", " ") if ts else "-"
+
+
+def _render_rebuilds(rb: dict[str, Any]) -> list[str]:
+    counts = (f" ({rb['recovered']} recovered, {rb['failed']} failed, {rb['unfinished']} unfinished)"
+              if rb["count"] else "")
+    out = [f"\nEngine rebuilds in-process: {rb['count']}{counts}"]
+    took = rb["seconds"]
+    if took["n"]:
+        out.append(f"  rebuild took (n={took['n']}): p50 {fmt(took['p50'], 's')}  max {fmt(took['max'], 's')}")
+    for r in rb["each"]:
+        outcome = f"recovered in {fmt(r['seconds'], 's')}" if r["outcome"] == "recovered" else r["outcome"]
+        phases = ", ".join(f"{k[:-2]} {fmt(v, 's')}" for k, v in r["phases"].items())
+        in_flight = f", {r['in_flight']} in flight" if r["in_flight"] is not None else ""
+        out.append(f"  {_short(r['ts'])}  {r['reason'] or '-'}{in_flight}: {outcome}"
+                   + (f" ({phases})" if phases else ""))
+    return out
 
 
 def render(rep: dict[str, Any], source: str = "") -> str:
@@ -418,14 +559,15 @@ def render(rep: dict[str, Any], source: str = "") -> str:
         parts = [f"{k[:-2]} {fmt(v, 's')}" for k, v in ph.items() if k.endswith("_s") and k != "total_s"]
         parts += [f"{k} {v}" for k, v in ph.items() if not k.endswith("_s")]
         out.append(f"  {_short(c['ts'])}  {c.get('model') or '-'}  total {fmt(total, 's')}: " + ", ".join(parts))
+    out += _render_rebuilds(rep["engine_rebuilds"])
 
     r = rep["requests"]
     statuses = ", ".join(f"{k}: {v}" for k, v in r["by_status"].items())
     out.append(f"\nRequests: {r['total']}" + (f" ({statuses})" if statuses else "")
                + (f"; {r['sessions']} sessions" if r["sessions"] else ""))
     lat, ttft = rep["latency"]["ok"], rep["latency"]["ttft_ok"]
-    out.append(f"Latency of successful requests (n={lat['n']}): p50 {fmt(lat['p50'], 's')}  p95 {fmt(lat['p95'], 's')}  "
-               f"p99 {fmt(lat['p99'], 's')}  max {fmt(lat['max'], 's')}")
+    out.append(f"Latency of successful requests (n={lat['n']}): p50 {fmt(lat['p50'], 's')}  "
+               f"p95 {fmt(lat['p95'], 's')}  p99 {fmt(lat['p99'], 's')}  max {fmt(lat['max'], 's')}")
     if ttft["n"]:
         out.append(f"Time to first token (n={ttft['n']}): p50 {fmt(ttft['p50'], 's')}  p95 {fmt(ttft['p95'], 's')}  "
                    f"p99 {fmt(ttft['p99'], 's')}")
@@ -460,8 +602,8 @@ def render(rep: dict[str, Any], source: str = "") -> str:
         gap, visit = su["turn_gap_s"], su["turns_per_visit"]
         out.append(f"\nSessions: {su['sessions']} (a visit ends after {fmt(su['keepalive_s'], 's')} idle, "
                    "sessions.keepalive_s)")
-        out.append(f"  gap between turns (n={gap['n']}): p50 {fmt(gap['p50'], 's')}  p90 {fmt(gap['p90'], 's')}")
-        out.append(f"  turns per visit (n={visit['n']}): p50 {fmt(visit['p50'])}  p90 {fmt(visit['p90'])}")
+        out.append(f"  gap between turns (n={gap['count']}): p50 {fmt(gap['p50'], 's')}  p90 {fmt(gap['p90'], 's')}")
+        out.append(f"  turns per visit (n={visit['count']}): p50 {fmt(visit['p50'])}  p90 {fmt(visit['p90'])}")
     return "\n".join(out)
 
 
@@ -593,7 +735,8 @@ def main(args: Any) -> int:
     try:
         print(json.dumps(rep, indent=2) if args.json else render(rep, source), flush=True)
     except BrokenPipeError:                      # `qwenbox logs ... | head`
-        sys.stdout = open("/dev/null", "w")
+        # the reader is gone: what is still buffered goes nowhere (open for the process's life)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     if args.plot:
         plot(rep, args.plot)
         if not args.json:

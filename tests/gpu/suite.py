@@ -95,7 +95,7 @@ from qwenbox.tools.client import (  # noqa: E402
 from qwenbox.tools.report import dig, fmt, write_json  # noqa: E402
 from qwenbox.tools.stats import median, ratio  # noqa: E402
 
-PHASES = ("cold", "qwenbox", "vllm", "vllm-defaults", "inproc", "recovery", "sleep", "cost-untuned", "cost-tuned")
+PHASES = ("cold", "qwenbox", "vllm", "vllm-defaults", "qwenbox-24gib", "inproc", "recovery", "sleep", "cost-untuned", "cost-tuned")
 
 # Counts per mode. GPU: the workloads of issues 11 and 16; smoke: the same code, small, on the demo model.
 GPU = dict(prompt_len=512, out_len=128, bursts=(256, 1024), concurrency={32: 256, 128: 512, 512: 1024}, repeats=3,
@@ -500,6 +500,26 @@ def phase_vllm_defaults(st: Setup, ph: dict[str, Any]) -> None:
     _served(st, ph, "vllm-defaults", vllm_defaults_server(st, "vllm-defaults", model, cache), cache, cfg)
 
 
+EMULATED_CARD_GIB = 24.0     # the source article's A10G
+
+
+def phase_qwenbox_24gib(st: Setup, ph: dict[str, Any]) -> None:
+    """The shipped profile ("auto" sizing) held to 24 GiB of this card, as on the source
+    article's 24 GB A10G: gpu_memory_utilization = 24 GiB / the card's memory, so weights,
+    activations and KV cache share what such a card has. What sizing chose is in
+    /health's ``sizing`` (``launch.health_at_ready``). In smoke mode (CPU) the demo profile
+    runs unchanged: there is no card memory to cap."""
+    from qwenbox.sizing import GiB, probe_device
+
+    cache = st.cache("qwenbox-24gib")
+    cache.create()
+    total = probe_device().memory_bytes
+    extra = {"engine": {"gpu_memory_utilization": round(EMULATED_CARD_GIB * GiB / total, 4)}} if total else None
+    ph["emulated_card_gib"], ph["card_bytes"] = EMULATED_CARD_GIB, total
+    cfg = st.config("qwenbox-24gib", st.tuned_src, cache, extra)
+    _served(st, ph, "qwenbox-24gib", qwenbox_server(st, "qwenbox-24gib", cfg, cache), cache, cfg)
+
+
 def worker_argv(st: Setup, cfg: Path) -> list[str]:
     """The in-process worker's command line: the same mode, model and counts as ours."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--out", str(st.out), "--worker", "inproc",
@@ -747,7 +767,7 @@ def tail(path: Path, n: int = 30) -> str:
 
 
 RUNNERS = {"cold": phase_cold, "qwenbox": phase_qwenbox, "vllm": phase_vllm, "vllm-defaults": phase_vllm_defaults,
-           "inproc": phase_inproc,
+           "qwenbox-24gib": phase_qwenbox_24gib, "inproc": phase_inproc,
            "recovery": phase_recovery, "sleep": phase_sleep,
            "cost-untuned": lambda st, ph: phase_cost(st, ph, "untuned"),
            "cost-tuned": lambda st, ph: phase_cost(st, ph, "tuned")}
@@ -879,7 +899,7 @@ def _med_range(w: dict[str, Any] | None, key: str, unit: str = "") -> str:
 
 
 def report(out: Path, doc: Path | None) -> str:
-    res = load_results(out)
+    res = published(load_results(out), out)     # the markdown names no path of the machine it ran on
     ph = res.get("phases", {})
     g = lambda *p: dig(ph, *p)  # noqa: E731
     gpu = res.get("gpu") or "no GPU (nvidia-smi absent)"
@@ -983,7 +1003,10 @@ def report(out: Path, doc: Path | None) -> str:
     lines.append(_md(["figure", "qwenbox", "`vllm serve` (same engine arguments)",
                       "`vllm serve MODEL` (its defaults)", "AsyncLLM in-process", "qwenbox / vllm (same)",
                       "qwenbox / vllm (defaults)"], rows))
-    lines += ["", f"Throughput cells: median of {p['repeats']} repetitions (min-max); prompts are random token ids, "
+    # the repetitions as run (--repeats), not the mode's default
+    repeats = sorted({len(r.get("runs") or []) for w in servers for r in w.values() if isinstance(r, dict)} - {0})
+    lines += ["", f"Throughput cells: median of {'/'.join(map(str, repeats)) or '-'} repetitions (min-max); "
+              "prompts are random token ids, "
               "the same for every server, checked distinct with no shared KV block; client-side timing over the unix "
               "socket (in-process: no HTTP). Failed requests in the throughput runs: "
               + (", ".join(fails) or "none") + ".",
@@ -991,6 +1014,7 @@ def report(out: Path, doc: Path | None) -> str:
     if g("vllm-defaults", "launch", "argv"):
         lines += ["", "`vllm serve` with its defaults ran as: `"
                   + " ".join(g("vllm-defaults", "launch", "argv")) + "`."]
+    lines += _sizing_section(g, p, tput, served)
 
     # start-up phases
     prow = []
@@ -1048,7 +1072,9 @@ def published(res: dict[str, Any], out: Path) -> dict[str, Any]:
     ran on (the output directory, the sockets' directory, the model directory given to
     vLLM) written as $OUT, $SOCKETS and $MODEL. results.json keeps them."""
     names = {str(out): "$OUT", str(sock_dir(out)): "$SOCKETS"}
-    names.update({m: "$MODEL" for m in _model_dirs(res)})
+    names.update({m: "$MODEL" for m in _argv_values(res, "--model")})
+    # the sockets' directory of the machine that ran it (a report may be written elsewhere)
+    names.update({str(Path(s).parent): "$SOCKETS" for s in _argv_values(res, "--uds")})
     ordered = sorted(names.items(), key=lambda kv: -len(kv[0]))     # a longer path before a prefix of it
 
     def swap(x: Any) -> Any:
@@ -1066,17 +1092,45 @@ def published(res: dict[str, Any], out: Path) -> dict[str, Any]:
     return published_res
 
 
-def _model_dirs(res: Any) -> set[str]:
-    """Every ``--model DIR`` in the argv the results recorded (vLLM's servers)."""
+def _argv_values(res: Any, flag: str) -> set[str]:
+    """Every value of ``flag`` (``--model DIR``, ``--uds SOCK``) in the argv the results recorded."""
     if isinstance(res, dict):
-        found = set().union(*map(_model_dirs, res.values())) if res else set()
+        found = set().union(*(_argv_values(v, flag) for v in res.values())) if res else set()
         argv = res.get("argv")
-        if isinstance(argv, list) and "--model" in argv[:-1]:
-            found.add(str(argv[argv.index("--model") + 1]))
+        if isinstance(argv, list) and flag in argv[:-1]:
+            found.add(str(argv[argv.index(flag) + 1]))
         return found
     if isinstance(res, list):
-        return set().union(*map(_model_dirs, res)) if res else set()
+        return set().union(*(_argv_values(v, flag) for v in res)) if res else set()
     return set()
+
+
+def _sizing_section(g: Any, p: dict[str, Any], tput: Any, served: Any) -> list[str]:
+    """What "auto" sizing chose on the card and on the card held to 24 GiB, and how the
+    24 GiB run served the same workloads."""
+    out: list[str] = []
+    for name, label in (("qwenbox", "the whole card"), ("qwenbox-24gib", "held to 24 GiB (an A10G's memory)")):
+        s = g(name, "launch", "health_at_ready", "sizing")
+        if not s:
+            continue
+        chosen = ", ".join(f"{k.split('.')[1]} {c['value']}" for k, c in (s.get("chosen") or {}).items())
+        out += ["", f"Sizing on {label}: KV cache {s.get('kv_cache_tokens'):,} tokens; {chosen}."]
+    w = g("qwenbox-24gib", "workloads")
+    if w:
+        rows = []
+        for b in p["bursts"]:
+            k = f"burst{b}"
+            rows.append([f"{b:,} at once: output tok/s; p95 TTFT; served", tput(w.get(k)),
+                         _med_range(w.get(k), "ttft_p95_s", "s"), served(w.get(k))])
+        for c, n in p["concurrency"].items():
+            k = f"c{c}"
+            rows.append([f"closed loop at {c} ({n:,} requests)", tput(w.get(k)), _med_range(w.get(k), "ttft_p95_s", "s"),
+                         served(w.get(k))])
+        out += ["", "qwenbox held to 24 GiB of the card, the same workloads:", "",
+                _md(["workload", "output tok/s", "p95 TTFT", "served"], rows)]
+        if g("qwenbox-24gib", "errors"):
+            out += ["", f"Errors: {g('qwenbox-24gib', 'errors')}"]
+    return out
 
 
 def _mfu_note(basis: dict[str, Any] | None, p: dict[str, Any]) -> str:
