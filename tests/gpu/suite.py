@@ -95,7 +95,8 @@ from qwenbox.tools.client import (  # noqa: E402
 from qwenbox.tools.report import dig, fmt, write_json  # noqa: E402
 from qwenbox.tools.stats import median, ratio  # noqa: E402
 
-PHASES = ("cold", "qwenbox", "vllm", "vllm-defaults", "qwenbox-24gib", "inproc", "recovery", "sleep", "cost-untuned", "cost-tuned")
+PHASES = ("cold", "qwenbox", "vllm", "vllm-defaults", "qwenbox-24gib", "inproc", "recovery", "sleep", "cost-untuned",
+          "cost-tuned")
 
 # Counts per mode. GPU: the workloads of issues 11 and 16; smoke: the same code, small, on the demo model.
 GPU = dict(prompt_len=512, out_len=128, bursts=(256, 1024), concurrency={32: 256, 128: 512, 512: 1024}, repeats=3,
@@ -1124,8 +1125,8 @@ def _sizing_section(g: Any, p: dict[str, Any], tput: Any, served: Any) -> list[s
                          _med_range(w.get(k), "ttft_p95_s", "s"), served(w.get(k))])
         for c, n in p["concurrency"].items():
             k = f"c{c}"
-            rows.append([f"closed loop at {c} ({n:,} requests)", tput(w.get(k)), _med_range(w.get(k), "ttft_p95_s", "s"),
-                         served(w.get(k))])
+            rows.append([f"closed loop at {c} ({n:,} requests)", tput(w.get(k)),
+                         _med_range(w.get(k), "ttft_p95_s", "s"), served(w.get(k))])
         out += ["", "qwenbox held to 24 GiB of the card, the same workloads:", "",
                 _md(["workload", "output tok/s", "p95 TTFT", "served"], rows)]
         if g("qwenbox-24gib", "errors"):
