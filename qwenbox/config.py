@@ -154,6 +154,8 @@ class EngineConfig:
     kv_cache_memory_gib: float = _opt(0.0, min=0.0)
     scheduling_policy: str = _opt("priority", choices=("priority", "fcfs"))
     quantization: str = _opt("", choices=("", *QUANTIZATION_METHODS))
+    performance_mode: str = _opt("balanced", choices=("balanced", "interactivity", "throughput"))
+    max_cudagraph_capture_size: int | Auto = _opt(AUTO, min=1, max=8192, auto=True)
 
 
 @dataclass(frozen=True)

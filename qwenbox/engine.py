@@ -505,6 +505,11 @@ def engine_args_dict(cfg: Config) -> dict[str, Any]:
         args["kv_cache_memory_bytes"] = int(e.kv_cache_memory_gib * (1 << 30))
     if e.quantization:
         args["quantization"] = e.quantization
+    # passed only when set, so a default config gives the very same engine (and compile-cache key)
+    if e.performance_mode != "balanced":
+        args["performance_mode"] = e.performance_mode
+    if e.max_cudagraph_capture_size != AUTO:
+        args["max_cudagraph_capture_size"] = e.max_cudagraph_capture_size
     return args
 
 

@@ -160,12 +160,15 @@ def engine_limits(cfg: Config, device: Device) -> EngineLimits:
     """The engine's max_num_seqs and max_num_batched_tokens for ``cfg`` on ``device``.
 
     Explicit values are kept. For "auto" ones, vLLM's own derivation from its defaults
-    (``_set_default_max_num_seqs_and_batched_tokens_args``, chunked prefill on, no
-    performance mode): max_num_batched_tokens = min(default, max_num_seqs x max_model_len);
+    (``_set_default_max_num_seqs_and_batched_tokens_args``, chunked prefill on; both
+    defaults doubled for ``performance_mode = "throughput"``, as vLLM does):
+    max_num_batched_tokens = min(default, max_num_seqs x max_model_len);
     max_num_seqs = min(default, max_num_batched_tokens). One rule of ours on top: an "auto"
     max_num_batched_tokens is at least an explicit max_num_seqs, which vLLM requires.
     Pure: the same config and device give the same limits."""
     d_seqs, d_tokens, why = vllm_serve_defaults(device)
+    if cfg.engine.performance_mode == "throughput":     # vLLM doubles its defaults in this mode
+        d_seqs, d_tokens, why = 2 * d_seqs, 2 * d_tokens, why + ", doubled for performance_mode \"throughput\""
     seqs_cfg, tokens_cfg = cfg.engine.max_num_seqs, cfg.engine.max_num_batched_tokens
     seqs_auto, tokens_auto = _is_auto(cfg, "engine.max_num_seqs"), _is_auto(cfg, "engine.max_num_batched_tokens")
     seqs_for_tokens = d_seqs if seqs_auto else int(seqs_cfg)

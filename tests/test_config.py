@@ -505,6 +505,30 @@ def test_quantization_reaches_the_engine_arguments_only_when_set(demo_model):
     assert engine_args_dict(fp8)["quantization"] == "fp8"
 
 
+def test_performance_mode_and_graph_sizes_reach_the_engine_only_when_set(demo_model):
+    """Unset, the engine arguments (and so vLLM's compile-cache key) are what they were."""
+    from qwenbox.engine import engine_args_dict
+    cfg = config.load(DEMO_CONFIG)
+    args = engine_args_dict(cfg)
+    assert "performance_mode" not in args and "max_cudagraph_capture_size" not in args
+    set_ = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, performance_mode="interactivity",
+                                                               max_cudagraph_capture_size=1024))
+    args = engine_args_dict(set_)
+    assert args["performance_mode"] == "interactivity" and args["max_cudagraph_capture_size"] == 1024
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("performance_mode", '"fastest"', "balanced"), ("max_cudagraph_capture_size", "0", ">= 1"),
+    ("max_cudagraph_capture_size", '"lots"', 'or "auto"'),
+])
+def test_bad_performance_keys_name_the_line(tmp_path, key, value, says):
+    p = tmp_path / "q.toml"
+    p.write_text(f"[engine]\n{key} = {value}\n")
+    with pytest.raises(config.ConfigError, match=f"q.toml:2: engine.{key}") as e:
+        config.load(p)
+    assert says in str(e.value)
+
+
 def test_auto_engine_limits_reach_the_engine_arguments_as_numbers(monkeypatch):
     from qwenbox import sizing
     from qwenbox.engine import engine_args_dict

@@ -64,6 +64,16 @@ def test_engine_limits_follow_vllm_serve_defaults(device, seqs, tokens):
     assert "vllm serve" in limits.max_num_seqs.why
 
 
+def test_throughput_mode_doubles_the_auto_limits_as_vllm_does():
+    cfg = with_keys(shipped(), engine={"performance_mode": "throughput"})
+    limits = sizing.engine_limits(cfg, H200)
+    assert (limits.max_num_seqs.value, limits.max_num_batched_tokens.value) == (2048, 16384)
+    assert "doubled for performance_mode" in limits.max_num_seqs.why
+    explicit = sizing.engine_limits(with_keys(cfg, engine={"performance_mode": "throughput", "max_num_seqs": 64,
+                                                           "max_num_batched_tokens": 4096}), H200)
+    assert (explicit.max_num_seqs.value, explicit.max_num_batched_tokens.value) == (64, 4096)
+
+
 def test_engine_limits_keep_explicit_values_and_derive_like_vllm():
     cfg = with_keys(shipped(), engine={"max_num_seqs": 64})
     limits = sizing.engine_limits(cfg, H200)
