@@ -73,6 +73,26 @@ def failure_halt(why: str, exc: BaseException | None) -> Halt:
     return Halt(f"{why}: {type(exc).__name__}: {exc}" if exc is not None else why, code)
 
 
+async def dispose(dead: ServingEngine) -> None:
+    """What is left of an engine that is done with (dead, or a tuning trial): its core
+    processes killed and reaped, so their GPU memory is free for the next one, its client
+    side closed."""
+    procs = dead.core_processes()
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    await asyncio.to_thread(psutil.wait_procs, procs, _REAP_TIMEOUT_S)
+    await close(dead)
+
+
+async def close(engine: ServingEngine) -> None:
+    """Shut ``engine`` down, within _CLOSE_TIMEOUT_S; a failure is logged, never raised."""
+    try:
+        await asyncio.wait_for(engine.close(), timeout=_CLOSE_TIMEOUT_S)
+    except Exception as e:
+        log.warning("engine shutdown: %r", e)
+
+
 class EngineSupervisor:
     def __init__(self, settings: Callable[[], Config], lifecycle: Lifecycle, metrics: Metrics,
                  notifier: Notifier, busy: Callable[[], int], halt: Callable[[Halt], None],
@@ -158,7 +178,7 @@ class EngineSupervisor:
             engine = await asyncio.shield(opening)
         except asyncio.CancelledError:      # the build thread cannot be interrupted:
             engine = await opening          # let it finish, then close what it made
-            await self._close(engine)
+            await close(engine)
             raise
         eventlog.event(Event.ENGINE_LOADED, vllm=engine.version, device=engine.device,
                        core_pids=engine.core_pids(), **engine.figures())
@@ -168,7 +188,7 @@ class EngineSupervisor:
             basis = (limits, sizing.EngineFacts.from_engine(engine, limits),
                      sizing.throughput_from_warmup(report, cfg.warmup.decode_steps))
         except BaseException:
-            await self._dispose(engine)
+            await dispose(engine)
             raise
         return engine, report, basis
 
@@ -269,25 +289,9 @@ class EngineSupervisor:
     async def _replace(self, dead: ServingEngine | None
                        ) -> tuple[ServingEngine, warmup.WarmupReport, SizingBasis]:
         if dead is not None:
-            await self._dispose(dead)
+            await dispose(dead)
         return await self._build(self.lifecycle.note, lambda: self.lifecycle.note("warm-up"))
 
-    async def _dispose(self, dead: ServingEngine) -> None:
-        """What is left of a dead engine: its core processes killed and reaped, its client
-        side closed."""
-        procs = dead.core_processes()
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        await asyncio.to_thread(psutil.wait_procs, procs, _REAP_TIMEOUT_S)
-        await self._close(dead)
-
-    @staticmethod
-    async def _close(engine: ServingEngine) -> None:
-        try:
-            await asyncio.wait_for(engine.close(), timeout=_CLOSE_TIMEOUT_S)
-        except Exception as e:
-            log.warning("engine shutdown: %r", e)
 
     # ------------------------------------------------------------ standby
     async def _rewarm(self, engine: ServingEngine) -> None:
@@ -310,7 +314,7 @@ class EngineSupervisor:
         engine = self._engine
         self._attach(None)
         if engine is not None:
-            await self._close(engine)
+            await close(engine)
 
     # ------------------------------------------------------------ /health
     def health(self) -> dict[str, object]:
