@@ -43,6 +43,7 @@ import gzip
 import json
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -54,6 +55,7 @@ from typing import Any
 
 from .. import session_usage as usage_figures
 from ..eventlog import Event, parse_line
+from ..fileio import write_atomic
 from .report import fmt, table
 from .stats import percentiles, summary
 
@@ -332,6 +334,34 @@ class _Rebuilds:
                 "each": [asdict(r) for r in self.each]}
 
 
+SHAPE_KIND = "qwenbox-traffic-shape"     # what `qwenbox tune --workload` reads
+SHAPE_SAMPLES = 1000
+
+
+class Reservoir:
+    """A uniform sample of at most ``size`` of the items added (reservoir sampling, seeded:
+    the same log gives the same sample), and how many were added."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.seen = size, 0
+        self.items: list[tuple[int, int]] = []
+        self._rng = random.Random(0)
+
+    def add(self, item: tuple[int, int]) -> None:
+        self.seen += 1
+        if len(self.items) < self.size:
+            self.items.append(item)
+        elif (j := self._rng.randrange(self.seen)) < self.size:
+            self.items[j] = item
+
+    def as_shape(self) -> dict[str, Any]:
+        """The traffic shape: the sample and its summaries."""
+        return {"kind": SHAPE_KIND, "version": 1, "count": self.seen, "sampled": len(self.items),
+                "prompt_tokens": summary([float(p) for p, _ in self.items]),
+                "output_tokens": summary([float(o) for _, o in self.items]),
+                "requests": [list(x) for x in self.items]}
+
+
 class _Requests:
     """The access-log lines: counts, latency, traffic per hour and minute, session turns."""
 
@@ -346,6 +376,7 @@ class _Requests:
         self.ok_ttft: list[float] = []
         self.hours: dict[str, dict[str, Any]] = {}
         self.minutes: Counter[str] = Counter()
+        self.shape = Reservoir(SHAPE_SAMPLES)     # (prompt_len, output_len) of successful requests
 
     def add(self, rec: Record, status: int | None, t: Time) -> None:
         self.total += 1
@@ -364,6 +395,9 @@ class _Requests:
             self.ok_lat.append(lat)
         if ok and (ttft := _number(rec.get("ttft_s"))) is not None:
             self.ok_ttft.append(ttft)
+        p_len, o_len = rec.get("prompt_len"), rec.get("output_len")
+        if ok and isinstance(p_len, int) and isinstance(o_len, int) and p_len >= 1 and o_len >= 1:
+            self.shape.add((p_len, o_len))
         if t is not None:
             self._traffic(t, status, lat)
 
@@ -492,6 +526,7 @@ class Analyzer:
             "errors": self.errors.as_dict(),
             "traffic_per_hour": traffic,
             "session_usage": session_usage(r.session_turns, self.keepalive_s),
+            "traffic_shape": r.shape.as_shape(),
             # per minute only for short logs (under three hours), where per hour says little
             "traffic_per_minute": ([{"minute": m, "requests": n} for m, n in sorted(r.minutes.items())]
                                    if len(traffic) < 3 else []),
@@ -700,6 +735,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--since", help="with --journal: passed to journalctl --since (e.g. '-1h', 'today')")
     p.add_argument("--plot", metavar="FILE.png", help="draw the latency histogram and the traffic curve")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    p.add_argument("--shape", metavar="FILE.json", help="write the traffic shape (prompt and output lengths of "
+                   f"up to {SHAPE_SAMPLES} successful requests, sampled) for `qwenbox tune --workload`")
     p.add_argument("--keepalive", type=_seconds, default=120.0, metavar="SECONDS",
                    help="session visits end after this long idle, as sessions.keepalive_s (default: 120)")
 
@@ -732,6 +769,13 @@ def main(args: Any) -> int:
     except OSError as e:
         print(f"qwenbox logs: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
         return 1
+    if args.shape:
+        shape = rep["traffic_shape"]
+        if not shape["requests"]:
+            print("qwenbox logs: no successful request with prompt_len and output_len to take a shape from",
+                  file=sys.stderr)
+            return 1
+        write_atomic(args.shape, json.dumps(shape) + "\n")
     try:
         print(json.dumps(rep, indent=2) if args.json else render(rep, source), flush=True)
     except BrokenPipeError:                      # `qwenbox logs ... | head`
