@@ -126,6 +126,23 @@ def logs_options(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import eventlog
+    from .tools import tune
+
+    # the progress line stays readable: vLLM's and our info lines would scroll it away
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    cfg = _load(args)
+    eventlog.setup("warning", cfg.logging.format, "")
+    return tune.main(args, cfg)
+
+
+def tune_options(p: argparse.ArgumentParser) -> None:
+    from .tools.tune import add_arguments
+
+    add_arguments(p)
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from .tools import pull
 
@@ -217,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="benchmarks: cold start and API overhead (startup), cost under load (load)",
                    description="Benchmarks (not tests): print a table and write JSON. See docs/bench.md.",
                    add_options=bench_options).set_defaults(func=cmd_bench)
+    with_config(sub.add_parser(
+        "tune", help="search engine and admission settings for the most requests/s within an SLO; "
+        "write them as a conf.d drop-in", description="Builds the engine once per setting in this process "
+        "(no restart), measures closed loops at rising concurrency, and writes the best setting as "
+        "a drop-in for /etc/qwenbox/conf.d/. Stop the service first: it needs the card. See docs/tuning.md.",
+        add_options=tune_options)).set_defaults(func=cmd_tune)
     sub.add_parser("logs", help="analyze the daemon's structured log lines (files or the journal)",
                    description="Cold starts, latency percentiles, error classes and traffic from "
                                "qwenbox's log lines (logfmt or JSON, bare or journald 'short').",
