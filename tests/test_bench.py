@@ -179,8 +179,11 @@ def test_vllm_server_gets_our_engine_settings():
     assert "--scheduling-policy priority" in joined       # what qwenbox gives AsyncLLM, so vLLM's server too
     # every engine argument qwenbox passes has a decided flag, also the optional ones
     import dataclasses
-    full = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kv_offload_gib=1.0, quantization="fp8"))
+    full = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kv_offload_gib=1.0, quantization="fp8",
+                                                               performance_mode="interactivity",
+                                                               max_cudagraph_capture_size=1024))
     assert set(engine_args_dict(full)) <= set(servers.VLLM_FLAGS)
+    assert "--performance-mode interactivity --max-cudagraph-capture-size 1024" in " ".join(servers.vllm_argv(full, "/s"))
     assert "--kv-offloading-size 1.0" in " ".join(servers.vllm_argv(full, "/s"))
     assert "--quantization fp8" in " ".join(servers.vllm_argv(full, "/s"))
     prod = load(Path(__file__).parent.parent / "etc" / "qwenbox" / "qwenbox.toml")

@@ -26,7 +26,7 @@ def _running_on(out):
     return found
 
 
-# Ten engine starts (three of them vLLM's server) at ~25 s each on an idle 2-core VM; much
+# Thirteen engine starts (three of them vLLM's server) at ~25 s each on an idle 2-core VM; much
 # more on a busy one, hence a time limit above the suite-wide 600 s.
 @pytest.mark.timeout(3000)
 @pytest.mark.engine
@@ -70,7 +70,7 @@ def test_gpu_suite_smoke_mode_runs_every_phase_and_the_report(tmp_path):
     # the same workloads, every request answered, on all four paths
     p = suite.SMOKE
     expected = {**{f"burst{b}": b for b in p["bursts"]}, **{f"c{c}": n for c, n in p["concurrency"].items()}}
-    for name in ("qwenbox", "vllm", "vllm-defaults", "inproc"):
+    for name in ("qwenbox", "vllm", "vllm-defaults", "qwenbox-tuned", "inproc"):
         ph = res["phases"][name]
         assert ph["prompt_check"]["distinct"] == ph["prompt_check"]["n"]
         assert set(ph["workloads"]) == set(expected), name
@@ -88,6 +88,24 @@ def test_gpu_suite_smoke_mode_runs_every_phase_and_the_report(tmp_path):
     assert argv[6:] == p["vllm_defaults_cpu_flags"]
     basis = res["mfu_basis"]
     assert basis["parameters"] == suite.model_parameters(model)[0] and basis["peak_tflops"] is None
+
+    # `qwenbox tune` on the real engine: the config's own setting and the one --try, each built
+    # in the one process, measured, disposed of; its drop-in is what qwenbox-tuned served
+    t = res["phases"]["tune"]
+    assert t["exit_code"] == 0, t.get("log_tails")
+    trials = t["result"]["trials"]
+    assert [tr["setting"] for tr in trials] == [{}, {"engine.max_num_batched_tokens": 1024}]
+    assert all(tr["status"] == "ok" and tr["goodput_rps"] > 0 and tr["engine"]["kv_cache_tokens"] > 0
+               for tr in trials)
+    assert [lv["concurrency"] for lv in trials[0]["levels"]] == [2, 4]
+    assert t["result"]["prompt_check"]["distinct"] == t["result"]["prompt_check"]["n"] == 16
+    import tomllib
+    profile = tomllib.loads((out / "tune" / "90-tuned.toml").read_text())
+    assert res["phases"]["qwenbox-tuned"]["profile"] == profile
+    best = next(tr for tr in trials if tr["label"] == t["result"]["best"])
+    assert profile["admission"]["max_in_flight"] == best["best_concurrency"]
+    assert profile["engine"]["max_num_batched_tokens"] == best["engine"]["max_num_batched_tokens"]
+    assert res["phases"]["qwenbox-fp8"]["skipped"].startswith("FP8 needs a GPU")
 
     rec = res["phases"]["recovery"]
     assert rec["engine_cores"], "no engine core found to kill"
@@ -110,6 +128,8 @@ def test_gpu_suite_smoke_mode_runs_every_phase_and_the_report(tmp_path):
     assert md.startswith("# Benchmarks") and "Card: **" in md and "NOT a benchmark" in md
     assert "| launch -> ready, empty caches |" in md and "tuned / untuned" in md
     assert "`vllm serve MODEL` (its defaults)" in md
+    assert "## `qwenbox tune` on the card" in md
+    assert "## Tuned profiles vs `vllm serve MODEL`" in md
     assert f"| {p['bursts'][1]:,} at once: served (all repetitions) |" in md
     assert "MFU: n/a (no dense bf16 peak known for this device (no GPU))" in md
     assert json.loads((out / "benchmarks.json").read_text())["phases"].keys() == res["phases"].keys()

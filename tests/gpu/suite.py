@@ -29,6 +29,12 @@ is recorded in the phase's ``errors``, and the suite goes on):
                 either, only its own cache directories): launch -> ready, the same
                 workloads. (--smoke adds what the CPU backend cannot start without:
                 SMOKE["vllm_defaults_cpu_flags"].)
+  tune          `qwenbox tune` on the shipped profile (TUNE's SLO, quantization allowed):
+                its trials and levels; its drop-ins for the next two phases.
+  qwenbox-tuned, qwenbox-fp8
+                qwenbox with tune's best unquantized drop-in / its best quantized one
+                (FP8 weights on top of the unquantized one where tune chose none): the
+                throughput workloads. qwenbox-fp8 is skipped in --smoke (no FP8 on CPU).
   inproc        AsyncLLM in-process (qwenbox.engine.Engine in a worker process, on
                 qwenbox's warm caches, no HTTP): the same workloads.
   recovery      qwenbox (warm): a few clients send requests, the engine-core process is
@@ -95,8 +101,8 @@ from qwenbox.tools.client import (  # noqa: E402
 from qwenbox.tools.report import dig, fmt, write_json  # noqa: E402
 from qwenbox.tools.stats import median, ratio  # noqa: E402
 
-PHASES = ("cold", "qwenbox", "vllm", "vllm-defaults", "qwenbox-24gib", "inproc", "recovery", "sleep", "cost-untuned",
-          "cost-tuned")
+PHASES = ("cold", "qwenbox", "vllm", "vllm-defaults", "qwenbox-24gib", "tune", "qwenbox-tuned", "qwenbox-fp8",
+          "inproc", "recovery", "sleep", "cost-untuned", "cost-tuned")
 
 # Counts per mode. GPU: the workloads of issues 11 and 16; smoke: the same code, small, on the demo model.
 GPU = dict(prompt_len=512, out_len=128, bursts=(256, 1024), concurrency={32: 256, 128: 512, 512: 1024}, repeats=3,
@@ -104,6 +110,10 @@ GPU = dict(prompt_len=512, out_len=128, bursts=(256, 1024), concurrency={32: 256
            after_ready=20, ttft_out_len=16, ready_timeout=600.0, request_timeout=300.0,
            recovery_clients=4, recovery_prompt_len=128, recovery_out_len=16, recovery_deadline_s=240.0,
            recovery_before_kill_s=3.0, sleep_after_s=10.0, sleep_deadline_s=180.0,
+           # tune's SLO bounds what the suite sends: a 1,024-request burst's p95 TTFT (7.8 s on
+           # `vllm serve`'s defaults, issue 16) and a step with a full prefill chunk beside decodes
+           tune=["--ttft-p95", "10", "--itl-p95", "0.25", "--levels", "128,512,1024", "--budget-min", "9",
+                 "--allow-quantization", "--prompt-tokens", "512", "--output-tokens", "128"],
            load=["--levels", "1,2,4,8,16,32,64,128,256,512", "--per-level", "32", "--sweep-words", "512",
                  "--mix-requests", "512", "--max-tokens", "128", "--p95-bound", "10", "--phase-time-limit", "100",
                  "--request-timeout", "300", "--burst-factor", "10"])
@@ -111,6 +121,8 @@ SMOKE = dict(prompt_len=32, out_len=8, bursts=(8, 24), concurrency={2: 4, 4: 8},
              after_ready=3, ttft_out_len=4, ready_timeout=300.0, request_timeout=120.0,
              recovery_clients=2, recovery_prompt_len=16, recovery_out_len=4, recovery_deadline_s=240.0,
              recovery_before_kill_s=1.0, sleep_after_s=5.0, sleep_deadline_s=60.0,
+             tune=["--ttft-p95", "60", "--itl-p95", "10", "--levels", "2,4", "--requests-per-level", "8",
+                   "--prompt-tokens", "32", "--output-tokens", "8", "--try", "engine.max_num_batched_tokens=1024"],
              load=["--levels", "1,2", "--per-level", "4", "--sweep-words", "32", "--mix-requests", "6",
                    "--max-tokens", "8", "--p95-bound", "60", "--phase-time-limit", "60", "--request-timeout", "120",
                    "--burst-factor", "2"],
@@ -521,6 +533,70 @@ def phase_qwenbox_24gib(st: Setup, ph: dict[str, Any]) -> None:
     _served(st, ph, "qwenbox-24gib", qwenbox_server(st, "qwenbox-24gib", cfg, cache), cache, cfg)
 
 
+def tune_dir(st: Setup) -> Path:
+    return st.out / "tune"
+
+
+def phase_tune(st: Setup, ph: dict[str, Any]) -> None:
+    """`qwenbox tune` on the shipped profile (its own process, qwenbox's warm caches), with
+    quantization allowed: its table, and the profiles the next two phases serve."""
+    cache = st.cache("qwenbox")
+    cache.create()
+    cfg = st.config("tune", st.tuned_src, cache)
+    out = tune_dir(st)
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [sys.executable, "-m", "qwenbox", "tune", "-c", str(cfg), *st.p["tune"], "--out", str(out)]
+    ph["argv"] = argv[2:]
+    st.logs.mkdir(parents=True, exist_ok=True)
+    with open(st.logs / "tune.log", "wb") as log:
+        proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **cache.env()}, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=60 * 25)
+    ph["exit_code"] = proc.returncode
+    if (out / "tune.json").exists():
+        ph["result"] = json.loads((out / "tune.json").read_text())
+    else:
+        ph.setdefault("errors", {})["tune"] = f"exit {proc.returncode}, no tune.json"
+        ph.setdefault("log_tails", {})["tune"] = tail(st.logs / "tune.log", 40)
+
+
+def tuned_profile(st: Setup, quantized: bool) -> dict[str, dict[str, Any]] | None:
+    """The tune phase's profile as {section: {key: value}}: the best setting without
+    quantization, or the best one with it (None when tune chose none)."""
+    import tomllib
+
+    d = tune_dir(st)
+    unq, best = d / "90-tuned-unquantized.toml", d / "90-tuned.toml"
+    path = best if quantized or not unq.exists() else unq
+    if not path.exists():
+        return None
+    prof: dict[str, dict[str, Any]] = tomllib.loads(path.read_text())
+    if not quantized and any(k in prof.get("engine", {}) for k in ("quantization", "kv_cache_dtype")):
+        return None
+    return prof
+
+
+def phase_qwenbox_tuned(st: Setup, ph: dict[str, Any], quantized: bool) -> None:
+    """The shipped profile with tune's drop-in over it (bf16, or the quantized one: FP8
+    weights where tune chose none of its own), on qwenbox's warm caches."""
+    name = "qwenbox-fp8" if quantized else "qwenbox-tuned"
+    prof = tuned_profile(st, quantized)
+    if quantized and st.smoke:
+        ph["skipped"] = "FP8 needs a GPU (the CPU backend refuses it)"
+        return
+    if prof is None and not quantized:
+        ph.setdefault("errors", {})[name] = "the tune phase left no profile (run it first)"
+        return
+    prof = prof or {}
+    if quantized and not prof.get("engine", {}).get("quantization"):
+        base = tuned_profile(st, False) or {}
+        prof = {**base, "engine": {**base.get("engine", {}), "quantization": "fp8"}}
+    ph["profile"] = prof
+    cache = st.cache(name if quantized else "qwenbox")
+    cache.create()
+    cfg = st.config(name, st.tuned_src, cache, prof)
+    _served(st, ph, name, qwenbox_server(st, name, cfg, cache), cache, cfg)
+
+
 def worker_argv(st: Setup, cfg: Path) -> list[str]:
     """The in-process worker's command line: the same mode, model and counts as ours."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--out", str(st.out), "--worker", "inproc",
@@ -768,7 +844,9 @@ def tail(path: Path, n: int = 30) -> str:
 
 
 RUNNERS = {"cold": phase_cold, "qwenbox": phase_qwenbox, "vllm": phase_vllm, "vllm-defaults": phase_vllm_defaults,
-           "qwenbox-24gib": phase_qwenbox_24gib, "inproc": phase_inproc,
+           "qwenbox-24gib": phase_qwenbox_24gib, "tune": phase_tune,
+           "qwenbox-tuned": lambda st, ph: phase_qwenbox_tuned(st, ph, False),
+           "qwenbox-fp8": lambda st, ph: phase_qwenbox_tuned(st, ph, True), "inproc": phase_inproc,
            "recovery": phase_recovery, "sleep": phase_sleep,
            "cost-untuned": lambda st, ph: phase_cost(st, ph, "untuned"),
            "cost-tuned": lambda st, ph: phase_cost(st, ph, "tuned")}
@@ -905,8 +983,9 @@ def report(out: Path, doc: Path | None) -> str:
     g = lambda *p: dig(ph, *p)  # noqa: E731
     gpu = res.get("gpu") or "no GPU (nvidia-smi absent)"
     smoke = res.get("smoke")
-    vllm_version = (dig(ph, "qwenbox", "launch", "health_at_ready", "engine", "vllm")
-                    or dig(ph, "cold", "qwenbox", "health_at_ready", "engine", "vllm") or "?")
+    vllm_version = next((v for n in ("qwenbox", "qwenbox-tuned", "qwenbox-fp8", "qwenbox-24gib")
+                         if (v := dig(ph, n, "launch", "health_at_ready", "engine", "vllm"))),
+                        dig(ph, "cold", "qwenbox", "health_at_ready", "engine", "vllm") or "?")
     lines = ["# Benchmarks: qwenbox vs `vllm serve` vs AsyncLLM in-process", "",
              f"Card: **{gpu}**. Run: the GPU suite (tests/gpu/suite.py"
              f"{' --smoke, demo model on CPU: NOT a benchmark' if smoke else ''}; phases {', '.join(ph) or 'none'}), "
@@ -1016,6 +1095,7 @@ def report(out: Path, doc: Path | None) -> str:
         lines += ["", "`vllm serve` with its defaults ran as: `"
                   + " ".join(g("vllm-defaults", "launch", "argv")) + "`."]
     lines += _sizing_section(g, p, tput, served)
+    lines += _tuned_section(g, p, tput, served)
 
     # start-up phases
     prow = []
@@ -1131,6 +1211,56 @@ def _sizing_section(g: Any, p: dict[str, Any], tput: Any, served: Any) -> list[s
                 _md(["workload", "output tok/s", "p95 TTFT", "served"], rows)]
         if g("qwenbox-24gib", "errors"):
             out += ["", f"Errors: {g('qwenbox-24gib', 'errors')}"]
+    return out
+
+
+def _tuned_section(g: Any, p: dict[str, Any], tput: Any, served: Any) -> list[str]:
+    """`qwenbox tune`'s trials, and its profiles (bf16; FP8) beside `vllm serve MODEL` with
+    its defaults and the shipped profile, on the same workloads."""
+    out: list[str] = []
+    t = g("tune", "result")
+    if t:
+        rows = [[tr["label"], tr["status"] + (f": {tr['error'][:60]}" if tr.get("error") else ""),
+                 fmt(tr.get("goodput_rps")), tr.get("best_concurrency") or "-",
+                 dig(tr, "engine", "kv_cache_tokens") or "-", fmt(tr.get("build_s"), "s")] for tr in t["trials"]]
+        out += ["", f"## `qwenbox tune` on the card: SLO p95 TTFT <= {dig(t, 'slo', 'ttft_p95_s')} s, p95 ITL <= "
+                f"{dig(t, 'slo', 'itl_p95_s')} s, {t.get('workload')}; {len(t['trials'])} trials in "
+                f"{fmt(t.get('wall_s'), 's')} (budget {t.get('budget_min')} min)", "",
+                _md(["setting", "status", "goodput req/s", "best concurrency", "KV cache tokens", "build"], rows),
+                "", f"Best: {t.get('best')}; best without quantization: {t.get('best_unquantized')}"
+                + (f"; not tried (budget): {', '.join(t['not_tried'])}" if t.get("not_tried") else "") + "."]
+    d = g("vllm-defaults", "workloads") or {}
+    cols = [(n, g(n, "workloads") or {}) for n in ("qwenbox-tuned", "qwenbox-fp8", "qwenbox")]
+    if not any(w for _, w in cols[:2]):
+        return out
+    rows = []
+
+    def cell(w: dict[str, Any], k: str) -> str:
+        r = ratio(dig(w, k, "output_tokens_per_s_median"), dig(d, k, "output_tokens_per_s_median"))
+        tr = ratio(dig(w, k, "ttft_p95_s_median"), dig(d, k, "ttft_p95_s_median"))
+        if not w.get(k):
+            return "-"
+        return (f"{tput(w.get(k))}; p95 TTFT {_med_range(w.get(k), 'ttft_p95_s', 's')}; {served(w.get(k))}; "
+                f"**{fmt(r, 'x')}** tok/s, {fmt(tr, 'x')} p95 TTFT")
+    keys = [(f"burst{b}", f"{b:,} at once") for b in p["bursts"]] + [
+        (f"c{c}", f"closed loop at {c} ({n:,} requests)") for c, n in p["concurrency"].items()]
+    for k, label in keys:
+        rows.append([label, *(cell(w, k) for _, w in cols),
+                     f"{tput(d.get(k))}; p95 TTFT {_med_range(d.get(k), 'ttft_p95_s', 's')}; {served(d.get(k))}"
+                     if d.get(k) else "-"])
+    mem = [dig(g(n, "launch"), "gpu_memory_idle", "used_mib") for n in ("qwenbox-tuned", "qwenbox-fp8", "qwenbox",
+                                                                         "vllm-defaults")]
+    rows.append(["GPU memory in use when ready", *(fmt(m, " MiB") for m in mem)])
+    out += ["", "## Tuned profiles vs `vllm serve MODEL` (its defaults), the same workloads", "",
+            "Each cell: output tok/s (median, min-max; MFU against the dense bf16 peak); p95 TTFT; served; "
+            "then the ratios to `vllm serve` with its defaults.", "",
+            _md(["workload", "qwenbox, tune's bf16 drop-in", "qwenbox, tune's FP8 drop-in",
+                 "qwenbox, shipped profile", "`vllm serve MODEL` (its defaults, bf16)"], rows)]
+    for n, _ in cols[:2]:
+        if g(n, "profile"):
+            out += ["", f"{n} served with: `{json.dumps(g(n, 'profile'), sort_keys=True)}`"]
+        if g(n, "errors"):
+            out += ["", f"{n} errors: {g(n, 'errors')}"]
     return out
 
 

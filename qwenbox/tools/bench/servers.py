@@ -41,6 +41,7 @@ VLLM_FLAGS: dict[str, str] = {
     "enable_prefix_caching": "bool", "enforce_eager": "bool", "kv_cache_dtype": "value",
     "cpu_offload_gb": "value", "enable_sleep_mode": "bool", "seed": "value", "scheduling_policy": "value",
     "kv_offloading_size": "value", "kv_cache_memory_bytes": "value", "quantization": "value",
+    "performance_mode": "value", "max_cudagraph_capture_size": "value",
     "disable_log_stats": "true-only",      # qwenbox reads the engine's stats; the server logs them by default
     "enable_log_requests": "bool",
 }
