@@ -183,7 +183,8 @@ def test_vllm_server_gets_our_engine_settings():
                                                                performance_mode="interactivity",
                                                                max_cudagraph_capture_size=1024))
     assert set(engine_args_dict(full)) <= set(servers.VLLM_FLAGS)
-    assert "--performance-mode interactivity --max-cudagraph-capture-size 1024" in " ".join(servers.vllm_argv(full, "/s"))
+    flags = " ".join(servers.vllm_argv(full, "/s"))
+    assert "--performance-mode interactivity --max-cudagraph-capture-size 1024" in flags
     assert "--kv-offloading-size 1.0" in " ".join(servers.vllm_argv(full, "/s"))
     assert "--quantization fp8" in " ".join(servers.vllm_argv(full, "/s"))
     prod = load(Path(__file__).parent.parent / "etc" / "qwenbox" / "qwenbox.toml")
