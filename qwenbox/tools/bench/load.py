@@ -28,8 +28,10 @@ requests/day at it (the mix phase's sustained rate x 86400), cost per 1k request
 ``--gpu-hour-cost`` (``cost per 1k = gpu_hour_cost / (requests_per_s * 3600) * 1000``) and
 the failure rate under the burst.
 
-``--compare A.toml B.toml`` starts a daemon with A, runs all phases, stops it, then the same
-with B (never two servers at once), and prints B's figures over A's.
+``--compare A B [C [D]]`` starts a daemon with config A, runs all phases, stops it, then the
+same with B and the rest (never two servers at once), and prints every run side by side with
+each one's figures over A's. An entry ``vllm-defaults`` is `vllm serve MODEL` with vLLM's own
+defaults for the model of the first config (the server a user compares qwenbox with).
 """
 from __future__ import annotations
 
@@ -334,6 +336,8 @@ def validate(args: Any) -> list[int]:
         load_prompts(args.prompts, args.max_tokens)
     else:
         parse_mix(args.mix)
+    if args.compare:
+        compare_entries(args.compare)
     return levels
 
 
@@ -449,32 +453,94 @@ def server_log_summary(path: Path) -> dict[str, Any] | None:
             "cold_starts": len(rep["cold_starts"])}
 
 
-def run_with_daemon(config: str, label: str, sock_dir: Path, log_path: Path, args: Any, levels: list[int],
-                    say: Callable[[str], None], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Start ``qwenbox serve`` on ``config``, measure GPU memory at idle once it is ready,
-    run every phase, stop it. The prompts are checked before the daemon starts."""
-    from ...config import load as load_config
+VLLM_DEFAULTS = "vllm-defaults"     # a --compare entry: `vllm serve MODEL` with its own defaults
+MAX_COMPARED = 4
 
-    cfg = load_config(config)
+
+def _checked_tokenizer(cfg: Any, args: Any, levels: list[int]) -> Any:
+    """The served model's tokenizer, once every prompt of the run is checked with it
+    (before any server starts)."""
     tok = load_tokenizer(args.tokenizer or cfg.model.local_tokenizer_dir or cfg.model.local_dir)
     check = plan(args, levels, cfg.model.max_model_len, tok_info(tok))      # fails here, before a launch
     check_specs(tok, [s for lv in check["sweep"].values() for s in lv] + check["mix"] + check["burst"],
                 cfg.engine.block_size)
+    return tok
+
+
+def _measured(srv: Server, entry: dict[str, Any], args: Any, levels: list[int], say: Callable[[str], None],
+              tok: Any, block_size: int) -> dict[str, Any]:
+    """Start ``srv``, measure GPU memory at idle once it is ready, run every phase, stop it."""
+    label = entry["label"]
+    with running(srv, args.ready_timeout):
+        entry["launch_to_ready_s"] = srv.launch_to_ready_s
+        health = srv.ready_health          # qwenbox's /health body; vLLM's says nothing
+        entry["cold_start"] = health.get("cold_start") if isinstance(health, dict) else None
+        entry["gpu_memory_idle"] = gpu_memory()
+        entry["load"] = asyncio.run(run_load(srv.sock, args, levels, lambda s: say(f"[{label}] {s}"), tok=tok,
+                                             block_size=block_size, gpu_idle=entry["gpu_memory_idle"]))
+    entry["server_exit_code"] = srv.proc.returncode if srv.proc else None
+    return entry
+
+
+def run_with_daemon(config: str, label: str, sock_dir: Path, log_path: Path, args: Any, levels: list[int],
+                    say: Callable[[str], None], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``qwenbox serve`` on ``config``, measured (``_measured``). The prompts are checked
+    before the daemon starts."""
+    from ...config import load as load_config
+
+    cfg = load_config(config)
+    tok = _checked_tokenizer(cfg, args, levels)
     srv = Server.qwenbox(label, config, str(sock_dir / f"{label}.sock"), log_path)
     if env:
         srv.env.update(env)
     say(f"[{label}] starting qwenbox serve --config {config}")
     entry: dict[str, Any] = {"label": label, "config": str(Path(config).resolve()), "log": str(log_path),
                              "cache_dir_at_launch": _dir_state(cfg.engine.cache_dir)}
-    with running(srv, args.ready_timeout):
-        entry["launch_to_ready_s"] = srv.launch_to_ready_s
-        entry["cold_start"] = (srv.ready_health or {}).get("cold_start")
-        entry["gpu_memory_idle"] = gpu_memory()
-        entry["load"] = asyncio.run(run_load(srv.sock, args, levels, lambda s: say(f"[{label}] {s}"), tok=tok,
-                                             block_size=cfg.engine.block_size, gpu_idle=entry["gpu_memory_idle"]))
-    entry["server_exit_code"] = srv.proc.returncode if srv.proc else None
+    _measured(srv, entry, args, levels, say, tok, cfg.engine.block_size)
     entry["server_log"] = server_log_summary(log_path)
     return entry
+
+
+def run_with_vllm_defaults(model_config: str, label: str, sock_dir: Path, log_path: Path, args: Any,
+                           levels: list[int], say: Callable[[str], None]) -> dict[str, Any]:
+    """`vllm serve MODEL --uds SOCK` with vLLM's own defaults (``servers.vllm_defaults_argv``),
+    for the model ``model_config`` serves, in the environment this command runs in (its
+    default caches: as a user starts it), measured like a daemon."""
+    from ...config import load as load_config
+    from ...sizing import probe_device
+    from .servers import vllm_defaults_argv
+
+    cfg = load_config(model_config)
+    tok = _checked_tokenizer(cfg, args, levels)
+    sock = str(sock_dir / f"{label}.sock")
+    argv = vllm_defaults_argv(cfg.model.local_dir, sock, cpu_backend=probe_device().kind == "cpu")
+    srv = Server("vllm serve (its defaults)", argv, sock, log_path)
+    say(f"[{label}] starting vllm serve {cfg.model.local_dir} with its defaults")
+    cache = os.environ.get("VLLM_CACHE_ROOT") or str(Path(os.environ.get("XDG_CACHE_HOME") or
+                                                          Path.home() / ".cache") / "vllm")
+    entry: dict[str, Any] = {"label": label, "config": VLLM_DEFAULTS, "argv": argv[1:], "log": str(log_path),
+                             "cache_dir_at_launch": _dir_state(cache)}
+    # vLLM's default block is 16 tokens (32 on the CPU backend's flags): prompts that share
+    # no 16-token block share no larger one either
+    return _measured(srv, entry, args, levels, say, tok, 16)
+
+
+def compare_entries(entries: list[str]) -> str:
+    """``--compare``'s entries checked: 2..MAX_COMPARED configs or VLLM_DEFAULTS (once, and
+    not alone: its model comes from the first config). Returns the first config."""
+    if not 2 <= len(entries) <= MAX_COMPARED:
+        raise OptionError(f"--compare: give 2 to {MAX_COMPARED} entries (configs, or {VLLM_DEFAULTS})")
+    configs = [e for e in entries if e != VLLM_DEFAULTS]
+    if len(entries) - len(configs) > 1 or not configs:
+        raise OptionError(f"--compare: {VLLM_DEFAULTS} at most once, beside at least one config (it serves the "
+                          "first config's model)")
+    from ...config import ConfigError, load as load_config
+    for c in configs:
+        try:
+            load_config(c)
+        except ConfigError as e:
+            raise OptionError(f"--compare {c}: {e}") from None
+    return configs[0]
 
 
 # ------------------------------------------------------------------ comparison
@@ -505,9 +571,10 @@ def _dir_state(path: str) -> dict[str, Any]:
     return {"path": str(p), "empty": files == 0, "files": files}
 
 
-def comparison(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
-    """B over A per COMPARE_ROWS; launch to ready gets no ratio when one daemon started on an
-    empty compile cache and the other on a filled one (that ratio would measure the cache)."""
+def comparison(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("A", "B")) -> list[dict[str, Any]]:
+    """B over A per COMPARE_ROWS; launch to ready gets no ratio when one server started on an
+    empty compile cache and the other on a filled one (that ratio would measure the cache).
+    ``names``: what the rows' notes call the two runs."""
     rows = []
     for label, path, unit, lower in COMPARE_ROWS:
         va, vb = dig(a, *path), dig(b, *path)
@@ -516,7 +583,8 @@ def comparison(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
             ea, eb = dig(a, "cache_dir_at_launch", "empty"), dig(b, "cache_dir_at_launch", "empty")
             if ea is not None and eb is not None and ea != eb:
                 row["b_over_a"] = None
-                row["note"] = (f"A {'empty' if ea else 'warm'} caches, B {'empty' if eb else 'warm'}: no ratio")
+                row["note"] = (f"{names[0]} {'empty' if ea else 'warm'} caches, {names[1]} "
+                               f"{'empty' if eb else 'warm'}: no ratio")
         rows.append(row)
     return rows
 
@@ -560,12 +628,25 @@ def economics_lines(load: dict[str, Any]) -> str:
 
 
 def compare_table(rows: list[dict[str, Any]], a: str, b: str) -> str:
+    return compare_table_n([rows], [a, b])
+
+
+def compare_table_n(comparisons: list[list[dict[str, Any]]], names: list[str]) -> str:
+    """Every run's figures side by side, then each later run over the first:
+    ``comparisons[i]`` is ``comparison(first, run i + 1)``."""
     f = fmt
-    return table(["metric", f"A: {a}", f"B: {b}", "B / A"],
-                   [[r["metric"], f(r["a"], r["unit"]), f(r["b"], r["unit"]),
-                     f(r["b_over_a"], "x") if r.get("b_over_a") is not None or not r.get("note") else r["note"]]
-                    for r in rows],
-                   "Side by side (A then B, one run; B / A below 1 is better where lower is better)")
+    letters = [chr(ord("A") + i) for i in range(len(names))]
+    rows = []
+    for k, first in enumerate(comparisons[0]):
+        cells = [first["metric"], f(first["a"], first["unit"])]
+        cells += [f(c[k]["b"], c[k]["unit"]) for c in comparisons]
+        cells += [f(c[k]["b_over_a"], "x") if c[k].get("b_over_a") is not None or not c[k].get("note")
+                  else c[k]["note"] for c in comparisons]
+        rows.append(cells)
+    headers = ["metric", *(f"{x}: {n}" for x, n in zip(letters, names, strict=True)),
+               *(f"{x} / A" for x in letters[1:])]
+    return table(headers, rows, f"Side by side ({', '.join(letters)}, one run; X / A below 1 is better where lower "
+                                "is better)")
 
 
 def main(args: Any) -> int:
@@ -618,11 +699,20 @@ def _main(args: Any, levels: list[int], out: Path, logs_dir: Path, res: dict[str
     if note:
         print(note, flush=True)
     if args.compare:
-        print(f"qwenbox bench load --compare: A={args.compare[0]} B={args.compare[1]}; logs in {logs_dir}/", flush=True)
-        with socket_dir() as sd:
-            for label, cfg in zip(("A", "B"), args.compare, strict=True):     # --compare takes 2
-                res["runs"].append(run_with_daemon(cfg, label, sd, logs_dir / f"daemon-{label}.log", args, levels, say))
-        res["comparison"] = comparison(res["runs"][0], res["runs"][1])
+        first = compare_entries(args.compare)
+        letters = [chr(ord("A") + i) for i in range(len(args.compare))]
+        print("qwenbox bench load --compare: " + " ".join(f"{x}={e}" for x, e in zip(letters, args.compare,
+                                                                                    strict=True))
+              + f"; logs in {logs_dir}/", flush=True)
+        with socket_dir() as sd:       # one server at a time, in the order given
+            for label, entry in zip(letters, args.compare, strict=True):
+                log = logs_dir / f"{'vllm' if entry == VLLM_DEFAULTS else 'daemon'}-{label}.log"
+                res["runs"].append(run_with_vllm_defaults(first, label, sd, log, args, levels, say)
+                                   if entry == VLLM_DEFAULTS else
+                                   run_with_daemon(entry, label, sd, log, args, levels, say))
+        res["comparisons"] = [comparison(res["runs"][0], r, ("A", x)) for x, r in zip(letters[1:], res["runs"][1:],
+                                                                                      strict=True)]
+        res["comparison"] = res["comparisons"][0]
     elif args.socket:
         print(f"qwenbox bench load: driving the daemon on {args.socket}", flush=True)
         entry = {"label": "socket", "socket": args.socket, "gpu_memory_at_start": gpu_memory()}
@@ -644,7 +734,7 @@ def _main(args: Any, levels: list[int], out: Path, logs_dir: Path, res: dict[str
             print(f"launch to ready: {fmt(run['launch_to_ready_s'], 's')}")
         print()
     if args.compare:
-        print(compare_table(res["comparison"], Path(args.compare[0]).name, Path(args.compare[1]).name))
+        print(compare_table_n(res["comparisons"], [Path(e).name for e in args.compare]))
         print()
     print(f"JSON: {out}")
     return 0

