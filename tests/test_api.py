@@ -309,6 +309,17 @@ def test_model_retrieve_with_the_openai_client(daemon, model, openai_client):
         client.models.retrieve("no/such-model")
 
 
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "Forwarded", "X-Real-IP"])
+def test_a_proxied_request_gets_health_status_only_and_no_metrics(daemon, header):
+    """What Nginx passes on (it adds X-Forwarded-For) is not local: whether to send traffic,
+    nothing about the processes, versions, paths or load behind it."""
+    status, _, body = jrequest(daemon.sock, "GET", "/health", headers={header: "203.0.113.9"})
+    assert status == 200 and body == {"status": "ready", "ready": True}
+    status, _, body = jrequest(daemon.sock, "GET", "/metrics", headers={header: "203.0.113.9"})
+    assert status == 403 and body["error"]["code"] == "metrics_local_only"
+    assert request(daemon.sock, "GET", "/metrics")[0] == 200           # the socket itself: all of it
+
+
 def test_health_ready_with_cold_start(daemon):
     status, _, body = jrequest(daemon.sock, "GET", "/health")
     assert status == 200

@@ -55,6 +55,10 @@ def prompt_too_long(max_model_len: int, tokens: int | None = None, param: str = 
     return context_length_exceeded(f"the prompt is {size}", max_model_len, "shorten the prompt", param=param)
 
 
+def forbidden(message: str, code: str) -> ApiError:
+    return ApiError(403, message, type="permission_error", code=code)
+
+
 def unavailable(message: str, retry_after: int, code: str = "service_unavailable") -> ApiError:
     return ApiError(503, message, type="service_unavailable", code=code,
                     headers={"Retry-After": str(retry_after)})

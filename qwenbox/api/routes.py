@@ -25,7 +25,7 @@ from .. import shaping
 from ..config import Config, LimitsConfig
 from ..engine_protocol import PromptTokenizer, ServingEngine
 from ..generation import Delta, GenerationRequest
-from . import convert, errors, protocol
+from . import convert, errors, locality, protocol
 from .errors import ApiError, classify, to_sse_event
 from .keys import ADMISSION, CONFIG, GATE, HEALTH, METRICS, RECORD, STARTED_WALL
 
@@ -265,12 +265,23 @@ async def model(request: web.Request) -> web.Response:
     return web.json_response(_model_card(request))
 
 
+# What /health tells a request that is not local (``locality``): whether to send traffic,
+# nothing about the processes, versions, paths or load behind it.
+PUBLIC_HEALTH = ("status", "ready")
+
+
 async def health(request: web.Request) -> web.Response:
     body = request.app[HEALTH]()
-    return web.json_response(body, status=200 if body["ready"] else 503)
+    status = 200 if body["ready"] else 503
+    if not locality.local(request):
+        body = {k: body[k] for k in PUBLIC_HEALTH}
+    return web.json_response(body, status=status)
 
 
 async def metrics(request: web.Request) -> web.Response:
+    if not locality.local(request):
+        raise errors.forbidden("/metrics is served to this machine only (the unix socket, or loopback without "
+                               "a proxy in between)", code="metrics_local_only")
     request.app[ADMISSION].export_metrics()
     payload, content_type = request.app[METRICS].payload()
     resp = web.Response(body=payload)
