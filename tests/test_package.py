@@ -26,6 +26,7 @@ waits for the state it needs under a generous deadline. Figures: .run/package-te
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -276,6 +277,24 @@ def test_chat_page_through_nginx(pkg):
 
     body = wait_for(page, 180, why)
     assert 'id="root"' in body and "/chat/assets/" in body, body[:1000]
+    # with the daemon, the chat page and Nginx all up: nothing listens beyond loopback
+    listening = tcp_listeners(sh(env, "cat /proc/net/tcp /proc/net/tcp6").stdout)
+    assert ("127.0.0.1", 80) in listening and ("::1", 80) in listening, listening
+    assert all(ipaddress.ip_address(a).is_loopback for a, _ in listening), listening
+
+
+def tcp_listeners(proc_net_tcp: str) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket in /proc/net/tcp{,6} text (state 0A;
+    addresses as the kernel writes them: 32-bit words in host byte order, little-endian here)."""
+    out = set()
+    for line in proc_net_tcp.splitlines():
+        f = line.split()
+        if len(f) < 4 or f[3] != "0A" or ":" not in f[1]:
+            continue
+        addr, port = f[1].split(":")
+        raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, len(addr), 8))
+        out.add((str(ipaddress.ip_address(raw)), int(port, 16)))
+    return out
 
 
 class Stream(threading.Thread):

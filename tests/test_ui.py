@@ -512,8 +512,11 @@ def test_stream_through_nginx_arrives_in_pieces(stack):
 
 @stack_test
 def test_nginx_access_rules(stack):
-    """/metrics from loopback only; the body limit; no cross-site use of the chat socket."""
+    """/metrics from loopback only; /health's status only; the body limit; no cross-site use
+    of the chat socket."""
     port = stack.nginx.port
+    status, _, data = http("GET", "/health", port)
+    assert status == 200 and json.loads(data) == {"status": "ready", "ready": True}, data[:500]
     poll = "/chat/ws/socket.io/?EIO=4&transport=polling"
     assert http("GET", poll, port, headers={"Origin": f"http://127.0.0.1:{port}"})[0] == 200
     assert http("GET", poll, port)[0] == 200                                         # no Origin: not a browser

@@ -146,8 +146,8 @@ class ChatPage:
 
 def site_for_test(sock: str, port: int, ui_port: int, logs: Path) -> str:
     text = SITE.read_text()
-    for old, new in (("    listen 80;\n", f"    listen 127.0.0.1:{port};\n"),
-                     ("    listen [::]:80;\n", ""),
+    for old, new in (("    listen 127.0.0.1:80;\n", f"    listen 127.0.0.1:{port};\n"),
+                     ("    listen [::1]:80;\n", ""),
                      ("unix:/run/qwenbox/qwenbox.sock;", f"unix:{sock};"),
                      ("server 127.0.0.1:8300;", f"server 127.0.0.1:{ui_port};"),
                      ("/var/log/nginx/qwenbox.access.log", str(logs / "access.log")),
