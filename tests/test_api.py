@@ -299,6 +299,7 @@ def test_models(daemon, model, cfg):
     m = body["data"][0]
     assert m["id"] == model == "qwenbox-demo" and m["object"] == "model"
     assert m["max_model_len"] == cfg.model.max_model_len
+    assert m["root"] == "qwenbox-demo" and cfg.model.local_dir not in json.dumps(body)     # no local path
 
 
 def test_model_retrieve_with_the_openai_client(daemon, model, openai_client):

@@ -251,7 +251,8 @@ async def _streamed(request: web.Request, engine: ServingEngine, gen: Generation
 def _model_card(request: web.Request) -> dict[str, Any]:
     cfg, engine = request.app[CONFIG](), request.app[GATE].engine
     return {"id": cfg.model.name, "object": "model", "created": int(request.app[STARTED_WALL]),
-            "owned_by": "qwenbox", "root": cfg.model.path,
+            # the served name, never the model's local path: clients need no file system layout
+            "owned_by": "qwenbox", "root": cfg.model.name,
             "max_model_len": engine.max_model_len if engine is not None else cfg.model.max_model_len}
 
 
