@@ -286,7 +286,8 @@ def test_unit_files_say_what_the_issue_asks():
         return re.search(rf"^{re.escape(line)}$", text, re.M) is not None
 
     for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30", "Restart=on-failure", "RestartSec=5",
-                 "RestartPreventExitStatus=78", "KillMode=mixed", "User=qwenbox", "StateDirectory=qwenbox",
+                 "RestartPreventExitStatus=78", "KillMode=mixed", "LimitCORE=0", "User=qwenbox",
+                 "StateDirectory=qwenbox",
                  "CacheDirectory=qwenbox", "DevicePolicy=closed", "DeviceAllow=char-nvidia* rw",
                  "ExecReload=/bin/kill -HUP $MAINPID", "Environment=XDG_CACHE_HOME=/var/cache/qwenbox",
                  "Environment=HF_HOME=/var/lib/qwenbox/huggingface", "Environment=HOME=/var/lib/qwenbox",
@@ -407,6 +408,9 @@ def test_start_returns_after_warmup_with_status(sd):
     # environment: caches in the unit's directories, no protocol variables in vLLM's children
     mp = sd.m.host_pid(main_pid(sd))
     env = psutil.Process(mp).environ()
+    # no core files (LimitCORE=0): the daemon, and the engine core it started
+    assert psutil.Process(mp).rlimit(psutil.RLIMIT_CORE) == (0, 0)
+    assert engine_core(sd).rlimit(psutil.RLIMIT_CORE) == (0, 0)
     assert env.get("HOME") == "/var/lib/qwenbox" and env.get("XDG_CACHE_HOME") == "/var/cache/qwenbox", env
     assert (sd.dirs["var-cache"] / "qwenbox" / "vllm").is_dir(), "vLLM's cache is not in CacheDirectory"
     assert (sd.dirs["var-lib"] / "qwenbox").is_dir()
