@@ -360,6 +360,26 @@ def test_upgrade_under_load(pkg):
     assert state(env, "qwenbox.socket") == "active"
 
 
+def test_an_upgrade_that_meets_a_refused_config_keeps_the_old_daemon_serving(pkg):
+    """postinst checks the config with the new version before it restarts the daemon: a
+    refused one leaves the running daemon serving, and apt's output says why."""
+    env = pkg
+    pid = env.m.show("qwenbox.service", "MainPID")["MainPID"]
+    bad = env.m.root / "etc/qwenbox/conf.d/99-test-bad.toml"
+    bad.write_text("[engine]\nmax_num_seqs = 0\n")
+    try:
+        r = sh(env, " ".join(shlex.quote(a) for a in [*APT, "install", "--reinstall",
+                                                       f"{DEBS_NS}/qwenbox_{env.new_version}_all.deb"]) + " 2>&1",
+               timeout=900)
+    finally:
+        bad.unlink()
+    assert "NOT restarting qwenbox.service" in r.stdout and "99-test-bad.toml:2: engine.max_num_seqs" in r.stdout, \
+        r.stdout[-3000:]
+    assert state(env, "qwenbox.service") == "active" and env.m.show("qwenbox.service", "MainPID")["MainPID"] == pid
+    rc, out = curl_chat(env)
+    assert rc == 0 and out.endswith("\n200"), out
+
+
 def test_reinstall(pkg):
     env = pkg
     pid = env.m.show("qwenbox.service", "MainPID")["MainPID"]
