@@ -19,7 +19,8 @@ Contract:
   (a)): one key at a time over its candidate values (``search_space``; ``--try KEY=V,V``
   replaces the defaults), a value kept when it raises goodput by more than ``MIN_GAIN``.
   Quantization (``engine.quantization``, ``engine.kv_cache_dtype``: they change the
-  answers) is tried only with ``--allow-quantization``, after every other key. A trial
+  answers) is tried only with ``--allow-quantization``, after the chunk budget and the
+  CUDA graphs (``search_space`` gives the order). A trial
   that fails to build or to serve is recorded with its error, and the search goes on.
 - ``--budget-min`` bounds the whole run: a trial is started only while the mean trial so
   far still fits; the keys not tried are listed. A progress line with the ETA goes to stderr.
@@ -61,6 +62,7 @@ from .bench.tokens import PromptSetError, check_prompt_set, load_tokenizer, rand
 from .bench.workload import DEFAULT_GPU_HOUR_COST, OptionError
 from .logs import SHAPE_KIND
 from .report import fmt, table
+from .stats import percentiles
 
 MIN_GAIN = 0.02             # a value must beat the best so far by more than this to be kept
 PROFILE = "90-tuned.toml"
@@ -217,11 +219,6 @@ class Trial:
         return b.goodput_rps if b is not None else 0.0
 
 
-def _p(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
-
-
 async def _one(engine: ServingEngine, ids: list[int], out: int) -> Timing:
     req = GenerationRequest(request_id=f"tune-{uuid.uuid4().hex[:12]}", prompt_token_ids=ids,
                             sampling=Sampling(max_tokens=out, ignore_eos=True, temperature=0.0), stream=True)
@@ -257,13 +254,12 @@ async def closed_loop(engine: ServingEngine, prompts: list[tuple[list[int], int]
     t0 = time.monotonic()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.monotonic() - t0
-    ttft = [t.ttft_s for t in timings]
-    gaps = [g for t in timings for g in t.gaps_s]
-    itl = _p(gaps, 0.95) if gaps else None
+    ttft = percentiles([t.ttft_s for t in timings], (50, 95))
+    itl = percentiles([g for t in timings for g in t.gaps_s], (95,))[95]
+    ttft50, ttft95 = ttft[50] or 0.0, ttft[95] or 0.0      # every request had a first token
     good = sum(1 for t in timings if slo.met_by(t.ttft_s, t.tpot_s))
-    ttft95 = _p(ttft, 0.95)
     return Level(concurrency, len(timings), round(wall, 3), round(len(timings) / wall, 3),
-                 round(sum(t.tokens for t in timings) / wall, 1), round(_p(ttft, 0.5), 4), round(ttft95, 4),
+                 round(sum(t.tokens for t in timings) / wall, 1), round(ttft50, 4), round(ttft95, 4),
                  round(itl, 5) if itl is not None else None, good, round(good / wall, 3),
                  slo.met_by(ttft95, itl))
 
