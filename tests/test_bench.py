@@ -112,40 +112,55 @@ def test_compare_entries_are_checked_before_anything_starts(tmp_path, capsys):
 
 @pytest.mark.engine
 @pytest.mark.timeout(900)
-def test_load_compare_puts_profiles_beside_vllm_serve_defaults(tmp_path, capsys):
-    """Issue 16's cost table: `vllm serve MODEL` with its defaults, the demo profile and a
-    tuned drop-in over it, one after the other, each over the first."""
+def test_load_compare_puts_a_profile_beside_vllm_serve_defaults(tmp_path, capsys):
+    """Issue 16's cost table: `vllm serve MODEL` with its defaults, then the demo profile
+    with a tuned drop-in over it, one after the other, the second over the first."""
     from helpers import write_config
-    (tmp_path / "shipped").mkdir()
-    shipped = write_config(tmp_path / "shipped" / "qwenbox.toml")
+    from qwenbox.tools.bench import servers
     (tmp_path / "tuned" / "conf.d").mkdir(parents=True)
     tuned = write_config(tmp_path / "tuned" / "qwenbox.toml")
     (tmp_path / "tuned" / "conf.d" / "90-tuned.toml").write_text("[engine]\nmax_num_batched_tokens = 1024\n"
                                                                   "[admission]\nmax_in_flight = 4\n")
     out = tmp_path / "load.json"
-    rc = cli.main(["bench", "load", "--compare", "vllm-defaults", str(shipped), str(tuned), "--out", str(out),
+    rc = cli.main(["bench", "load", "--compare", "vllm-defaults", str(tuned), "--out", str(out),
                    "--levels", "1,2", "--per-level", "2", "--mix-requests", "3", "--burst", "3", "--max-tokens",
                    "3", "--sweep-words", "16", "--mix", "s:16:1", "--phase-time-limit", "120",
                    "--request-timeout", "120"])
     text = capsys.readouterr().out
     assert rc == 0, text[-3000:]
     res = json.loads(out.read_text())
-    vllm, a, b = res["runs"]
+    vllm, tuned_run = res["runs"]
     assert vllm["config"] == "vllm-defaults" and vllm["argv"][:3] == ["-m", "vllm.entrypoints.openai.api_server",
                                                                      "--model"]
-    from qwenbox.tools.bench import servers
     assert vllm["argv"][6:] == list(servers.CPU_BACKEND_FLAGS)        # nothing else of ours reaches it
-    assert [r["label"] for r in res["runs"]] == ["A", "B", "C"] and b["config"].endswith("tuned/qwenbox.toml")
+    assert [r["label"] for r in res["runs"]] == ["A", "B"] and tuned_run["config"].endswith("tuned/qwenbox.toml")
     for r in res["runs"]:
         load_ = r["load"]
         assert load_["mix"]["sent"] == 3 and load_["mix"]["ok"] == 3, r["label"]
         assert load_["decision"]["highest_stable_concurrency"] in (1, 2)
         assert r["server_exit_code"] is not None
-    assert [len(c) for c in res["comparisons"]] == [len(L.COMPARE_ROWS)] * 2
-    cost = [next(row for row in c if row["metric"] == "cost per 1k requests") for c in res["comparisons"]]
-    assert [c["a"] for c in cost] == [vllm["load"]["economics"]["cost_per_1k_requests"]] * 2
-    assert [c["b"] for c in cost] == [r["load"]["economics"]["cost_per_1k_requests"] for r in (a, b)]
-    assert "A: vllm-defaults" in text and "B / A" in text and "C / A" in text
+    [rows] = res["comparisons"]
+    assert rows == res["comparison"] and len(rows) == len(L.COMPARE_ROWS)
+    cost = next(row for row in rows if row["metric"] == "cost per 1k requests")
+    assert (cost["a"], cost["b"]) == (vllm["load"]["economics"]["cost_per_1k_requests"],
+                                      tuned_run["load"]["economics"]["cost_per_1k_requests"])
+    assert "A: vllm-defaults" in text and "B: qwenbox.toml" in text and "B / A" in text
+
+
+def test_a_three_way_comparison_puts_each_run_over_the_first():
+    def run(rps, empty):
+        return {"launch_to_ready_s": 30.0, "cache_dir_at_launch": {"empty": empty},
+                "load": {"economics": L.economics({"requests_per_s": rps}, 1.0)}}
+    a, b, c = run(2.0, True), run(4.0, False), run(3.0, True)
+    text = L.compare_table_n([L.comparison(a, b, ("A", "B")), L.comparison(a, c, ("A", "C"))],
+                             ["vllm-defaults", "shipped.toml", "tuned.toml"])
+    head, _, *rows = text.splitlines()[1:]
+    assert head.split() == ["metric", "A:", "vllm-defaults", "B:", "shipped.toml", "C:", "tuned.toml", "B", "/", "A",
+                            "C", "/", "A"]
+    day = next(r for r in rows if r.startswith("requests/day"))
+    assert day.split()[-2:] == ["2.00x", "1.50x"]
+    launch = next(r for r in rows if r.startswith("launch to ready"))
+    assert "A empty caches, B warm: no ratio" in launch and launch.endswith("1.00x")      # A and C both empty
 
 
 def test_every_mode_is_checked_before_anything_starts(capsys):
