@@ -24,8 +24,9 @@ class ConfigBounds(TypedDict):
     min_exclusive: bool
 
 
-# What vLLM's ``SamplingParams`` is given: a ``Sampling`` field's value, ``stop`` as a list.
-SamplingValue = int | float | bool | list[str] | None
+# What vLLM's ``SamplingParams`` is given: a ``Sampling`` field's value, ``stop`` as a list,
+# ``logit_bias`` as {token id: bias}.
+SamplingValue = int | float | bool | list[str] | dict[int, float] | None
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Sampling:
     seed: int | None = None
     n: int = 1
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()      # (token id, bias added to its logit), by id
 
     def merged_over(self, defaults: Sampling) -> Sampling:
         """This sampling with every field it left ``None`` taken from ``defaults``."""
@@ -85,9 +87,10 @@ class Sampling:
 
     def engine_kwargs(self) -> dict[str, SamplingValue]:
         """Keywords for vLLM's ``SamplingParams``: the fields that are set (vLLM's own
-        defaults apply to the rest), ``stop`` as a list."""
+        defaults apply to the rest), ``stop`` as a list, ``logit_bias`` as a dict."""
         kw: dict[str, SamplingValue] = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         kw["stop"] = list(self.stop) or None
+        kw["logit_bias"] = dict(self.logit_bias) or None
         return kw
 
 

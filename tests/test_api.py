@@ -576,3 +576,27 @@ def test_error_log_lines_carry_status(daemon, model):
         time.sleep(0.1)
     (rec,) = request_log_lines(daemon, rid)
     assert str(rec["status"]) == "400" and rec["path"] == CHAT
+
+
+def test_logit_bias_is_applied_with_the_openai_client(daemon, model, openai_client):
+    """+100 on one token with greedy decoding: every generated token is that one, on both
+    endpoints (the demo model's own choice would be noise)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    forced = tok.encode(" hello", add_special_tokens=False)[0]
+    r = openai_client.completions.create(model=model, prompt="Once upon a time", max_tokens=4, temperature=0,
+                                         logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tok.decode([forced] * 4) and r.usage.completion_tokens == 4
+    chat = openai_client.chat.completions.create(model=model, messages=MSGS, max_tokens=3, temperature=0,
+                                                 logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == tok.decode([forced] * 3)
+    free = openai_client.completions.create(model=model, prompt="Once upon a time", max_tokens=4, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    assert free.choices[0].text != r.choices[0].text        # without it, the model's own (noise) choice
+
+
+def test_logit_bias_outside_the_vocabulary_is_a_400(daemon, model):
+    status, _, body = jrequest(daemon.sock, "POST", COMPL, {"model": model, "prompt": "x", "max_tokens": 1,
+                                                           "logit_bias": {"10000000": 5}})
+    assert status == 400 and body["error"]["param"] == "logit_bias" and "outside the vocabulary" in \
+        body["error"]["message"]

@@ -159,6 +159,8 @@ CHAT_BODY = st.fixed_dictionaries(
         "stream": st.booleans() | JSONISH, "stream_options": field(st.just({"include_usage": True}), JSONISH),
         "user": field(st.text(max_size=300), JSONISH), "logprobs": JSONISH, "tools": JSONISH,
         "response_format": JSONISH, "ignore_eos": JSONISH,
+        "logit_bias": field(st.dictionaries(st.integers(0, 200).map(str), st.floats(-100, 100), max_size=4),
+                            JSONISH),
     })
 
 HYPOTHESIS = settings(max_examples=int(os.environ.get("QWENBOX_HYPOTHESIS_EXAMPLES", "120")), deadline=None,

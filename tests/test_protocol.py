@@ -105,10 +105,31 @@ def test_decode_json_accepts_utf8():
     (chat(logprobs=True), "logprobs"),
     (chat(response_format={"type": "json_object"}), "response_format"),
     (chat(user=5), "user"),
+    (chat(logit_bias=[1, 2]), "logit_bias"),
+    (chat(logit_bias={"12": 101}), "logit_bias"),
+    (chat(logit_bias={"12": -100.5}), "logit_bias"),
+    (chat(logit_bias={"12": "up"}), "logit_bias"),
+    (chat(logit_bias={"12": True}), "logit_bias"),
+    (chat(logit_bias={"12": float("inf")}), "logit_bias"),
+    (chat(logit_bias={"-1": 5}), "logit_bias"),
+    (chat(logit_bias={"a": 5}), "logit_bias"),
+    (chat(logit_bias={"1.5": 5}), "logit_bias"),
+    (chat(logit_bias={"\u0661": 5}), "logit_bias"),                  # a digit, but not an ASCII one
+    (chat(logit_bias={"1" * 11: 5}), "logit_bias"),
+    (chat(logit_bias={str(i): 1 for i in range(301)}), "logit_bias"),
 ])
 def test_parse_chat_rejects(body, param):
     e = bad(protocol.parse_chat, body, LIMITS)
     assert e.param == param, e.message
+
+
+def test_logit_bias_reaches_the_sampling_by_token_id():
+    r = protocol.parse_chat(chat(logit_bias={"15": 100, "3": -100, "7": 0.5}), LIMITS)
+    assert r.sampling.logit_bias == ((3, -100.0), (7, 0.5), (15, 100.0))
+    assert r.sampling.engine_kwargs()["logit_bias"] == {3: -100.0, 7: 0.5, 15: 100.0}
+    assert protocol.parse_chat(chat(), LIMITS).sampling.engine_kwargs()["logit_bias"] is None
+    assert protocol.parse_chat(chat(logit_bias={str(i): 1 for i in range(300)}), LIMITS).sampling.logit_bias
+    assert "cap of 300" in bad(protocol.parse_chat, chat(logit_bias={str(i): 1 for i in range(301)}), LIMITS).message
 
 
 def test_cap_messages_name_the_cap():

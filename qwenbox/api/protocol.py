@@ -4,7 +4,8 @@ Contract: ``decode_json(raw)`` turns the body into a JSON value that is safe to 
 400). ``parse_chat(body, limits)`` / ``parse_completion(body, limits)`` take that value and
 return a typed request carrying one ``generation.Sampling``, or raise ``ApiError`` (400)
 naming the offending ``param``. Every field is checked for type AND range here (ranges
-shared with the config through ``generation.RULES``), and every client string that can
+shared with the config through ``generation.RULES``; ``logit_bias`` bounded here, its ids
+checked against the vocabulary in ``routes``), and every client string that can
 reach a log line or a map is bounded, so nothing malformed reaches the engine. Fields we
 cannot honour (tools, logprobs, JSON mode, batched prompts) are rejected with a clear
 message rather than silently ignored; unknown extra fields are ignored, as
@@ -28,6 +29,7 @@ MAX_DEPTH = 32            # JSON nesting; OpenAI's own request shapes need fewer
 MAX_USER_CHARS = 256      # `user` becomes a session id, a map key and a log field
 MAX_STOP_CHARS = 256      # per stop sequence
 MAX_TOP_K = 1 << 20       # above any vocabulary
+MAX_LOGIT_BIAS = 300      # entries of `logit_bias`: a bound on what one request adds to every step
 
 
 @dataclass
@@ -185,13 +187,37 @@ def _sampling(body: dict[str, Any], limits: LimitsConfig) -> Sampling:
         raise bad_request(f"'n' is {n}, above this server's cap of {limits.max_n}", param="n")
     _reject_if_set(body, "logprobs", "log probabilities are not returned")
     _reject_if_set(body, "top_logprobs", "log probabilities are not returned", allowed=(None, 0))
-    _reject_if_set(body, "logit_bias", "logit bias is not applied")
     return Sampling(
         max_tokens=_max_tokens(body, limits), temperature=_ruled(body, "temperature"),
         top_p=_ruled(body, "top_p"), presence_penalty=_ruled(body, "presence_penalty"),
         top_k=top_k, min_p=_ruled(body, "min_p", 0.0), frequency_penalty=_ruled(body, "frequency_penalty", 0.0),
         repetition_penalty=_ruled(body, "repetition_penalty", 1.0), stop=_stop(body, limits),
-        seed=_ruled(body, "seed"), n=n, ignore_eos=_get(body, "ignore_eos", (bool,), "a boolean", False))
+        seed=_ruled(body, "seed"), n=n, ignore_eos=_get(body, "ignore_eos", (bool,), "a boolean", False),
+        logit_bias=_logit_bias(body))
+
+
+def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: {"token id": bias in -100..100}, at most MAX_LOGIT_BIAS
+    entries (a bound on what one request may make every step pay). Ids are checked against
+    the vocabulary where the tokenizer is known (``routes``)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise bad_request("'logit_bias' must be an object mapping token ids to biases", param="logit_bias")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise bad_request(f"'logit_bias' has {len(bias)} entries, above this server's cap of {MAX_LOGIT_BIAS}",
+                          param="logit_bias")
+    out = []
+    for key, v in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise bad_request(f"'logit_bias' keys must be token ids (non-negative integers), got {key[:40]!r}",
+                              param="logit_bias")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not -100 <= v <= 100:
+            raise bad_request(f"'logit_bias' values must be numbers from -100 to 100; token {key} has "
+                              f"{str(v)[:40]}", param="logit_bias")
+        out.append((int(key), float(v)))
+    return tuple(sorted(out))
 
 
 def _user(body: dict[str, Any]) -> str | None:

@@ -166,6 +166,10 @@ async def _admit_and_run(request: web.Request, cfg: Config, engine: ServingEngin
                          prompt_ids: list[int], shaped: shaping.Defaults, session: str | None,
                          headers: dict[str, str], shape: convert.Shape) -> web.StreamResponse:
     record = request[RECORD]
+    vocab = engine.tokenizer.vocab_size
+    if (bad := next((t for t, _ in req.sampling.logit_bias if t >= vocab), None)) is not None:
+        raise ApiError(400, f"'logit_bias' has token id {bad} outside the vocabulary (0..{vocab - 1})",
+                       param="logit_bias")
     prompt_ids = shaping.pad(prompt_ids, cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
     record.session, record.intent = session, shaped.intent
     async with request.app[ADMISSION].admit(len(prompt_ids), session) as ticket:
