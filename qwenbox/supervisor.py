@@ -292,7 +292,6 @@ class EngineSupervisor:
             await dispose(dead)
         return await self._build(self.lifecycle.note, lambda: self.lifecycle.note("warm-up"))
 
-
     # ------------------------------------------------------------ standby
     async def _rewarm(self, engine: ServingEngine) -> None:
         await warmup.prefill_system_prompt(engine, self.settings())
