@@ -600,3 +600,42 @@ def test_logit_bias_outside_the_vocabulary_is_a_400(daemon, model):
                                                            "logit_bias": {"10000000": 5}})
     assert status == 400 and body["error"]["param"] == "logit_bias" and "outside the vocabulary" in \
         body["error"]["message"]
+
+
+def test_a_batch_of_prompts_is_one_choice_per_prompt_and_n(daemon, model, openai_client):
+    """`OpenAI().completions.create(prompt=[a, b, c])`: choices ordered by prompt, then n;
+    usage adds up; each prompt is admitted as a request of its own (one access line)."""
+    prompts = ["Once upon a time", "The quick brown fox", [11, 12, 13, 14]]
+    singles = [openai_client.completions.create(model=model, prompt=p, max_tokens=1) for p in prompts]
+    r = openai_client.completions.create(model=model, prompt=prompts, n=2, max_tokens=3, temperature=0.5,
+                                         extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == list(range(6))
+    assert all(c.text and c.finish_reason == "length" for c in r.choices)
+    assert r.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert r.usage.completion_tokens == 6 * 3
+    stream = openai_client.completions.create(model=model, prompt=prompts[:2], max_tokens=4, stream=True,
+                                              stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True})
+    texts, finished, usage = {0: "", 1: ""}, set(), None
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finished.add(c.index)
+        usage = chunk.usage or usage
+    assert finished == {0, 1} and all(texts.values()), texts
+    assert usage.completion_tokens == 8 and usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles[:2])
+
+
+def test_a_batch_is_refused_whole_when_one_prompt_is_bad_or_it_is_too_large(daemon, model, cfg):
+    status, _, body = jrequest(daemon.sock, "POST", COMPL, {"model": model, "prompt": ["fine", [10 ** 9]],
+                                                           "max_tokens": 1})
+    assert status == 400 and "'prompt[1]' has token id" in body["error"]["message"], body
+    too_many = cfg.admission.max_in_flight + 1
+    assert too_many <= cfg.limits.max_prompts
+    status, _, body = jrequest(daemon.sock, "POST", COMPL, {"model": model, "prompt": ["x"] * too_many,
+                                                           "max_tokens": 1})
+    assert status == 400 and "more than this server runs at once" in body["error"]["message"], body
+    status, _, body = jrequest(daemon.sock, "POST", COMPL, {"model": model, "max_tokens": 1,
+                                                           "prompt": ["x"] * (cfg.limits.max_prompts + 1)})
+    assert status == 400 and body["error"]["param"] == "prompt" and "cap of" in body["error"]["message"]

@@ -181,7 +181,8 @@ def test_no_request_body_yields_a_5xx(daemon, body):
 
 
 @HYPOTHESIS
-@given(prompt=field(st.text(max_size=60), st.lists(st.integers(-5, 2000), max_size=6) | JSONISH),
+@given(prompt=field(st.text(max_size=60), st.lists(st.integers(-5, 2000), max_size=6) | JSONISH
+                   | st.lists(st.text(max_size=20) | st.lists(st.integers(-5, 2000), max_size=4), max_size=4)),
        max_tokens=field(st.integers(1, 8), JSONISH), extra=st.dictionaries(st.sampled_from(
            ["echo", "suffix", "best_of", "n", "stop", "seed", "stream"]), JSONISH, max_size=2))
 def test_no_completion_body_yields_a_5xx(daemon, prompt, max_tokens, extra):

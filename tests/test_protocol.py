@@ -168,7 +168,10 @@ def test_max_completion_tokens_wins():
     ({"model": "m", "prompt": ""}, "prompt"),
     ({"model": "m", "prompt": 5}, "prompt"),
     ({"model": "m", "prompt": []}, "prompt"),
-    ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    ({"model": "m", "prompt": ["a", ""]}, "prompt"),
+    ({"model": "m", "prompt": [[1], []]}, "prompt"),
+    ({"model": "m", "prompt": [[1], [True]]}, "prompt"),
+    ({"model": "m", "prompt": ["a"] * 33}, "prompt"),
     ({"model": "m", "prompt": [1, "x"]}, "prompt"),
     ({"prompt": "x"}, "model"),
     ({"model": "m", "prompt": "x", "echo": True}, "echo"),
@@ -184,6 +187,11 @@ def test_parse_completion_good():
     assert protocol.parse_completion({"model": "m", "prompt": "x"}, LIMITS).prompt == "x"
     assert protocol.parse_completion({"model": "m", "prompt": ["x"]}, LIMITS).prompt == "x"
     assert protocol.parse_completion({"model": "m", "prompt": [1, 2, 3]}, LIMITS).prompt == [1, 2, 3]
+    batch = protocol.parse_completion({"model": "m", "prompt": ["x", [4, 5], "y"]}, LIMITS)
+    assert batch.prompts == ("x", [4, 5], "y") and batch.prompt == "x"
+    assert len(protocol.parse_completion({"model": "m", "prompt": ["a"] * 32}, LIMITS).prompts) == 32
+    assert "cap of 32" in bad(protocol.parse_completion, {"model": "m", "prompt": ["a"] * 33}, LIMITS).message
+    assert "prompt[1]" in bad(protocol.parse_completion, {"model": "m", "prompt": ["a", ""]}, LIMITS).message
 
 
 # ---------------------------------------------------------------- convert.to_generation

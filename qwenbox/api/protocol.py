@@ -7,7 +7,7 @@ naming the offending ``param``. Every field is checked for type AND range here (
 shared with the config through ``generation.RULES``; ``logit_bias`` bounded here, its ids
 checked against the vocabulary in ``routes``), and every client string that can
 reach a log line or a map is bounded, so nothing malformed reaches the engine. Fields we
-cannot honour (tools, logprobs, JSON mode, batched prompts) are rejected with a clear
+cannot honour (tools, logprobs, JSON mode, echo) are rejected with a clear
 message rather than silently ignored; unknown extra fields are ignored, as
 OpenAI-compatible servers do, so newer clients keep working.
 """
@@ -45,11 +45,16 @@ class ChatRequest:
 @dataclass
 class CompletionRequest:
     model: str
-    prompt: str | list[int]
+    prompts: tuple[str | list[int], ...]    # one or more (a batch): text, or token ids
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+
+    @property
+    def prompt(self) -> str | list[int]:
+        """The first prompt (the only one outside a batch)."""
+        return self.prompts[0]
 
 
 def decode_json(raw: bytes) -> Any:
@@ -302,29 +307,39 @@ def parse_chat(body: Any, limits: LimitsConfig) -> ChatRequest:
     return ChatRequest(model, out, _sampling(body, limits), stream, include_usage, _user(body))
 
 
+def _one_prompt(p: Any, param: str) -> str | list[int]:
+    if isinstance(p, str):
+        if not p:
+            raise bad_request(f"'{param}' must not be empty", param="prompt")
+        return p
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return p
+    raise bad_request(f"'{param}' must be a non-empty string or a list of token ids", param="prompt")
+
+
+def _prompts(body: dict[str, Any], limits: LimitsConfig) -> tuple[str | list[int], ...]:
+    """``prompt``: a string, a list of token ids, or a batch (a list of either); a batch is
+    at most ``limits.max_prompts`` long and each of its prompts is checked as one."""
+    p = body.get("prompt")
+    if p is None:
+        raise bad_request("'prompt' is required", param="prompt")
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        if len(p) > limits.max_prompts:
+            raise bad_request(f"'prompt' is a batch of {len(p)} prompts, above this server's cap of "
+                              f"{limits.max_prompts}", param="prompt")
+        return tuple(_one_prompt(x, f"prompt[{i}]") for i, x in enumerate(p))
+    return (_one_prompt(p, "prompt"),)
+
+
 def parse_completion(body: Any, limits: LimitsConfig) -> CompletionRequest:
     body = _object(body)
     model = _model(body)
-    p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]  # a batch of one is the common client default
-    if isinstance(p, str):
-        if not p:
-            raise bad_request("'prompt' must not be empty", param="prompt")
-    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        pass
-    elif isinstance(p, list) and p and all(isinstance(t, (str, list)) for t in p):
-        raise bad_request("batched prompts are not supported; send one prompt per request", param="prompt",
-                          code="unsupported_parameter")
-    elif p is None:
-        raise bad_request("'prompt' is required", param="prompt")
-    else:
-        raise bad_request("'prompt' must be a non-empty string or a list of token ids", param="prompt")
+    prompts = _prompts(body, limits)
     _reject_if_set(body, "echo", "echoing the prompt is not supported")
     _reject_if_set(body, "suffix", "suffix (fill-in-the-middle) is not supported", allowed=(None, ""))
     _reject_if_set(body, "best_of", "best_of is not supported", allowed=(None, 1))
     stream, include_usage = _stream(body)
-    return CompletionRequest(model, p, _sampling(body, limits), stream, include_usage, _user(body))
+    return CompletionRequest(model, prompts, _sampling(body, limits), stream, include_usage, _user(body))
 
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:@\-]{1,128}$")

@@ -11,10 +11,13 @@ once, into the request's ``RequestRecord`` (``keys.RECORD``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -142,34 +145,46 @@ async def completions(request: web.Request) -> web.StreamResponse:
     gate = request.app[GATE]
     async with gate.track():
         engine = await gate.serving_engine()
-        tok = engine.tokenizer
-        if isinstance(req.prompt, list):
-            prompt_ids = req.prompt
-            bad = next((t for t in prompt_ids if not 0 <= t < tok.vocab_size), None)
-            if bad is not None:
-                raise ApiError(400, f"'prompt' has token id {bad} outside the vocabulary "
-                                    f"(0..{tok.vocab_size - 1})", param="prompt")
-            if len(prompt_ids) >= engine.max_model_len:
-                raise errors.prompt_too_long(engine.max_model_len, len(prompt_ids), param="prompt")
-            text = await _off_loop(len(prompt_ids), lambda: tok.decode(prompt_ids))
-        else:
-            text = req.prompt
-            within = await _off_loop(len(text), lambda: tok.encode_within(text, engine.max_model_len))
-            if within is None:
-                raise errors.prompt_too_long(engine.max_model_len, param="prompt")
-            prompt_ids = within
+        prompts = [await _completion_prompt(engine, p, "prompt" if len(req.prompts) == 1 else f"prompt[{i}]")
+                   for i, p in enumerate(req.prompts)]
+        if len(prompts) > 1:
+            return await _admit_and_run_batch(request, cfg, engine, req, prompts, session)
+        prompt_ids, text = prompts[0]
         shaped = shaping.defaults(cfg, text)
         return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, {}, convert.COMPLETION)
+
+
+async def _completion_prompt(engine: ServingEngine, prompt: str | list[int], name: str) -> tuple[list[int], str]:
+    """One completion prompt as (token ids, text): ids checked against the vocabulary and
+    the context, text encoded within it."""
+    tok = engine.tokenizer
+    if isinstance(prompt, list):
+        bad = next((t for t in prompt if not 0 <= t < tok.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"'{name}' has token id {bad} outside the vocabulary "
+                                f"(0..{tok.vocab_size - 1})", param="prompt")
+        if len(prompt) >= engine.max_model_len:
+            raise errors.prompt_too_long(engine.max_model_len, len(prompt), param="prompt")
+        ids = prompt
+        return ids, await _off_loop(len(ids), lambda: tok.decode(ids))
+    within = await _off_loop(len(prompt), lambda: tok.encode_within(prompt, engine.max_model_len))
+    if within is None:
+        raise errors.prompt_too_long(engine.max_model_len, param="prompt")
+    return within, prompt
+
+
+def _check_logit_bias(engine: ServingEngine, req: ParsedRequest) -> None:
+    vocab = engine.tokenizer.vocab_size
+    if (bad := next((t for t, _ in req.sampling.logit_bias if t >= vocab), None)) is not None:
+        raise ApiError(400, f"'logit_bias' has token id {bad} outside the vocabulary (0..{vocab - 1})",
+                       param="logit_bias")
 
 
 async def _admit_and_run(request: web.Request, cfg: Config, engine: ServingEngine, req: ParsedRequest,
                          prompt_ids: list[int], shaped: shaping.Defaults, session: str | None,
                          headers: dict[str, str], shape: convert.Shape) -> web.StreamResponse:
     record = request[RECORD]
-    vocab = engine.tokenizer.vocab_size
-    if (bad := next((t for t, _ in req.sampling.logit_bias if t >= vocab), None)) is not None:
-        raise ApiError(400, f"'logit_bias' has token id {bad} outside the vocabulary (0..{vocab - 1})",
-                       param="logit_bias")
+    _check_logit_bias(engine, req)
     prompt_ids = shaping.pad(prompt_ids, cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
     record.session, record.intent = session, shaped.intent
     async with request.app[ADMISSION].admit(len(prompt_ids), session) as ticket:
@@ -180,11 +195,92 @@ async def _admit_and_run(request: web.Request, cfg: Config, engine: ServingEngin
         record.prompt_len, record.max_tokens, record.stream = (len(gen.prompt_token_ids), gen.sampling.max_tokens,
                                                                req.stream)
         head = shape.head(record.id, req.model)
+        answer = Answer(lambda: _outputs(request, engine, gen), gen.sampling.n, len(gen.prompt_token_ids))
         with request.app[GATE].running(record.id):
             if req.stream:
-                return await _streamed(request, engine, gen, req.include_usage, headers, shape, head,
+                return await _streamed(request, answer, req.include_usage, headers, shape, head,
                                        cfg.server.retry_after_s)
-            return await _whole(request, engine, gen, headers, shape, head)
+            return await _whole(request, answer, headers, shape, head)
+
+
+async def _admit_and_run_batch(request: web.Request, cfg: Config, engine: ServingEngine,
+                               req: protocol.CompletionRequest, prompts: list[tuple[list[int], str]],
+                               session: str | None) -> web.StreamResponse:
+    """A batch of prompts: each admitted as a request of its own (so admission's bounds and
+    priorities hold for every one), all run at once, answered as one completion whose
+    choices are ordered by prompt, then by ``n`` (OpenAI's order): index = i x n + j. A
+    refusal of any of them refuses the whole request, and frees what the others held."""
+    record, admission, gate = request[RECORD], request.app[ADMISSION], request.app[GATE]
+    _check_logit_bias(engine, req)
+    if len(prompts) > admission.max_in_flight:      # its own prompts would wait for each other's slots
+        raise errors.bad_request(f"'prompt' is a batch of {len(prompts)} prompts, more than this server runs at "
+                                 f"once ({admission.max_in_flight}); send at most that many", param="prompt")
+    async with contextlib.AsyncExitStack() as held:
+        gens = []
+        for i, (ids, text) in enumerate(prompts):
+            shaped = shaping.defaults(cfg, text)
+            ids = shaping.pad(ids, cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
+            ticket = await held.enter_async_context(admission.admit(len(ids), session))
+            record.queued_s, record.priority = round(ticket.queued_s, 4), ticket.priority
+            gens.append(convert.to_generation(req.sampling, ids, request_id=f"{record.id}-{i}",
+                                              max_model_len=engine.max_model_len, defaults=shaped,
+                                              stream=req.stream, priority=ticket.priority))
+        for g in gens:       # handed to the engine only now that all are admitted (the watchdog's evidence)
+            held.enter_context(gate.running(g.request_id))
+        n = req.sampling.n
+        record.session, record.intent = session, shaped.intent
+        record.prompt_len = sum(len(g.prompt_token_ids) for g in gens)
+        record.max_tokens, record.stream = max(g.sampling.max_tokens or 0 for g in gens), req.stream
+        answer = Answer(lambda: _merged(request, engine, gens, n), n * len(gens), record.prompt_len)
+        head = convert.COMPLETION.head(record.id, req.model)
+        if req.stream:
+            return await _streamed(request, answer, req.include_usage, {}, convert.COMPLETION, head,
+                                   cfg.server.retry_after_s)
+        return await _whole(request, answer, {}, convert.COMPLETION, head)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one response is written from: its engine outputs (made when it is written),
+    its number of choices, its prompt tokens (for usage)."""
+    outputs: Callable[[], AsyncGenerator[list[Delta], None]]
+    choices: int
+    prompt_tokens: int
+
+
+async def _merged(request: web.Request, engine: ServingEngine, gens: list[GenerationRequest],
+                  n: int) -> AsyncGenerator[list[Delta], None]:
+    """Every generation's outputs as they come, choice ``j`` of generation ``i`` as index
+    ``i x n + j``. The first failure ends it (raised here); closing it closes every stream,
+    which aborts what is still running in the engine."""
+    queue: asyncio.Queue[tuple[int, list[Delta] | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, gen: GenerationRequest) -> None:
+        try:
+            async with aclosing(_outputs(request, engine, gen)) as outputs:
+                async for deltas in outputs:
+                    queue.put_nowait((i, deltas))
+            queue.put_nowait((i, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield [dataclasses.replace(d, index=i * n + d.index) for d in item]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _outputs(request: web.Request, engine: ServingEngine,
@@ -197,27 +293,26 @@ async def _outputs(request: web.Request, engine: ServingEngine,
         async for deltas in outputs:
             record.first_output(time.monotonic())
             yield deltas
-    gate.raise_if_aborted(record.id)
+    gate.raise_if_aborted(gen.request_id)
 
 
-async def _whole(request: web.Request, engine: ServingEngine, gen: GenerationRequest, headers: dict[str, str],
-                 shape: convert.Shape, head: convert.Head) -> web.Response:
+async def _whole(request: web.Request, answer: Answer, headers: dict[str, str], shape: convert.Shape,
+                 head: convert.Head) -> web.Response:
     """Not streamed: one JSON body once the engine is done."""
-    acc = convert.Accumulator(gen.sampling.n)
-    async with aclosing(_outputs(request, engine, gen)) as outputs:
+    acc = convert.Accumulator(answer.choices)
+    async with aclosing(answer.outputs()) as outputs:
         async for deltas in outputs:
             acc.add(deltas)
     request[RECORD].ended(acc.completion_tokens, acc.finish_summary())
-    return web.json_response(shape.body(*head, acc, len(gen.prompt_token_ids)), headers=headers)
+    return web.json_response(shape.body(*head, acc, answer.prompt_tokens), headers=headers)
 
 
-async def _streamed(request: web.Request, engine: ServingEngine, gen: GenerationRequest, include_usage: bool,
-                    headers: dict[str, str], shape: convert.Shape, head: convert.Head,
-                    retry_after: int) -> web.StreamResponse:
+async def _streamed(request: web.Request, answer: Answer, include_usage: bool, headers: dict[str, str],
+                    shape: convert.Shape, head: convert.Head, retry_after: int) -> web.StreamResponse:
     """Streamed: SSE chunks as the engine produces them. Past the 200 an error is one
     in-band error event and ``[DONE]``; the record says how it ended."""
     record = request[RECORD]
-    acc = convert.Accumulator(gen.sampling.n)
+    acc = convert.Accumulator(answer.choices)
     resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     await resp.prepare(request)
 
@@ -225,17 +320,16 @@ async def _streamed(request: web.Request, engine: ServingEngine, gen: Generation
         await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
     try:
-        for chunk in shape.opening(*head, gen.sampling.n):
+        for chunk in shape.opening(*head, answer.choices):
             await send(chunk)
-        async with aclosing(_outputs(request, engine, gen)) as outputs:
+        async with aclosing(answer.outputs()) as outputs:
             async for deltas in outputs:
                 acc.add(deltas)
                 for d in deltas:
                     for chunk in shape.delta_chunks(*head, d):
                         await send(chunk)
         if include_usage:
-            await send(convert.usage_chunk(*head, shape.chunk_object, len(gen.prompt_token_ids),
-                                           acc.completion_tokens))
+            await send(convert.usage_chunk(*head, shape.chunk_object, answer.prompt_tokens, acc.completion_tokens))
         await resp.write(b"data: [DONE]\n\n")
         record.ended(acc.completion_tokens, acc.finish_summary())
     except (ConnectionError, asyncio.CancelledError):
