@@ -58,6 +58,7 @@ from ..engine_protocol import EngineOpener, ServingEngine
 from ..fileio import write_atomic
 from ..generation import GenerationRequest, Sampling
 from ..supervisor import close, dispose, open_vllm_engine
+from .bench.load import economics
 from .bench.tokens import PromptSetError, check_prompt_set, load_tokenizer, random_id_prompts, tok_info
 from .bench.workload import DEFAULT_GPU_HOUR_COST, OptionError
 from .logs import SHAPE_KIND
@@ -276,7 +277,6 @@ def ladder(max_num_seqs: int, explicit: Sequence[int] = ()) -> list[int]:
 class Plan:
     """What every trial runs: the SLO, the prompts by level, the requests per level."""
     slo: Slo
-    workload: Workload
     explicit_levels: tuple[int, ...]
     requests_per_level: int          # 0: twice the concurrency
     max_requests_per_level: int
@@ -461,7 +461,9 @@ def profile_text(settings: dict[str, Value], header: list[str]) -> str:
 
 
 def cost_per_1k(goodput_rps: float, gpu_hour_cost: float) -> float | None:
-    return gpu_hour_cost / (goodput_rps * 3600) * 1000 if goodput_rps > 0 else None
+    """$ per 1k requests at ``goodput_rps``: the cost benchmark's own arithmetic."""
+    cost: float | None = economics({"requests_per_s": goodput_rps}, gpu_hour_cost)["cost_per_1k_requests"]
+    return cost
 
 
 # ------------------------------------------------------------------ report
@@ -606,7 +608,7 @@ async def _amain(args: argparse.Namespace, cfg: Config) -> int:
             except ConfigError as e:
                 raise OptionError(f"--try {d.key}={v}: {e}") from None
     prompts = Prompts(cfg, wl)
-    plan = Plan(slo, wl, levels, args.requests_per_level, args.max_requests_per_level, prompts)
+    plan = Plan(slo, levels, args.requests_per_level, args.max_requests_per_level, prompts)
     for c in ladder(limits.max_num_seqs.value, levels):
         prompts(c, plan.count(c))
     planned = 1 + sum(len(d.values) for d in dims)
