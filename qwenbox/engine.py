@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json as _json
 import logging
 import os
 import re
@@ -33,7 +34,7 @@ import psutil
 
 from .config import Config, ConfigError
 from .engine_protocol import FigureValue
-from .generation import Delta, GenerationRequest, Progress
+from .generation import Delta, GenerationRequest, Guided, Progress, TokenLogprob, TopLogprob
 
 log = logging.getLogger("qwenbox.engine")
 
@@ -332,7 +333,15 @@ class Engine:
     # ------------------------------------------------------------ requests
     def _sampling_params(self, r: GenerationRequest) -> Any:
         v = self._v
-        return v.SamplingParams(**r.sampling.engine_kwargs(),
+        kw = r.sampling.engine_kwargs()
+        guided = kw.pop("guided", None)
+        if isinstance(guided, Guided):
+            # Compact JSON: no whitespace the grammar would otherwise let the model spend
+            # tokens on (the same JSON, fewer tokens).
+            kw["structured_outputs"] = v.StructuredOutputsParams(
+                json=_json.loads(guided.json_schema) if guided.json_schema is not None else None,
+                json_object=guided.json_object or None, disable_any_whitespace=True)
+        return v.SamplingParams(**kw,
                                 output_kind=v.RequestOutputKind.DELTA if r.stream else v.RequestOutputKind.FINAL_ONLY)
 
     async def generate(self, r: GenerationRequest) -> AsyncGenerator[list[Delta], None]:
@@ -344,10 +353,25 @@ class Engine:
         except (ValueError, TypeError) as e:
             raise EngineRequestError(str(e)) from e
         prompt = {"prompt_token_ids": r.prompt_token_ids}
+        want_prompt_logprobs = r.sampling.prompt_logprobs is not None
+        k = r.sampling.logprobs or 0
+        started: set[int] = set()       # choices that had their first delta (prompt logprobs ride on it)
+        prompt_lps: tuple[TokenLogprob | None, ...] | None = None
         try:
             async for out in self._llm.generate(prompt, params, r.request_id, priority=r.priority):
-                yield [Delta(index=o.index, text=o.text, num_tokens=len(o.token_ids),
-                             finish_reason=o.finish_reason) for o in out.outputs]
+                if want_prompt_logprobs and prompt_lps is None and out.prompt_logprobs is not None:
+                    prompt_lps = _prompt_logprobs(r.prompt_token_ids, out.prompt_logprobs,
+                                                  r.sampling.prompt_logprobs or 0)
+                deltas = []
+                for o in out.outputs:
+                    first = o.index not in started
+                    started.add(o.index)
+                    ids = tuple(o.token_ids)
+                    deltas.append(Delta(index=o.index, text=o.text, num_tokens=len(ids),
+                                        finish_reason=o.finish_reason, token_ids=ids,
+                                        logprobs=None if o.logprobs is None else _logprobs(ids, o.logprobs, k),
+                                        prompt_logprobs=prompt_lps if first else None))
+                yield deltas
         except v.EngineDeadError as e:
             raise EngineDead(str(e) or "engine core died") from e
         except v.VLLMClientError as e:
@@ -374,6 +398,35 @@ class Engine:
 
     async def is_sleeping(self) -> bool:
         return bool(await self._llm.is_sleeping())
+
+
+# JSON has no -inf: a token the grammar or logit_bias masked out is given this (vLLM's choice too).
+_MIN_LOGPROB = -9999.0
+
+
+def _position(token_id: int, cands: Any, k: int) -> TokenLogprob:
+    """vLLM's {token id: Logprob} at one position (the top ``k`` by rank, plus the chosen
+    token when it ranks lower) -> the chosen token and the top ``k``, most likely first."""
+    def entry(tid: int) -> tuple[str, float]:
+        lp = cands.get(tid)
+        if lp is None:
+            return "", _MIN_LOGPROB
+        return lp.decoded_token or "", (lp.logprob if lp.logprob > _MIN_LOGPROB else _MIN_LOGPROB)
+
+    ranked = sorted(cands, key=lambda tid: (cands[tid].rank, tid))[:k]
+    top = tuple(TopLogprob(text, tid, lp) for tid in ranked for text, lp in (entry(tid),))
+    text, lp = entry(token_id)
+    return TokenLogprob(text, token_id, lp, top)
+
+
+def _logprobs(token_ids: tuple[int, ...], positions: Any, k: int) -> tuple[TokenLogprob, ...]:
+    return tuple(_position(tid, cands, k) for tid, cands in zip(token_ids, positions, strict=False))
+
+
+def _prompt_logprobs(prompt_ids: list[int], positions: Any, k: int) -> tuple[TokenLogprob | None, ...]:
+    """Per prompt token; the first has no context, so None (as vLLM and OpenAI give it)."""
+    return tuple(None if cands is None else _position(tid, cands, k)
+                 for tid, cands in zip(prompt_ids, positions, strict=False))
 
 
 def installed_build() -> str | None:
@@ -444,7 +497,7 @@ def _alive(p: psutil.Process) -> bool:
 def _import_vllm() -> _VllmApi:
     import vllm
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     try:  # newer builds type input errors; older ones raise ValueError (handled too)
         from vllm.exceptions import VLLMClientError
     except ImportError:
@@ -453,7 +506,8 @@ def _import_vllm() -> _VllmApi:
     from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
     return _VllmApi(version=str(vllm.__version__), SamplingParams=SamplingParams,
-                    RequestOutputKind=RequestOutputKind, EngineDeadError=EngineDeadError,
+                    RequestOutputKind=RequestOutputKind, StructuredOutputsParams=StructuredOutputsParams,
+                    EngineDeadError=EngineDeadError,
                     EngineGenerateError=EngineGenerateError, VLLMClientError=VLLMClientError)
 
 
@@ -464,6 +518,7 @@ class _VllmApi:
     version: str
     SamplingParams: Any
     RequestOutputKind: Any
+    StructuredOutputsParams: Any
     EngineDeadError: Any
     EngineGenerateError: Any
     VLLMClientError: Any

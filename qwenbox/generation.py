@@ -7,8 +7,11 @@ Contract:
   ``Sampling`` and is the only place client values and server defaults meet.
 - ``RULES`` are the legal ranges of the numeric sampling fields: the API validates client
   values with them and the config validates its shaping defaults with the same rules.
+- ``Guided`` is a constraint on what may be generated (vLLM's structured outputs): a JSON
+  schema, or any JSON object. The engine writes it as compact JSON (no free whitespace).
 - ``GenerationRequest`` is what ``api/convert.py`` builds and ``engine.py`` runs;
-  ``Delta`` is what the engine yields back; ``Progress`` is what the watchdog reads.
+  ``Delta`` is what the engine yields back (with ``TokenLogprob``s when asked);
+  ``Progress`` is what the watchdog reads.
 """
 from __future__ import annotations
 
@@ -24,9 +27,19 @@ class ConfigBounds(TypedDict):
     min_exclusive: bool
 
 
+
+
+@dataclass(frozen=True)
+class Guided:
+    """Guided decoding: the output must be JSON matching ``json_schema`` (its JSON text),
+    or, with ``json_object``, any JSON object. Exactly one of the two is set."""
+    json_schema: str | None = None
+    json_object: bool = False
+
+
 # What vLLM's ``SamplingParams`` is given: a ``Sampling`` field's value, ``stop`` as a list,
-# ``logit_bias`` as {token id: bias}.
-SamplingValue = int | float | bool | list[str] | dict[int, float] | None
+# ``logit_bias`` as {token id: bias}, ``guided`` as the ``Guided`` (engine.py makes vLLM's).
+SamplingValue = int | float | bool | list[str] | dict[int, float] | Guided | None
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,9 @@ class Sampling:
     n: int = 1
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()      # (token id, bias added to its logit), by id
+    logprobs: int | None = None          # per generated token: its logprob and this many alternatives
+    prompt_logprobs: int | None = None   # the same for every prompt token (echo)
+    guided: Guided | None = None         # structured output
 
     def merged_over(self, defaults: Sampling) -> Sampling:
         """This sampling with every field it left ``None`` taken from ``defaults``."""
@@ -88,7 +104,8 @@ class Sampling:
     def engine_kwargs(self) -> dict[str, SamplingValue]:
         """Keywords for vLLM's ``SamplingParams``: the fields that are set (vLLM's own
         defaults apply to the rest), ``stop`` as a list, ``logit_bias`` as a dict."""
-        kw: dict[str, SamplingValue] = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        kw: dict[str, SamplingValue] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                        if getattr(self, f.name) is not None}
         kw["stop"] = list(self.stop) or None
         kw["logit_bias"] = dict(self.logit_bias) or None
         return kw
@@ -103,6 +120,25 @@ class GenerationRequest:
     stream: bool = False        # deltas as they come, else one final output per choice
 
 
+@dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token at a position: its text (as the tokenizer decodes it alone), id
+    and log probability (finite: vLLM's -inf for a masked token is given as -9999.0)."""
+    token: str
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The token at one position and its log probability, with the ``top`` alternatives
+    asked for (most likely first)."""
+    token: str
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
 @dataclass
 class Delta:
     """New output of one choice since the last Delta (or all of it when not streaming)."""
@@ -110,6 +146,11 @@ class Delta:
     text: str
     num_tokens: int                 # tokens in this delta
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None    # one per token of this delta, when asked
+    # Each prompt token's (None for the first, which has no context), when asked; on a
+    # choice's first delta only.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass

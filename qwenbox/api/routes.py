@@ -309,40 +309,53 @@ async def _whole(request: web.Request, answer: Answer, headers: dict[str, str], 
 
 async def _streamed(request: web.Request, answer: Answer, include_usage: bool, headers: dict[str, str],
                     shape: convert.Shape, head: convert.Head, retry_after: int) -> web.StreamResponse:
-    """Streamed: SSE chunks as the engine produces them. Past the 200 an error is one
-    in-band error event and ``[DONE]``; the record says how it ended."""
+    """Streamed: SSE chunks as the engine produces them. The status line waits for the
+    engine's first output, so what the engine refuses up front (a schema its grammar cannot
+    compile, a prompt it rejects) is answered with its own status. Past the 200 an error is
+    one in-band error event and ``[DONE]``; the record says how it ended."""
     record = request[RECORD]
     acc = convert.Accumulator(answer.choices)
-    resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
-    await resp.prepare(request)
-
-    async def send(obj: dict[str, Any]) -> None:
-        await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
-
-    try:
-        for chunk in shape.opening(*head, answer.choices):
-            await send(chunk)
-        async with aclosing(answer.outputs()) as outputs:
-            async for deltas in outputs:
-                acc.add(deltas)
-                for d in deltas:
-                    for chunk in shape.delta_chunks(*head, d):
-                        await send(chunk)
-        if include_usage:
-            await send(convert.usage_chunk(*head, shape.chunk_object, answer.prompt_tokens, acc.completion_tokens))
-        await resp.write(b"data: [DONE]\n\n")
-        record.ended(acc.completion_tokens, acc.finish_summary())
-    except (ConnectionError, asyncio.CancelledError):
-        # aiohttp cancels the handler when the client goes away (handler_cancellation=True)
-        record.ended(acc.completion_tokens, "client_gone", status=499)
-        raise   # closing _outputs above already aborted the engine request
-    except Exception as exc:  # the status line is sent: report the error in-band, once
-        record.ended(acc.completion_tokens, "error", status=classify(exc, retry_after).status)
+    async with aclosing(answer.outputs()) as outputs:
         try:
-            await resp.write(to_sse_event(exc, retry_after))
+            first = await anext(outputs, None)
+        except (ConnectionError, asyncio.CancelledError):
+            record.ended(0, "client_gone", status=499)
+            raise
+        resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+        await resp.prepare(request)
+
+        async def send(obj: dict[str, Any]) -> None:
+            await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+        async def write(deltas: list[Delta]) -> None:
+            acc.add(deltas)
+            for d in deltas:
+                for chunk in shape.delta_chunks(*head, d):
+                    await send(chunk)
+
+        try:
+            for chunk in shape.opening(*head, answer.choices):
+                await send(chunk)
+            if first is not None:
+                await write(first)
+                async for deltas in outputs:
+                    await write(deltas)
+            if include_usage:
+                await send(convert.usage_chunk(*head, shape.chunk_object, answer.prompt_tokens,
+                                               acc.completion_tokens))
             await resp.write(b"data: [DONE]\n\n")
-        except ConnectionError:
-            pass
+            record.ended(acc.completion_tokens, acc.finish_summary())
+        except (ConnectionError, asyncio.CancelledError):
+            # aiohttp cancels the handler when the client goes away (handler_cancellation=True)
+            record.ended(acc.completion_tokens, "client_gone", status=499)
+            raise   # closing the outputs (aclosing above) aborts the engine request
+        except Exception as exc:  # the status line is sent: report the error in-band, once
+            record.ended(acc.completion_tokens, "error", status=classify(exc, retry_after).status)
+            try:
+                await resp.write(to_sse_event(exc, retry_after))
+                await resp.write(b"data: [DONE]\n\n")
+            except ConnectionError:
+                pass
     return resp
 
 
