@@ -120,6 +120,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     tokenizer: str = ""
     models_dir: str = models.DEFAULT_MODELS_DIR
+    # vLLM's parser of the model's tool-call format ("hermes": Qwen3's); "" = tool calls refused
+    tool_parser: str = "hermes"
 
     @property
     def name(self) -> str:

@@ -34,7 +34,7 @@ import psutil
 
 from .config import Config, ConfigError
 from .engine_protocol import FigureValue
-from .generation import Delta, GenerationRequest, Guided, Progress, TokenLogprob, TopLogprob
+from .generation import ChatMessage, Delta, GenerationRequest, Guided, Progress, TokenLogprob, ToolCallDelta, TopLogprob
 
 log = logging.getLogger("qwenbox.engine")
 
@@ -184,10 +184,11 @@ class ChatTokenizer:
             return None
         return self.encode(text)
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        """Apply the model's chat template with the assistant turn opened."""
+    def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, object]] = ()) -> str:
+        """Apply the model's chat template with the assistant turn opened (and ``tools``)."""
         try:
-            return str(self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            return str(self._tok.apply_chat_template(messages, tools=list(tools) or None, add_generation_prompt=True,
+                                                     tokenize=False))
         except Exception as e:  # jinja raises on templates' own checks (role order, ...)
             raise EngineRequestError(f"the model's chat template rejected these messages: {e}") from e
 
@@ -258,6 +259,8 @@ class Engine:
             os.environ["VLLM_CACHE_ROOT"] = cfg.engine.cache_dir
         mod = await asyncio.to_thread(_import_vllm)
         cold.phases["import_s"] = time.monotonic() - t0
+        if cfg.model.tool_parser:
+            _tool_parser_class(cfg)      # a name vLLM does not know stops here, before the build
 
         progress = Progress()
         t1 = time.monotonic()
@@ -336,11 +339,9 @@ class Engine:
         kw = r.sampling.engine_kwargs()
         guided = kw.pop("guided", None)
         if isinstance(guided, Guided):
-            # Compact JSON: no whitespace the grammar would otherwise let the model spend
-            # tokens on (the same JSON, fewer tokens).
             kw["structured_outputs"] = v.StructuredOutputsParams(
                 json=_json.loads(guided.json_schema) if guided.json_schema is not None else None,
-                json_object=guided.json_object or None, disable_any_whitespace=True)
+                json_object=guided.json_object or None)
         return v.SamplingParams(**kw,
                                 output_kind=v.RequestOutputKind.DELTA if r.stream else v.RequestOutputKind.FINAL_ONLY)
 
@@ -389,6 +390,14 @@ class Engine:
     async def reset_prefix_cache(self) -> None:
         await self._llm.reset_prefix_cache()
 
+    def tool_parser(self, tools: list[dict[str, object]]) -> VllmToolParser | None:
+        """A fresh parser of the model's tool-call format (``model.tool_parser``) for one
+        choice of one request offering ``tools`` (OpenAI's shape, checked); None when the
+        config names none."""
+        if not self.cfg.model.tool_parser:
+            return None
+        return VllmToolParser(_tool_parser_class(self.cfg), self.tokenizer._tok, tools)
+
     # ------------------------------------------------------------ standby
     async def sleep(self, level: int = 1) -> None:
         await self._llm.sleep(level)
@@ -427,6 +436,77 @@ def _prompt_logprobs(prompt_ids: list[int], positions: Any, k: int) -> tuple[Tok
     """Per prompt token; the first has no context, so None (as vLLM and OpenAI give it)."""
     return tuple(None if cands is None else _position(tid, cands, k)
                  for tid, cands in zip(prompt_ids, positions, strict=False))
+
+
+def _tool_parser_class(cfg: Config) -> Any:
+    """vLLM's tool parser class named by ``model.tool_parser``; a name vLLM does not know
+    is a ConfigError (checked when the engine opens, so ``serve`` stops with exit 78)."""
+    name = cfg.model.tool_parser
+    try:
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError:     # vLLM before 0.30 kept them under the OpenAI server
+        from vllm.entrypoints.openai.tool_parsers import ToolParserManager  # type: ignore[import-not-found]
+    try:
+        return ToolParserManager.get_tool_parser(name)
+    except KeyError:
+        known = ", ".join(sorted(ToolParserManager.list_registered())) if hasattr(
+            ToolParserManager, "list_registered") else "see `vllm serve --help`"
+        raise ConfigError(f"vLLM has no tool parser {name!r} (it has: {known})", file=cfg.source,
+                          key="model.tool_parser") from None
+
+
+def _chat_request_class() -> Any:
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    except ImportError:     # vLLM before 0.30
+        from vllm.entrypoints.openai.protocol import ChatCompletionRequest  # type: ignore[import-not-found]
+    return ChatCompletionRequest
+
+
+class VllmToolParser:
+    """vLLM's parser of the model's own tool-call format (Qwen3: ``<tool_call>{...}</tool_call>``),
+    for one choice: ``whole(text)`` for an answer that is complete, or ``stream(text, ids)``
+    delta by delta. Each returns (the text that is content, the tool-call parts found),
+    in our types only. A parser that fails on odd output gives it back as content."""
+
+    def __init__(self, cls: Any, tokenizer: Any, tools: list[dict[str, object]]) -> None:
+        self._request = _chat_request_class()(model="qwenbox", messages=[{"role": "user", "content": ""}],
+                                               tools=tools, tool_choice="auto")
+        try:
+            self._p = cls(tokenizer, self._request.tools)
+        except TypeError:           # vLLM before 0.30: the tokenizer only
+            self._p = cls(tokenizer)
+        self._text = ""
+        self._ids: list[int] = []
+
+    def whole(self, text: str) -> tuple[str, tuple[ToolCallDelta, ...]]:
+        info = self._p.extract_tool_calls(text, self._request)
+        if not info.tools_called:
+            return text, ()
+        return info.content or "", tuple(ToolCallDelta(i, _call_id(tc.id), tc.function.name, tc.function.arguments)
+                                         for i, tc in enumerate(info.tool_calls))
+
+    def stream(self, delta: str, ids: Sequence[int]) -> tuple[str, tuple[ToolCallDelta, ...]]:
+        prev_text, prev_ids = self._text, list(self._ids)
+        self._text += delta
+        self._ids.extend(ids)
+        msg = self._p.extract_tool_calls_streaming(prev_text, self._text, delta, prev_ids, list(self._ids),
+                                                   list(ids), self._request)
+        if msg is None:
+            return "", ()
+        calls = []
+        for tc in msg.tool_calls or ():
+            fn = tc.function
+            name = (fn.get("name") if isinstance(fn, dict) else getattr(fn, "name", None)) if fn else None
+            args = (fn.get("arguments") if isinstance(fn, dict) else getattr(fn, "arguments", None)) if fn else None
+            calls.append(ToolCallDelta(tc.index, _call_id(tc.id) if tc.id or name else None, name, args or ""))
+        return msg.content or "", tuple(calls)
+
+
+def _call_id(vllm_id: str | None) -> str:
+    """OpenAI's ``call_...`` ids; vLLM's parsers make them, or leave them to the server."""
+    import uuid
+    return vllm_id or f"call_{uuid.uuid4().hex[:24]}"
 
 
 def installed_build() -> str | None:
@@ -553,6 +633,9 @@ def engine_args_dict(cfg: Config) -> dict[str, Any]:
         # "priority" lets active sessions go first (FCFS within a priority); "fcfs" ignores it.
         scheduling_policy=e.scheduling_policy,
         disable_log_stats=False, enable_log_requests=False,
+        # Structured output as compact JSON: no free whitespace for the model to spend tokens
+        # on (the same JSON, fewer tokens). vLLM allows that with xgrammar (or guidance) only.
+        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
     )
     if e.kv_offload_gib:
         args["kv_offloading_size"] = e.kv_offload_gib

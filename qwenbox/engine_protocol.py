@@ -15,7 +15,7 @@ from typing import Protocol
 import psutil
 
 from .config import Config
-from .generation import Delta, GenerationRequest, Progress
+from .generation import ChatMessage, Delta, GenerationRequest, Progress, ToolCallDelta
 
 # vLLM's own start-up figures (seconds, token counts) and two facts about how the core started.
 FigureValue = float | int | str | bool
@@ -29,11 +29,23 @@ class PromptTokenizer(Protocol):
 
     def encode_within(self, text: str, limit: int) -> list[int] | None: ...
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str: ...
+    def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, object]] = ()) -> str:
+        """The chat template applied, assistant turn opened; ``tools`` (OpenAI's function
+        definitions) rendered as the template renders them."""
+        ...
 
     def encode(self, text: str, *, special: bool = False) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+
+class ToolParser(Protocol):
+    """The model's own tool-call format read off one choice's output: ``whole`` for a
+    complete answer, ``stream`` delta by delta; each -> (content text, tool-call parts)."""
+
+    def whole(self, text: str) -> tuple[str, tuple[ToolCallDelta, ...]]: ...
+
+    def stream(self, delta: str, ids: Sequence[int]) -> tuple[str, tuple[ToolCallDelta, ...]]: ...
 
 
 class ServingEngine(Protocol):
@@ -60,6 +72,11 @@ class ServingEngine(Protocol):
         ...
 
     def generate(self, r: GenerationRequest) -> AsyncGenerator[list[Delta], None]: ...
+
+    def tool_parser(self, tools: list[dict[str, object]]) -> ToolParser | None:
+        """A fresh parser for one choice of a request offering ``tools``; None when the
+        model has none configured (tool calls are then refused)."""
+        ...
 
     async def abort(self, request_id: str) -> None: ...
 

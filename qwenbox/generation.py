@@ -19,6 +19,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TypedDict
 
+# One chat message as the model's chat template reads it: "role" and "content" (text), and
+# where the turn has them "tool_calls" (OpenAI's shape, arguments as an object where they
+# parse as one) or "tool_call_id".
+ChatMessage = dict[str, object]
+
 
 class ConfigBounds(TypedDict):
     """A ``Rule`` as the keywords of ``config._opt``."""
@@ -94,6 +99,8 @@ class Sampling:
     logprobs: int | None = None          # per generated token: its logprob and this many alternatives
     prompt_logprobs: int | None = None   # the same for every prompt token (echo)
     guided: Guided | None = None         # structured output
+    # False where a tool-call parser must see the model's special tokens (vLLM's advice)
+    skip_special_tokens: bool = True
 
     def merged_over(self, defaults: Sampling) -> Sampling:
         """This sampling with every field it left ``None`` taken from ``defaults``."""
@@ -139,6 +146,16 @@ class TokenLogprob:
     top: tuple[TopLogprob, ...] = ()
 
 
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """Part of one tool call of a choice, OpenAI's streamed shape: the first part of call
+    ``index`` carries its ``id`` and ``name``; ``arguments`` parts are JSON text that adds up."""
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 @dataclass
 class Delta:
     """New output of one choice since the last Delta (or all of it when not streaming)."""
@@ -151,6 +168,7 @@ class Delta:
     # Each prompt token's (None for the first, which has no context), when asked; on a
     # choice's first delta only.
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()      # set by the API's tool-call parsing, never by the engine
 
 
 @dataclass

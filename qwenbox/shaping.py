@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Config
-from .generation import Sampling
+from .generation import ChatMessage, Sampling
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,14 @@ def is_summarize(text: str, keywords: list[str]) -> bool:
     return any(k.lower() in low for k in keywords)
 
 
-def prompt_text(messages: list[dict[str, str]]) -> str:
-    return "\n".join(m.get("content", "") for m in messages)
+def prompt_text(messages: list[ChatMessage]) -> str:
+    return "\n".join(str(m.get("content", "")) for m in messages)
 
 
-def last_user_text(messages: list[dict[str, str]]) -> str:
+def last_user_text(messages: list[ChatMessage]) -> str:
     for m in reversed(messages):
         if m.get("role") == "user":
-            return m.get("content", "")
+            return str(m.get("content", ""))
     return ""
 
 
@@ -70,8 +70,8 @@ def defaults(cfg: Config, text: str, intent_text: str | None = None) -> Defaults
                     intent="summarize" if summarize else "chat")
 
 
-def fit_messages(messages: list[dict[str, str]], count: Callable[[list[dict[str, str]]], int],
-                 budget: int) -> tuple[list[dict[str, str]], int]:
+def fit_messages(messages: list[ChatMessage], count: Callable[[list[ChatMessage]], int],
+                 budget: int) -> tuple[list[ChatMessage], int]:
     """Drop the fewest oldest droppable turns so that ``count(kept) <= budget``.
 
     Binary search over how many to drop (``count`` shrinks as turns go), so a long history
@@ -79,7 +79,7 @@ def fit_messages(messages: list[dict[str, str]], count: Callable[[list[dict[str,
     """
     droppable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
 
-    def without(k: int) -> list[dict[str, str]]:
+    def without(k: int) -> list[ChatMessage]:
         gone = set(droppable[:k])
         return [m for i, m in enumerate(messages) if i not in gone]
 

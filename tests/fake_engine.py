@@ -16,7 +16,7 @@ import psutil
 from qwenbox.config import Config
 from qwenbox.engine import EngineDead
 from qwenbox.engine_protocol import FigureValue, PromptTokenizer, ServingEngine
-from qwenbox.generation import Delta, GenerationRequest, Progress
+from qwenbox.generation import ChatMessage, Delta, GenerationRequest, Progress
 
 
 class CharTokenizer:
@@ -28,7 +28,7 @@ class CharTokenizer:
     def encode_within(self, text: str, limit: int) -> list[int] | None:
         return None if len(text) > limit else self.encode(text)
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+    def render_chat(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, object]] = ()) -> str:
         return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
 
     def encode(self, text: str, *, special: bool = False) -> list[int]:
@@ -95,6 +95,9 @@ class FakeEngine:
         if self.die_after is not None and self.die_after >= len(self.outputs):
             self._dead = True
             raise EngineDead("engine core died")
+
+    def tool_parser(self, tools: list[dict[str, object]]) -> None:
+        return None         # the double has no tool-call format: tool calls are refused
 
     async def abort(self, request_id: str) -> None:
         self.calls.append(("abort", request_id))

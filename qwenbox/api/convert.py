@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ..generation import Delta, GenerationRequest, Sampling
+from ..generation import Delta, GenerationRequest, Sampling, ToolCallDelta
 from ..shaping import Defaults
 from .errors import bad_request, context_length_exceeded, prompt_too_long
 
 # vLLM reports "abort" for requests it cancelled: that is no OpenAI finish reason, and the
 # handler answers an aborted request with an error instead.
-_FINISH = {"stop": "stop", "length": "length"}
+_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
 def finish_reason(r: str | None) -> str | None:
@@ -53,9 +53,12 @@ class Accumulator:
     finish: list[str | None] = field(default_factory=list)
     completion_tokens: int = 0
 
+    tool_calls: list[dict[int, dict[str, Any]]] = field(default_factory=list)   # per choice, by call index
+
     def __post_init__(self) -> None:
         self.texts = [""] * self.n
         self.finish = [None] * self.n
+        self.tool_calls = [{} for _ in range(self.n)]
 
     def add(self, deltas: list[Delta]) -> None:
         for d in deltas:
@@ -63,6 +66,20 @@ class Accumulator:
             self.completion_tokens += d.num_tokens
             if d.finish_reason is not None:
                 self.finish[d.index] = finish_reason(d.finish_reason)
+            for c in d.tool_calls:
+                call = self.tool_calls[d.index].setdefault(
+                    c.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+                call["id"] = c.id or call["id"]
+                call["function"]["name"] = c.name or call["function"]["name"]
+                call["function"]["arguments"] += c.arguments
+
+    def message(self, i: int) -> dict[str, Any]:
+        """Choice ``i`` as an assistant message: its text, and its tool calls when it made
+        any (content is then null where it is empty, as OpenAI gives it)."""
+        calls = [self.tool_calls[i][k] for k in sorted(self.tool_calls[i])]
+        if not calls:
+            return {"role": "assistant", "content": self.texts[i]}
+        return {"role": "assistant", "content": self.texts[i] or None, "tool_calls": calls}
 
     def finish_summary(self) -> str:
         """The choices' distinct finish reasons, sorted and comma-joined (the access log's
@@ -81,7 +98,7 @@ def now() -> int:
 
 def chat_body(rid: str, created: int, model: str, acc: Accumulator, prompt_tokens: int) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": acc.texts[i]},
+            "choices": [{"index": i, "message": acc.message(i),
                          "logprobs": None, "finish_reason": acc.finish[i] or "stop"} for i in range(acc.n)],
             "usage": usage(prompt_tokens, acc.completion_tokens)}
 
@@ -116,11 +133,26 @@ def chat_opening(rid: str, created: int, model: str, n: int) -> list[dict[str, A
     return [chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}) for i in range(n)]
 
 
+def _tool_call_part(c: ToolCallDelta) -> dict[str, Any]:
+    """OpenAI's streamed tool-call part: id, type and name on a call's first part only."""
+    fn: dict[str, Any] = {"arguments": c.arguments}
+    part: dict[str, Any] = {"index": c.index}
+    if c.id is not None:
+        part.update(id=c.id, type="function")
+    if c.name is not None:
+        fn["name"] = c.name
+    part["function"] = fn
+    return part
+
+
 def chat_delta_chunks(rid: str, created: int, model: str, d: Delta) -> list[dict[str, Any]]:
-    """One delta of a chat stream: its text, then its finish reason as a chunk of its own."""
+    """One delta of a chat stream: its text, its tool-call parts, then its finish reason
+    as a chunk of its own."""
     out = []
     if d.text:
         out.append(chat_chunk(rid, created, model, d.index, {"content": d.text}))
+    if d.tool_calls:
+        out.append(chat_chunk(rid, created, model, d.index, {"tool_calls": [_tool_call_part(c) for c in d.tool_calls]}))
     if fin := finish_reason(d.finish_reason):
         out.append(chat_chunk(rid, created, model, d.index, {}, fin))
     return out

@@ -6,13 +6,16 @@ return a typed request carrying one ``generation.Sampling``, or raise ``ApiError
 naming the offending ``param``. Every field is checked for type AND range here (ranges
 shared with the config through ``generation.RULES``; ``logit_bias`` bounded here, its ids
 checked against the vocabulary in ``routes``), and every client string that can
-reach a log line or a map is bounded, so nothing malformed reaches the engine. Fields we
-cannot honour (tools, logprobs, JSON mode, echo) are rejected with a clear
+reach a log line or a map is bounded, so nothing malformed reaches the engine. Tool
+definitions and JSON schemas are bounded in size (``MAX_SCHEMA_CHARS``) and count
+(``MAX_TOOLS``), so what a hostile definition costs the grammar compiler stays small. Fields
+we cannot honour (``functions``, ``suffix``, ``best_of``) are rejected with a clear
 message rather than silently ignored; unknown extra fields are ignored, as
 OpenAI-compatible servers do, so newer clients keep working.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -21,25 +24,48 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import LimitsConfig
-from ..generation import RULES, Sampling
+from ..generation import RULES, ChatMessage, Guided, Sampling
 from .errors import bad_request
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_DEPTH = 32            # JSON nesting; OpenAI's own request shapes need fewer than 8 levels
 MAX_USER_CHARS = 256      # `user` becomes a session id, a map key and a log field
 MAX_STOP_CHARS = 256      # per stop sequence
 MAX_TOP_K = 1 << 20       # above any vocabulary
 MAX_LOGIT_BIAS = 300      # entries of `logit_bias`: a bound on what one request adds to every step
+MAX_TOOLS = 128           # OpenAI's own cap on `tools`
+MAX_TOOL_CALLS = 128      # tool calls in one assistant turn of the history
+MAX_SCHEMA_CHARS = 65_536  # one JSON schema (a tool's parameters, a response_format), as compact JSON
+MAX_ID_CHARS = 256        # a tool call's id
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")     # OpenAI's rule for function names
+
+
+@dataclass(frozen=True)
+class Tools:
+    """What a chat request offers the model to call: the function definitions (OpenAI's
+    ``{"type": "function", "function": {...}}``, checked), how it may call them
+    (``choice``: "auto", "required", or "none"; ``forced``: the one function it must call),
+    and whether several calls may come in one answer."""
+    definitions: tuple[dict[str, Any], ...]
+    choice: str = "auto"
+    forced: str | None = None
+    parallel: bool = True
+
+    @property
+    def parsed(self) -> bool:
+        """Whether the answer is read for tool calls (not with choice "none")."""
+        return bool(self.definitions) and self.choice != "none"
 
 
 @dataclass
 class ChatRequest:
     model: str
-    messages: list[dict[str, str]]
+    messages: list[ChatMessage]
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    tools: Tools | None = None
 
 
 @dataclass
@@ -252,11 +278,11 @@ def _model(body: dict[str, Any]) -> str:
     return m
 
 
-def _content(i: int, msg: dict[str, Any], role: str) -> str:
+def _content(i: int, msg: dict[str, Any], role: str, optional: bool = False) -> str:
     c = msg.get("content")
     param = f"messages[{i}].content"
     if c is None:
-        if role == "assistant":
+        if optional:      # an assistant turn that only called tools
             return ""
         raise bad_request(f"{param} is required for role '{role}'", param=param)
     if isinstance(c, str):
@@ -283,28 +309,182 @@ def parse_chat(body: Any, limits: LimitsConfig) -> ChatRequest:
         raise bad_request(f"'messages' must be a list, got {type(msgs).__name__}", param="messages")
     if not msgs:
         raise bad_request("'messages' must contain at least one message", param="messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise bad_request(f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]")
-        role = m.get("role")
-        if role == "tool" or m.get("tool_calls"):
-            raise bad_request(f"messages[{i}]: tool messages and tool calls are not supported by this server",
-                              param=f"messages[{i}].role", code="unsupported_parameter")
-        if role not in ROLES:
-            raise bad_request(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}",
-                              param=f"messages[{i}].role")
-        # 'developer' is OpenAI's newer name for the system role.
-        out.append({"role": "system" if role == "developer" else role, "content": _content(i, m, role)})
-    _reject_if_set(body, "tools", "tool calling is not enabled")
-    _reject_if_set(body, "functions", "function calling is not enabled")
-    _reject_if_set(body, "tool_choice", "tool calling is not enabled", allowed=(None, "none"))
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise bad_request("'response_format' other than {\"type\": \"text\"} is not supported by this server",
-                          param="response_format", code="unsupported_parameter")
+    out = [_message(i, m) for i, m in enumerate(msgs)]
+    _reject_if_set(body, "functions", "the legacy 'functions' API is not supported; send 'tools'")
+    _reject_if_set(body, "function_call", "the legacy 'function_call' is not supported; send 'tool_choice'",
+                   allowed=(None, "none", "auto"))
+    tools = _tools(body)
+    sampling = _sampling(body, limits)
+    guided = _response_format(body)
+    if guided is not None and tools is not None and tools.choice != "none" and (tools.forced or
+                                                                              tools.choice == "required"):
+        raise bad_request("'response_format' cannot be combined with a forced tool call ('tool_choice' "
+                          "\"required\" or a named function): both constrain the same output", param="response_format")
+    if guided is not None:
+        sampling = dataclasses.replace(sampling, guided=guided)
     stream, include_usage = _stream(body)
-    return ChatRequest(model, out, _sampling(body, limits), stream, include_usage, _user(body))
+    return ChatRequest(model, out, sampling, stream, include_usage, _user(body), tools)
+
+
+def _message(i: int, m: Any) -> ChatMessage:
+    """One message of the history, as the chat template reads it."""
+    if not isinstance(m, dict):
+        raise bad_request(f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]")
+    role = m.get("role")
+    if role not in ROLES:
+        shown = role if not isinstance(role, str) or len(role) <= 40 else role[:40] + "..."
+        raise bad_request(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {shown!r}",
+                          param=f"messages[{i}].role")
+    calls = m.get("tool_calls")
+    # 'developer' is OpenAI's newer name for the system role.
+    msg: ChatMessage = {"role": "system" if role == "developer" else role,
+                        "content": _content(i, m, role, optional=role == "assistant")}
+    if calls is not None and calls != []:
+        if role != "assistant":
+            raise bad_request(f"messages[{i}].tool_calls: only an assistant message can carry tool calls",
+                              param=f"messages[{i}].tool_calls")
+        msg["tool_calls"] = _history_calls(i, calls)
+    if role == "tool":
+        tcid = m.get("tool_call_id")
+        if not isinstance(tcid, str) or not tcid or len(tcid) > MAX_ID_CHARS:
+            raise bad_request(f"messages[{i}].tool_call_id is required for role 'tool' and must be a string of "
+                              f"1-{MAX_ID_CHARS} characters (the id of the call it answers)",
+                              param=f"messages[{i}].tool_call_id")
+        msg["tool_call_id"] = tcid
+    return msg
+
+
+def _history_calls(i: int, calls: Any) -> list[dict[str, Any]]:
+    """An assistant turn's ``tool_calls``: arguments as an object where they parse as one
+    (what chat templates expect), else the text as sent."""
+    param = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise bad_request(f"{param} must be a list", param=param)
+    if len(calls) > MAX_TOOL_CALLS:
+        raise bad_request(f"{param} has {len(calls)} calls, above this server's cap of {MAX_TOOL_CALLS}", param=param)
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or c.get("type", "function") != "function":
+            raise bad_request(f"{param}[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                              f"\"arguments\": ...}}}}", param=f"{param}[{j}]")
+        name, args, cid = fn.get("name"), fn.get("arguments", "{}"), c.get("id", "")
+        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+            raise bad_request(f"{param}[{j}].function.name must be 1-64 letters, digits, '_' or '-'",
+                              param=f"{param}[{j}].function.name")
+        if not isinstance(args, str):
+            raise bad_request(f"{param}[{j}].function.arguments must be a string of JSON",
+                              param=f"{param}[{j}].function.arguments")
+        if not isinstance(cid, str) or len(cid) > MAX_ID_CHARS:
+            raise bad_request(f"{param}[{j}].id must be a string of at most {MAX_ID_CHARS} characters",
+                              param=f"{param}[{j}].id")
+        try:
+            parsed = json.loads(args)
+        except ValueError:
+            parsed = None
+        out.append({"id": cid, "type": "function",
+                    "function": {"name": name, "arguments": parsed if isinstance(parsed, dict) else args}})
+    return out
+
+
+def _schema(v: Any, param: str) -> str:
+    """A JSON schema given as an object -> its compact JSON text, bounded in size."""
+    if not isinstance(v, dict):
+        raise bad_request(f"'{param}' must be a JSON schema (an object)", param=param)
+    text = json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise bad_request(f"'{param}' is {len(text)} characters of JSON, above this server's cap of "
+                          f"{MAX_SCHEMA_CHARS}", param=param)
+    return text
+
+
+def _tools(body: dict[str, Any]) -> Tools | None:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls``, checked; None without tools."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    parallel = _get(body, "parallel_tool_calls", (bool,), "a boolean", True)
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise bad_request("'tool_choice' needs 'tools' to choose from", param="tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise bad_request("'tools' must be a list of function definitions", param="tools")
+    if len(tools) > MAX_TOOLS:
+        raise bad_request(f"'tools' has {len(tools)} entries, above this server's cap of {MAX_TOOLS}", param="tools")
+    defs, names = [], set()
+    for j, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or t.get("type") != "function":
+            raise bad_request(f"tools[{j}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                              param=f"tools[{j}]")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+            raise bad_request(f"tools[{j}].function.name must be 1-64 letters, digits, '_' or '-'",
+                              param=f"tools[{j}].function.name")
+        if name in names:
+            raise bad_request(f"tools[{j}].function.name {name!r} is defined twice", param=f"tools[{j}].function.name")
+        names.add(name)
+        desc = fn.get("description")
+        if desc is not None and (not isinstance(desc, str) or len(desc) > MAX_SCHEMA_CHARS):
+            raise bad_request(f"tools[{j}].function.description must be a string of at most {MAX_SCHEMA_CHARS} "
+                              "characters", param=f"tools[{j}].function.description")
+        strict = fn.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise bad_request(f"tools[{j}].function.strict must be a boolean", param=f"tools[{j}].function.strict")
+        params = fn.get("parameters")
+        d: dict[str, Any] = {"name": name}
+        if desc:
+            d["description"] = desc
+        if params is not None:
+            d["parameters"] = json.loads(_schema(params, f"tools[{j}].function.parameters"))
+        defs.append({"type": "function", "function": d})
+    return _tool_choice(choice, names, tuple(defs), parallel)
+
+
+def _tool_choice(choice: Any, names: set[str], defs: tuple[dict[str, Any], ...], parallel: bool) -> Tools:
+    if choice is None or choice in ("auto", "none", "required"):
+        return Tools(defs, choice or "auto", None, parallel)
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise bad_request("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                          "\"function\": {\"name\": ...}}", param="tool_choice")
+    if name not in names:
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise bad_request(f"'tool_choice' names the function {shown!r}, which 'tools' does not define",
+                          param="tool_choice")
+    return Tools(defs, "required", name, parallel)
+
+
+def _response_format(body: dict[str, Any]) -> Guided | None:
+    """``response_format``: text (None), ``json_object`` or ``json_schema`` (strict or not:
+    the grammar holds the output to the schema either way)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Guided(json_object=True)
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict):
+            raise bad_request("'response_format.json_schema' must be an object with 'name' and 'schema'",
+                              param="response_format.json_schema")
+        name = js.get("name")
+        if name is not None and (not isinstance(name, str) or not _FUNCTION_NAME.match(name)):
+            raise bad_request("'response_format.json_schema.name' must be 1-64 letters, digits, '_' or '-'",
+                              param="response_format.json_schema.name")
+        strict = js.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise bad_request("'response_format.json_schema.strict' must be a boolean",
+                              param="response_format.json_schema.strict")
+        schema = js.get("schema")
+        if schema is None:        # OpenAI allows a schema-less json_schema: any JSON object
+            return Guided(json_object=True)
+        return Guided(json_schema=_schema(schema, "response_format.json_schema.schema"))
+    raise bad_request("'response_format.type' must be \"text\", \"json_object\" or \"json_schema\"",
+                      param="response_format")
 
 
 def _one_prompt(p: Any, param: str) -> str | list[int]:

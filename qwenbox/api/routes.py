@@ -27,8 +27,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from .. import shaping
 from ..config import Config, LimitsConfig
 from ..engine_protocol import PromptTokenizer, ServingEngine
-from ..generation import Delta, GenerationRequest
-from . import convert, errors, locality, protocol
+from ..generation import ChatMessage, Delta, GenerationRequest
+from . import convert, errors, locality, protocol, toolcalls
 from .errors import ApiError, classify, to_sse_event
 from .keys import ADMISSION, CONFIG, GATE, HEALTH, METRICS, RECORD, STARTED_WALL
 
@@ -85,22 +85,44 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         engine = await gate.serving_engine()
         tok, max_len = engine.tokenizer, engine.max_model_len
         messages = req.messages
+        tools = req.tools.definitions if req.tools else ()
+        render: Callable[[list[ChatMessage]], str] = lambda ms: tok.render_chat(ms, tools)  # noqa: E731
         text = shaping.prompt_text(messages)
+        size = len(text) + (len(json.dumps(tools)) if tools else 0)
         shaped = shaping.defaults(cfg, text, shaping.last_user_text(messages))
         headers: dict[str, str] = {}
         if cfg.shaping.on_overlong == "truncate":
-            messages, dropped, prompt_ids = await _off_loop(len(text), lambda: _fit(
-                tok, max_len, messages, req.sampling.max_tokens, shaped.sampling.max_tokens))
+            messages, dropped, prompt_ids = await _off_loop(size, lambda: _fit(
+                tok, render, max_len, messages, req.sampling.max_tokens, shaped.sampling.max_tokens))
             if dropped:
                 headers["X-Qwenbox-Truncated"] = f"dropped {dropped} oldest message(s) to fit the context"
                 request[RECORD].truncated = dropped
                 request.app[METRICS].truncated.inc()
         else:
-            within = await _off_loop(len(text), lambda: tok.encode_within(tok.render_chat(messages), max_len))
+            within = await _off_loop(size, lambda: tok.encode_within(render(messages), max_len))
             if within is None:
                 raise errors.prompt_too_long(max_len)
             prompt_ids = within
-        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, headers, convert.CHAT)
+        read = None
+        if req.tools is not None and req.tools.parsed:
+            req, read = _with_tools(engine, req, req.tools)
+        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, headers, convert.CHAT,
+                                    read)
+
+
+Reader = Callable[[AsyncGenerator[list[Delta], None]], AsyncGenerator[list[Delta], None]]
+
+
+def _with_tools(engine: ServingEngine, req: protocol.ChatRequest,
+                tools: protocol.Tools) -> tuple[protocol.ChatRequest, Reader]:
+    """The request as the engine runs it when its answer is read for tool calls (a forced
+    call under its schema; the model's special tokens kept for the parser), and the reader."""
+    definitions = list(tools.definitions)
+    calling = toolcalls.ToolCalling(tools, lambda: engine.tool_parser(definitions), req.stream)
+    constraint = toolcalls.guided(tools)
+    sampling = dataclasses.replace(req.sampling, skip_special_tokens=False,
+                                   guided=constraint if constraint is not None else req.sampling.guided)
+    return dataclasses.replace(req, sampling=sampling), calling.read
 
 
 _LARGE_TEXT = 32_768   # characters; tokenizing more than this could stall the event loop
@@ -112,8 +134,8 @@ async def _off_loop(size: int, fn: Callable[[], T]) -> T:
     return await asyncio.to_thread(fn) if size > _LARGE_TEXT else fn()
 
 
-def _fit(tok: PromptTokenizer, max_len: int, messages: list[dict[str, str]], client_max_tokens: int | None,
-         shaped_max_tokens: int | None) -> tuple[list[dict[str, str]], int, list[int]]:
+def _fit(tok: PromptTokenizer, render: Callable[[list[ChatMessage]], str], max_len: int, messages: list[ChatMessage],
+         client_max_tokens: int | None, shaped_max_tokens: int | None) -> tuple[list[ChatMessage], int, list[int]]:
     """on_overlong = "truncate": drop the oldest turns until prompt + room for the answer fit.
     -> (kept messages, how many were dropped, their token ids)."""
     half = max_len // 2      # the answer's room when neither the client nor shaping sets one
@@ -122,18 +144,18 @@ def _fit(tok: PromptTokenizer, max_len: int, messages: list[dict[str, str]], cli
     # What always stays (system prompts, the last turn) must fit on its own: checked cheaply
     # first, so a huge final turn is refused without tokenizing the whole history.
     keep = [m for m in messages[:-1] if m["role"] == "system"] + messages[-1:]
-    if tok.encode_within(tok.render_chat(keep), budget) is None:
+    if tok.encode_within(render(keep), budget) is None:
         raise _fit_error(max_len, room, f"the system prompt and the last message are more than {budget} tokens")
 
-    def count(ms: list[dict[str, str]]) -> int:      # past max_len, "more than max_len" is all that matters
-        ids = tok.encode_within(tok.render_chat(ms), max_len)
+    def count(ms: list[ChatMessage]) -> int:      # past max_len, "more than max_len" is all that matters
+        ids = tok.encode_within(render(ms), max_len)
         return max_len + 1 if ids is None else len(ids)
 
     try:
         kept, dropped = shaping.fit_messages(messages, count, budget)
     except shaping.Overlong as e:
         raise _fit_error(max_len, room, str(e)) from None
-    return kept, dropped, tok.encode(tok.render_chat(kept))
+    return kept, dropped, tok.encode(render(kept))
 
 
 def _fit_error(max_len: int, room: int, why: str) -> ApiError:
@@ -182,7 +204,8 @@ def _check_logit_bias(engine: ServingEngine, req: ParsedRequest) -> None:
 
 async def _admit_and_run(request: web.Request, cfg: Config, engine: ServingEngine, req: ParsedRequest,
                          prompt_ids: list[int], shaped: shaping.Defaults, session: str | None,
-                         headers: dict[str, str], shape: convert.Shape) -> web.StreamResponse:
+                         headers: dict[str, str], shape: convert.Shape,
+                         read: Reader | None = None) -> web.StreamResponse:
     record = request[RECORD]
     _check_logit_bias(engine, req)
     prompt_ids = shaping.pad(prompt_ids, cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
@@ -195,7 +218,8 @@ async def _admit_and_run(request: web.Request, cfg: Config, engine: ServingEngin
         record.prompt_len, record.max_tokens, record.stream = (len(gen.prompt_token_ids), gen.sampling.max_tokens,
                                                                req.stream)
         head = shape.head(record.id, req.model)
-        answer = Answer(lambda: _outputs(request, engine, gen), gen.sampling.n, len(gen.prompt_token_ids))
+        reader = read or (lambda outputs: outputs)
+        answer = Answer(lambda: reader(_outputs(request, engine, gen)), gen.sampling.n, len(gen.prompt_token_ids))
         with request.app[GATE].running(record.id):
             if req.stream:
                 return await _streamed(request, answer, req.include_usage, headers, shape, head,

@@ -24,6 +24,7 @@ Nothing here imports vllm (``engine.engine_args_dict`` does not).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import site
 import sys
@@ -33,7 +34,7 @@ from typing import Any, ClassVar
 # How each engine argument (engine.engine_args_dict) becomes a flag of vLLM's server:
 # "value" -> --flag VALUE; "bool" -> --flag / --no-flag; "true-only" -> --flag when true
 # (the server's default is false and it has no --no- form); "list" -> --flag V1 V2...;
-# "skip" -> not a server flag (say why).
+# "json" -> --flag '{...}' (a config group); "skip" -> not a server flag (say why).
 VLLM_FLAGS: dict[str, str] = {
     "model": "value", "served_model_name": "list", "tokenizer": "value", "dtype": "value",
     "max_model_len": "value", "trust_remote_code": "bool", "gpu_memory_utilization": "value",
@@ -43,7 +44,7 @@ VLLM_FLAGS: dict[str, str] = {
     "kv_offloading_size": "value", "kv_cache_memory_bytes": "value", "quantization": "value",
     "performance_mode": "value", "max_cudagraph_capture_size": "value",
     "disable_log_stats": "true-only",      # qwenbox reads the engine's stats; the server logs them by default
-    "enable_log_requests": "bool",
+    "enable_log_requests": "bool", "structured_outputs_config": "json",
 }
 
 
@@ -66,6 +67,8 @@ def vllm_argv(cfg: Any, sock: str) -> list[str]:
                 argv.append(flag)
         elif kind == "list":
             argv += [flag, *map(str, value)]
+        elif kind == "json":
+            argv += [flag, json.dumps(value, separators=(",", ":"))]
         else:
             argv += [flag, str(value)]
     return argv
