@@ -182,6 +182,7 @@ class LimitsConfig:
     max_n: int = _opt(4, min=1, max=128)
     max_stop_sequences: int = _opt(8, min=0, max=64)
     max_prompts: int = _opt(32, min=1, max=1024)
+    max_prompt_logprobs_tokens: int = _opt(4096, min=0)
 
 
 @dataclass(frozen=True)

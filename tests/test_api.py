@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import signal
 import socket
 import time
 import uuid
@@ -639,3 +641,253 @@ def test_a_batch_is_refused_whole_when_one_prompt_is_bad_or_it_is_too_large(daem
     status, _, body = jrequest(daemon.sock, "POST", COMPL, {"model": model, "max_tokens": 1,
                                                            "prompt": ["x"] * (cfg.limits.max_prompts + 1)})
     assert status == 400 and body["error"]["param"] == "prompt" and "cap of" in body["error"]["message"]
+
+
+# ---------------------------------------------------------------- logprobs and echo
+# The demo model's output is noise: these assert on shapes, counts, order, finiteness and
+# consistency, never on what the text says.
+def demo_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+
+
+def assert_logprob(x) -> None:
+    assert isinstance(x, float) and math.isfinite(x) and x <= 0.0, x
+
+
+def round_trips(tokens: list[str], text: str) -> bool:
+    """Whether the token texts should add up to the text: ASCII only (a character of
+    several bytes may be split across tokens, each decoded alone as U+FFFD or nothing)."""
+    return text.isascii() and all(t.isascii() for t in tokens)
+
+
+def assert_chat_entries(entries, k: int, greedy: bool = False) -> None:
+    """Chat logprobs: each token with its bytes and its k alternatives, most likely first."""
+    for e in entries:
+        assert_logprob(e.logprob)
+        assert e.bytes == list(e.token.encode("utf-8"))
+        assert len(e.top_logprobs) == k
+        tops = [t.logprob for t in e.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        for t in e.top_logprobs:
+            assert_logprob(t.logprob)
+            assert t.bytes == list(t.token.encode("utf-8"))
+        if k:
+            assert e.logprob <= tops[0] + 1e-6          # nothing beats the most likely token
+        if greedy and k:
+            assert e.logprob == pytest.approx(tops[0], abs=1e-4)   # greedy picks the most likely
+
+
+def assert_completion_logprobs(lp: dict, k: int, start: int = 0, first_has_none: bool = False) -> None:
+    """Completions' logprobs: four parallel lists, offsets that add up the token texts."""
+    n = len(lp["tokens"])
+    assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    offset = start
+    for i, (tok, x, top, off) in enumerate(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
+                                               lp["text_offset"], strict=True)):
+        assert off == offset, (i, lp["text_offset"])
+        offset += len(tok)
+        if i == 0 and first_has_none:
+            assert x is None and top is None
+            continue
+        assert_logprob(x)
+        assert 1 <= len(top) <= k + 1 and tok in top and top[tok] == x
+        assert all(math.isfinite(v) and v <= 0 for v in top.values())
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+
+
+# Logprobs are the model's own (vLLM's raw logprobs, before penalties): greedy picks the most
+# likely of them only without shaping's default presence_penalty, hence the 0 where it is checked.
+def test_chat_logprobs_with_the_openai_client(daemon, model, openai_client):
+    r = openai_client.chat.completions.create(model=model, messages=MSGS, max_tokens=6, temperature=0,
+                                              presence_penalty=0, logprobs=True, top_logprobs=3,
+                                              extra_body={"ignore_eos": True})
+    (choice,) = r.choices
+    entries = choice.logprobs.content
+    assert len(entries) == r.usage.completion_tokens == 6
+    assert_chat_entries(entries, 3, greedy=True)
+    if round_trips([e.token for e in entries], choice.message.content):
+        assert "".join(e.token for e in entries) == choice.message.content
+    chosen = openai_client.chat.completions.create(model=model, messages=MSGS, max_tokens=2, logprobs=True,
+                                                   extra_body={"ignore_eos": True})
+    assert [len(e.top_logprobs) for e in chosen.choices[0].logprobs.content] == [0, 0]
+    plain = openai_client.chat.completions.create(model=model, messages=MSGS, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_streamed_ride_on_their_own_chunks(daemon, model, openai_client):
+    stream = openai_client.chat.completions.create(model=model, messages=MSGS, max_tokens=7, n=2, stream=True,
+                                                   logprobs=True, top_logprobs=2,
+                                                   stream_options={"include_usage": True},
+                                                   extra_body={"ignore_eos": True})
+    entries: dict[int, list] = {0: [], 1: []}
+    texts = {0: "", 1: ""}
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                assert c.delta.content is not None
+                entries[c.index] += c.logprobs.content
+                texts[c.index] += c.delta.content
+            else:
+                assert not c.delta.content      # text never comes without its tokens' logprobs
+    assert usage.completion_tokens == 14 and [len(e) for e in entries.values()] == [7, 7]
+    for i, es in entries.items():
+        assert_chat_entries(es, 2)
+        if round_trips([e.token for e in es], texts[i]):
+            assert "".join(e.token for e in es) == texts[i]
+
+
+def test_completions_logprobs_whole_and_streamed(daemon, model, openai_client):
+    prompt = "The quick brown fox"
+    r = openai_client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, logprobs=2,
+                                         presence_penalty=0, extra_body={"ignore_eos": True})
+    (choice,) = r.choices
+    lp = choice.logprobs.model_dump()
+    assert len(lp["tokens"]) == r.usage.completion_tokens == 5
+    assert_completion_logprobs(lp, 2)
+    for tok, x, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert x == pytest.approx(max(top.values()), abs=1e-4), (tok, top)     # greedy
+    if round_trips(lp["tokens"], choice.text):
+        assert "".join(lp["tokens"]) == choice.text
+    stream = openai_client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, logprobs=2,
+                                              presence_penalty=0, stream=True, stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True})
+    tokens, offsets, logprobs, text, usage = [], [], [], "", None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs is not None:
+                part = c.logprobs.model_dump()
+                assert_completion_logprobs(part, 2, start=sum(len(t) for t in tokens))   # offsets continue
+                tokens += part["tokens"]
+                offsets += part["text_offset"]
+                logprobs += part["token_logprobs"]
+    assert usage.completion_tokens == 5 and len(tokens) == 5
+    assert tokens == lp["tokens"] and offsets == lp["text_offset"] and text == choice.text
+    assert logprobs == pytest.approx(lp["token_logprobs"], abs=1e-4)
+    plain = openai_client.completions.create(model=model, prompt=prompt, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_echo_as_lm_eval_sends_it(daemon, model, openai_client):
+    """lm-eval's loglikelihood requests: a batch of token-id or text prompts, max_tokens 0
+    or 1, greedy, logprobs 1, echo. The prompt's tokens come first, the first one without
+    a logprob; max_tokens 0 answers the prompt alone and counts no completion token."""
+    tok = demo_tokenizer()
+    texts = ["Once upon a time there was", "The quick brown fox jumps"]
+    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    by_max = {}
+    for prompts, decoded in ((ids, [tok.decode(i) for i in ids]), (texts, texts)):
+        for max_tokens in (0, 1):
+            r = openai_client.completions.create(model=model, prompt=prompts, max_tokens=max_tokens, temperature=0,
+                                                 logprobs=1, echo=True)
+            assert sorted(c.index for c in r.choices) == [0, 1]
+            assert r.usage.prompt_tokens == sum(map(len, ids))
+            assert r.usage.completion_tokens == 2 * max_tokens
+            for c in sorted(r.choices, key=lambda c: c.index):
+                n_prompt = len(ids[c.index])
+                lp = c.logprobs.model_dump()
+                assert c.text.startswith(decoded[c.index]) and (max_tokens or c.text == decoded[c.index])
+                assert len(lp["tokens"]) == n_prompt + max_tokens
+                assert_completion_logprobs(lp, 1, first_has_none=True)
+                if round_trips(lp["tokens"], c.text):
+                    assert "".join(lp["tokens"]) == c.text
+                assert math.isfinite(sum(lp["token_logprobs"][1:n_prompt]))    # what lm-eval sums
+                by_max.setdefault((c.index, max_tokens), []).append(lp["token_logprobs"][:n_prompt])
+    for i in (0, 1):        # the prompt's logprobs do not depend on generating, nor on ids vs text
+        first, *rest = by_max[(i, 0)] + by_max[(i, 1)]
+        for other in rest:
+            assert other[0] is None and other[1:] == pytest.approx(first[1:], abs=1e-3)
+
+
+def test_echo_streamed_with_n_and_without_logprobs(daemon, model, openai_client):
+    prompt = "Once upon a time"
+    n_prompt = len(demo_tokenizer().encode(prompt, add_special_tokens=False))
+    stream = openai_client.completions.create(model=model, prompt=prompt, max_tokens=3, n=2, echo=True, logprobs=0,
+                                              stream=True, stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True})
+    texts, tokens, usage = {0: "", 1: ""}, {0: [], 1: []}, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            if not texts[c.index]:
+                assert c.text.startswith(prompt)          # the first chunk of each choice echoes the prompt
+            texts[c.index] += c.text
+            if c.logprobs is not None:
+                part = c.logprobs.model_dump()
+                assert_completion_logprobs(part, 0, start=sum(len(t) for t in tokens[c.index]),
+                                           first_has_none=not tokens[c.index])
+                tokens[c.index] += part["tokens"]
+    assert usage.completion_tokens == 6 and usage.prompt_tokens == n_prompt
+    assert [len(t) for t in tokens.values()] == [n_prompt + 3] * 2
+    only = list(openai_client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in only if c.choices) == prompt
+    assert all(c.choices[0].logprobs is None for c in only if c.choices)
+    assert only[-1].usage.completion_tokens == 0
+    whole = openai_client.completions.create(model=model, prompt=[prompt, [5, 6, 7]], max_tokens=2, echo=True)
+    by_index = {c.index: c for c in whole.choices}
+    assert by_index[0].text.startswith(prompt) and by_index[0].logprobs is None
+    assert by_index[1].text.startswith(demo_tokenizer().decode([5, 6, 7]))
+
+
+@contextlib.contextmanager
+def reloaded_limits(daemon, **limits):
+    """The shared daemon with these ``[limits]`` applied by a SIGHUP reload; its own config
+    is back (reloaded again) afterwards."""
+    from conftest import wait_for
+    from helpers import write_config
+
+    def reloads() -> list[dict]:
+        return [r for r in map(parse_line, daemon.log_text().splitlines()) if r and r.get("event") == "reload"]
+
+    def apply(write) -> None:
+        before = len(reloads())
+        write()
+        daemon.proc.send_signal(signal.SIGHUP)
+        last = wait_for(lambda: reloads()[before:], 30, "the reload's log line")[-1]
+        assert str(last["ok"]).lower() == "true", last
+
+    original = daemon.config.read_text()
+    apply(lambda: write_config(daemon.config, {"limits": limits}))
+    try:
+        yield
+    finally:
+        apply(lambda: daemon.config.write_text(original))
+
+
+def test_prompt_logprobs_are_bounded_by_a_limit(daemon, model):
+    ids = list(range(100, 109))                 # 9 tokens
+    body = {"model": model, "prompt": ids, "max_tokens": 0, "logprobs": 1, "echo": True}
+    with reloaded_limits(daemon, max_prompt_logprobs_tokens=8):
+        err = post_error(daemon, model, body, 400, path=COMPL, param="prompt")
+        assert "limits.max_prompt_logprobs_tokens" in err["message"] and "8" in err["message"], err
+        err = post_error(daemon, model, {**body, "prompt": [ids[:8], ids]}, 400, path=COMPL, param="prompt")
+        assert "'prompt[1]' is 9 tokens" in err["message"], err
+        for fine in ({**body, "prompt": ids[:8]}, {**body, "logprobs": None}, {**body, "echo": False, "max_tokens": 1}):
+            status, _, answer = jrequest(daemon.sock, "POST", COMPL, fine)
+            assert status == 200, (fine, answer)
+    status, _, answer = jrequest(daemon.sock, "POST", COMPL, body)           # the shipped default: 4096
+    assert status == 200 and len(answer["choices"][0]["logprobs"]["tokens"]) == 9, answer
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (CHAT, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    (CHAT, {"logprobs": True, "top_logprobs": "3"}, "top_logprobs"),
+    (CHAT, {"top_logprobs": 3}, "top_logprobs"),
+    (CHAT, {"logprobs": "true"}, "logprobs"),
+    (COMPL, {"logprobs": 21}, "logprobs"),
+    (COMPL, {"logprobs": -1}, "logprobs"),
+    (COMPL, {"logprobs": True}, "logprobs"),
+    (COMPL, {"echo": "yes"}, "echo"),
+    (COMPL, {"echo": 1}, "echo"),
+    (COMPL, {"max_tokens": 0}, "max_tokens"),
+    (COMPL, {"max_tokens": 0, "echo": False, "logprobs": 1}, "max_tokens"),
+])
+def test_bad_logprobs_and_echo_values_name_the_param(daemon, model, path, extra, param):
+    body = {"model": model, "max_tokens": 2, **({"messages": MSGS} if path == CHAT else {"prompt": "hi"}), **extra}
+    post_error(daemon, model, body, 400, path=path, param=param)

@@ -153,6 +153,7 @@ def test_section_that_is_not_a_table(tmp_path):
     ("[model]\npath = 3\n", "model.path", 2, "expected a string"),
     ("[warmup]\n\nprompt_buckets = [16, 'a']\n", "warmup.prompt_buckets", 3, "expected a list of integers"),
     ("[limits]\nmax_n = true\n", "limits.max_n", 2, "expected an integer"),
+    ("[limits]\nmax_prompt_logprobs_tokens = 1.5\n", "limits.max_prompt_logprobs_tokens", 2, "expected an integer"),
 ])
 def test_wrong_type(tmp_path, text, key, line, words):
     p = write(tmp_path, text)
@@ -170,6 +171,7 @@ def test_wrong_type(tmp_path, text, key, line, words):
     ("[engine]\nblock_size = 24\n", "engine.block_size", "must be one of"),
     ("[model]\ndtype = 'int3'\n", "model.dtype", "must be one of"),
     ("[limits]\nmax_n = 0\n", "limits.max_n", "must be >= 1"),
+    ("[limits]\nmax_prompt_logprobs_tokens = -1\n", "limits.max_prompt_logprobs_tokens", "must be >= 0"),
     ("[logging]\nlevel = 'loud'\n", "logging.level", "must be one of"),
     ("[server]\nmax_body_bytes = 10\n", "server.max_body_bytes", "must be >= 1024"),
 ])

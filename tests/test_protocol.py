@@ -11,7 +11,7 @@ from qwenbox.api import convert, errors, protocol
 from qwenbox.api.errors import ApiError
 from qwenbox.api.record import RequestRecord
 from qwenbox.config import LimitsConfig
-from qwenbox.generation import Delta, Sampling
+from qwenbox.generation import Delta, Sampling, TokenLogprob, TopLogprob
 from qwenbox.shaping import Defaults
 
 LIMITS = LimitsConfig(max_tokens_cap=1024, max_n=4, max_stop_sequences=2)
@@ -126,7 +126,6 @@ def test_decode_json_accepts_utf8():
     (chat(tools=[TOOL], parallel_tool_calls="no"), "parallel_tool_calls"),
     (chat(functions=[{"name": "f"}]), "functions"),
     (chat(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}), "response_format"),
-    (chat(logprobs=True), "logprobs"),
     (chat(response_format={"type": "xml"}), "response_format"),
     (chat(response_format="json"), "response_format"),
     (chat(response_format={"type": "json_schema"}), "response_format.json_schema"),
@@ -136,6 +135,15 @@ def test_decode_json_accepts_utf8():
      "response_format.json_schema.schema"),
     (chat(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": {"d": "x" * 70_000}}}),
      "response_format.json_schema.schema"),
+    (chat(logprobs="yes"), "logprobs"),
+    (chat(logprobs=1), "logprobs"),
+    (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (chat(logprobs=True, top_logprobs=-1), "top_logprobs"),
+    (chat(logprobs=True, top_logprobs="3"), "top_logprobs"),
+    (chat(logprobs=True, top_logprobs=1.5), "top_logprobs"),
+    (chat(logprobs=True, top_logprobs=True), "top_logprobs"),
+    (chat(top_logprobs=3), "top_logprobs"),
+    (chat(logprobs=False, top_logprobs=3), "top_logprobs"),
     (chat(user=5), "user"),
     (chat(logit_bias=[1, 2]), "logit_bias"),
     (chat(logit_bias={"12": 101}), "logit_bias"),
@@ -190,6 +198,17 @@ def test_parse_chat_defaults_leave_room_for_shaping():
     assert s.max_tokens is None and s.temperature is None and s.top_p is None and s.n == 1
 
 
+def test_chat_logprobs_reach_the_sampling_as_alternatives_per_token():
+    assert protocol.parse_chat(chat(logprobs=True, top_logprobs=5), LIMITS).sampling.logprobs == 5
+    assert protocol.parse_chat(chat(logprobs=True, top_logprobs=20), LIMITS).sampling.logprobs == 20
+    assert protocol.parse_chat(chat(logprobs=True), LIMITS).sampling.logprobs == 0      # the chosen token's only
+    for off in (chat(), chat(logprobs=False), chat(top_logprobs=0), chat(logprobs=None, top_logprobs=None)):
+        assert protocol.parse_chat(off, LIMITS).sampling.logprobs is None
+    s = protocol.parse_chat(chat(logprobs=True, top_logprobs=3), LIMITS).sampling
+    assert s.prompt_logprobs is None and s.engine_kwargs()["logprobs"] == 3
+    assert "between 0 and 20" in bad(protocol.parse_chat, chat(logprobs=True, top_logprobs=21), LIMITS).message
+
+
 def test_max_completion_tokens_wins():
     assert protocol.parse_chat(chat(max_completion_tokens=7, max_tokens=9), LIMITS).sampling.max_tokens == 7
 
@@ -206,7 +225,14 @@ def test_max_completion_tokens_wins():
     ({"model": "m", "prompt": ["a"] * 33}, "prompt"),
     ({"model": "m", "prompt": [1, "x"]}, "prompt"),
     ({"prompt": "x"}, "model"),
-    ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+    ({"model": "m", "prompt": "x", "echo": "yes"}, "echo"),
+    ({"model": "m", "prompt": "x", "echo": 1}, "echo"),
+    ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"model": "m", "prompt": "x", "logprobs": -1}, "logprobs"),
+    ({"model": "m", "prompt": "x", "logprobs": "1"}, "logprobs"),
+    ({"model": "m", "prompt": "x", "logprobs": True}, "logprobs"),
+    ({"model": "m", "prompt": "x", "logprobs": 1.0}, "logprobs"),
+    ({"model": "m", "prompt": "x", "echo": True, "max_tokens": -1}, "max_tokens"),
     ({"model": "m", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"model": "m", "prompt": "x", "n": 9}, "n"),
@@ -224,6 +250,36 @@ def test_parse_completion_good():
     assert len(protocol.parse_completion({"model": "m", "prompt": ["a"] * 32}, LIMITS).prompts) == 32
     assert "cap of 32" in bad(protocol.parse_completion, {"model": "m", "prompt": ["a"] * 33}, LIMITS).message
     assert "prompt[1]" in bad(protocol.parse_completion, {"model": "m", "prompt": ["a", ""]}, LIMITS).message
+
+
+def test_completion_logprobs_and_echo_reach_the_sampling():
+    base = {"model": "m", "prompt": "x"}
+    r = protocol.parse_completion({**base, "logprobs": 5}, LIMITS)
+    assert (r.sampling.logprobs, r.sampling.prompt_logprobs, r.echo, r.generate) == (5, None, False, True)
+    r = protocol.parse_completion({**base, "logprobs": 20, "echo": True, "max_tokens": 3}, LIMITS)
+    assert (r.sampling.logprobs, r.sampling.prompt_logprobs, r.sampling.max_tokens) == (20, 20, 3)
+    assert r.echo and r.generate
+    assert r.sampling.engine_kwargs()["prompt_logprobs"] == 20
+    r = protocol.parse_completion({**base, "echo": True}, LIMITS)              # echo alone: text only
+    assert (r.sampling.logprobs, r.sampling.prompt_logprobs, r.sampling.max_tokens) == (None, None, None)
+    off = protocol.parse_completion({**base, "echo": False, "logprobs": None}, LIMITS)
+    assert not off.echo and off.sampling.logprobs is None
+
+
+def test_echo_with_max_tokens_0_runs_one_token_and_generates_nothing():
+    """lm-eval's loglikelihood request, as it sends it."""
+    r = protocol.parse_completion({"model": "m", "prompt": [[1, 2, 3], "a b"], "max_tokens": 0, "temperature": 0,
+                                   "logprobs": 1, "echo": True}, LIMITS)
+    assert r.prompts == ([1, 2, 3], "a b") and r.echo and not r.generate
+    assert (r.sampling.max_tokens, r.sampling.logprobs, r.sampling.prompt_logprobs) == (1, 1, 1)
+    one = protocol.parse_completion({"model": "m", "prompt": "a", "max_tokens": 1, "logprobs": 1, "echo": True},
+                                    LIMITS)
+    assert one.generate and one.sampling.max_tokens == 1
+    e = bad(protocol.parse_completion, {"model": "m", "prompt": "a", "max_tokens": 0}, LIMITS)   # without echo
+    assert e.param == "max_tokens" and "at least 1" in e.message
+    assert bad(protocol.parse_chat, chat(max_tokens=0), LIMITS).param == "max_tokens"
+    assert "between 0 and 20" in bad(protocol.parse_completion, {"model": "m", "prompt": "a", "logprobs": 21},
+                                     LIMITS).message
 
 
 # ---------------------------------------------------------------- convert.to_generation
@@ -321,20 +377,105 @@ def test_shapes_chunk_a_delta_as_openai_does():
     opening = convert.CHAT.opening(*head, 2)
     assert [c["choices"][0]["delta"] for c in opening] == [{"role": "assistant", "content": ""}] * 2
     assert [c["choices"][0]["index"] for c in opening] == [0, 1]
-    text_and_end = convert.CHAT.delta_chunks(*head, Delta(1, "hi", 1, "length"))
+    text_and_end = convert.CHAT.delta_chunks(*head, convert.Piece(1, "hi", "length"))
     assert [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in text_and_end] == \
         [({"content": "hi"}, None), ({}, "length")]
-    assert convert.CHAT.delta_chunks(*head, Delta(0, "", 0, "abort")) == []     # vLLM's abort is no finish
+    assert convert.CHAT.delta_chunks(*head, convert.Piece(0, "", "abort")) == []     # vLLM's abort is no finish
     chead = convert.COMPLETION.head("req-1", "m")
     assert chead.id == "cmpl-req-1" and convert.COMPLETION.opening(*chead, 2) == []
-    [one] = convert.COMPLETION.delta_chunks(*chead, Delta(0, "hi", 1, "stop"))
+    [one] = convert.COMPLETION.delta_chunks(*chead, convert.Piece(0, "hi", "stop"))
     assert one["object"] == "text_completion" and one["choices"][0]["text"] == "hi"
-    assert convert.COMPLETION.delta_chunks(*chead, Delta(0, "", 0)) == []
+    assert one["choices"][0]["logprobs"] is None
+    assert convert.COMPLETION.delta_chunks(*chead, convert.Piece(0, "", None)) == []
     acc = convert.Accumulator(3)
     acc.add([Delta(0, "a", 1, "length"), Delta(1, "b", 1, "stop")])
     assert convert.CHAT.body(*head, acc, 4)["object"] == "chat.completion"
     assert convert.COMPLETION.body(*chead, acc, 4)["object"] == "text_completion"
     assert acc.finish_summary() == "length,stop"         # the unfinished third choice reads as stop
+
+
+# ---------------------------------------------------------------- logprobs and echo
+def lp(token: str, logprob: float, *top: tuple[str, float], token_id: int = 1) -> TokenLogprob:
+    return TokenLogprob(token, token_id, logprob, tuple(TopLogprob(t, 100 + i, v) for i, (t, v) in enumerate(top)))
+
+
+def test_chat_logprobs_shape():
+    tokens = [convert.Token.of(lp("hé", -0.5, ("hé", -0.5), ("a", -1.25))), convert.Token.of(lp("!", -9999.0))]
+    assert convert.chat_logprobs(tokens) == {"content": [
+        {"token": "hé", "logprob": -0.5, "bytes": [104, 195, 169],
+         "top_logprobs": [{"token": "hé", "logprob": -0.5, "bytes": [104, 195, 169]},
+                          {"token": "a", "logprob": -1.25, "bytes": [97]}]},
+        {"token": "!", "logprob": -9999.0, "bytes": [33], "top_logprobs": []}]}
+    assert convert.chat_logprobs([]) == {"content": []}
+
+
+def test_completion_logprobs_shape_offsets_and_top_dicts():
+    tokens = [convert.Token("The", None),                                          # the first prompt token
+              convert.Token.of(lp(" cat", -2.0, (" dog", -1.0), (" cow", -1.5))),  # chosen outside the top 2
+              convert.Token.of(lp(" sat", -0.25, (" sat", -0.25), ("�", -3.0), ("�", -3.5)))]
+    assert convert.completion_logprobs(tokens, 10) == {
+        "tokens": ["The", " cat", " sat"], "token_logprobs": [None, -2.0, -0.25],
+        "top_logprobs": [None, {" dog": -1.0, " cow": -1.5, " cat": -2.0}, {" sat": -0.25, "�": -3.0}],
+        "text_offset": [10, 13, 17]}
+    only_chosen = convert.completion_logprobs([convert.Token.of(lp("x", -0.1))])     # logprobs: 0
+    assert only_chosen["top_logprobs"] == [{"x": -0.1}] and only_chosen["text_offset"] == [0]
+
+
+def test_accumulator_puts_echo_first_and_continues_text_offsets():
+    echo = convert.Echo("The cat", first_token="The")
+    acc = convert.Accumulator(2, logprobs=True, echoes=(echo, echo))
+    prompt = (None, lp(" cat", -3.0, (" dog", -1.0)))
+    first = acc.add([Delta(0, " sat", 1, logprobs=(lp(" sat", -0.5),), prompt_logprobs=prompt),
+                     Delta(1, " ran", 1, logprobs=(lp(" ran", -0.7),), prompt_logprobs=prompt)])
+    assert [p.text for p in first] == ["The cat sat", "The cat ran"]
+    assert [t.text for t in first[0].tokens] == ["The", " cat", " sat"] and first[0].offset == 0
+    [more] = acc.add([Delta(0, " down", 1, "length", logprobs=(lp(" down", -0.2),))])
+    assert more.text == " down" and more.offset == len("The cat sat") and more.finish_reason == "length"
+    assert acc.completion_tokens == 3 and acc.texts == ["The cat sat down", "The cat ran"]
+    [c] = convert.COMPLETION.delta_chunks("id", 1, "m", more)
+    assert c["choices"][0]["logprobs"]["text_offset"] == [11] and c["choices"][0]["finish_reason"] == "length"
+    body = convert.completion_body("id", 1, "m", acc, 2)
+    whole = body["choices"][0]["logprobs"]
+    assert whole["tokens"] == ["The", " cat", " sat", " down"] and whole["text_offset"] == [0, 3, 7, 11]
+    assert whole["token_logprobs"][0] is None and whole["top_logprobs"][0] is None
+    assert body["choices"][1]["text"] == "The cat ran" and body["usage"]["completion_tokens"] == 3
+    json.dumps(body, allow_nan=False)
+
+
+def test_echo_without_generation_answers_the_prompt_alone():
+    """max_tokens 0: the one token the engine made is neither shown nor counted."""
+    echo = convert.Echo("a b", first_token="a", generate=False)
+    acc = convert.Accumulator(1, logprobs=True, echoes=(echo,))
+    [p] = acc.add([Delta(0, " c", 1, "stop", logprobs=(lp(" c", -1.0),),
+                         prompt_logprobs=(None, lp(" b", -2.0, (" x", -0.5))))])
+    assert p.text == "a b" and [t.text for t in p.tokens] == ["a", " b"] and p.finish_reason == "length"
+    assert acc.completion_tokens == 0 and acc.texts == ["a b"] and acc.finish == ["length"]
+    body = convert.completion_body("id", 1, "m", acc, 2)
+    assert body["choices"][0]["logprobs"] == {"tokens": ["a", " b"], "token_logprobs": [None, -2.0],
+                                              "top_logprobs": [None, {" x": -0.5, " b": -2.0}],
+                                              "text_offset": [0, 1]}
+    text_only = convert.Accumulator(1, echoes=(convert.Echo("a b", generate=False),))
+    [p] = text_only.add([Delta(0, " c", 1, "length")])
+    assert p.tokens is None and text_only.texts == ["a b"]
+    assert convert.completion_body("id", 1, "m", text_only, 2)["choices"][0]["logprobs"] is None
+
+
+def test_chat_stream_chunks_carry_their_own_tokens_logprobs():
+    acc = convert.Accumulator(1, logprobs=True)
+    [p] = acc.add([Delta(0, "", 1, logprobs=(lp("", -0.1),))])       # a token that decodes to no text
+    [c] = convert.CHAT.delta_chunks("id", 1, "m", p)
+    assert c["choices"][0]["delta"] == {"content": ""}
+    assert c["choices"][0]["logprobs"]["content"][0]["logprob"] == -0.1
+    [p] = acc.add([Delta(0, "hi", 1, "length", logprobs=(lp("hi", -0.3, ("hi", -0.3)),))])
+    text, end = convert.CHAT.delta_chunks("id", 1, "m", p)
+    assert [e["token"] for e in text["choices"][0]["logprobs"]["content"]] == ["hi"]
+    assert end["choices"][0]["logprobs"] is None and end["choices"][0]["finish_reason"] == "length"
+    body = convert.chat_body("id", 1, "m", acc, 3)
+    assert [e["logprob"] for e in body["choices"][0]["logprobs"]["content"]] == [-0.1, -0.3]
+    plain = convert.Accumulator(1)
+    [p] = plain.add([Delta(0, "", 1)])
+    assert convert.CHAT.delta_chunks("id", 1, "m", p) == []           # no logprobs asked: no empty chunk
+    assert convert.chat_body("id", 1, "m", plain, 3)["choices"][0]["logprobs"] is None
 
 
 def test_context_length_errors_are_one_shape():

@@ -8,8 +8,12 @@ shared with the config through ``generation.RULES``; ``logit_bias`` bounded here
 checked against the vocabulary in ``routes``), and every client string that can
 reach a log line or a map is bounded, so nothing malformed reaches the engine. Tool
 definitions and JSON schemas are bounded in size (``MAX_SCHEMA_CHARS``) and count
-(``MAX_TOOLS``), so what a hostile definition costs the grammar compiler stays small. Fields
-we cannot honour (``functions``, ``suffix``, ``best_of``) are rejected with a clear
+(``MAX_TOOLS``), so what a hostile definition costs the grammar compiler stays small.
+Log probabilities are asked of the engine as ``Sampling.logprobs`` (chat: ``logprobs``
+and ``top_logprobs``; completions: ``logprobs``, at most ``MAX_LOGPROBS``
+alternatives) and, for a completion's ``echo``, ``Sampling.prompt_logprobs``; echo with
+``max_tokens: 0`` runs one token and returns the prompt alone (``generate`` False).
+Fields we cannot honour (``functions``, ``suffix``, ``best_of``) are rejected with a clear
 message rather than silently ignored; unknown extra fields are ignored, as
 OpenAI-compatible servers do, so newer clients keep working.
 """
@@ -33,6 +37,10 @@ MAX_USER_CHARS = 256      # `user` becomes a session id, a map key and a log fie
 MAX_STOP_CHARS = 256      # per stop sequence
 MAX_TOP_K = 1 << 20       # above any vocabulary
 MAX_LOGIT_BIAS = 300      # entries of `logit_bias`: a bound on what one request adds to every step
+# Alternatives per token (chat's top_logprobs, completions' logprobs). OpenAI documents 5
+# for completions and 20 for chat; 20 for both, as vLLM: its default max_logprobs, the
+# most its engine returns.
+MAX_LOGPROBS = 20
 MAX_TOOLS = 128           # OpenAI's own cap on `tools`
 MAX_TOOL_CALLS = 128      # tool calls in one assistant turn of the history
 MAX_SCHEMA_CHARS = 65_536  # one JSON schema (a tool's parameters, a response_format), as compact JSON
@@ -76,6 +84,8 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    echo: bool = False          # each choice's text (and logprobs) start with its prompt's
+    generate: bool = True       # False: echo with max_tokens 0, the prompt alone is answered
 
     @property
     def prompt(self) -> str | list[int]:
@@ -177,15 +187,15 @@ def _reject_if_set(body: dict[str, Any], key: str, why: str,
         raise bad_request(f"'{key}' is not supported by this server: {why}", param=key, code="unsupported_parameter")
 
 
-def _max_tokens(body: dict[str, Any], limits: LimitsConfig) -> int | None:
+def _max_tokens(body: dict[str, Any], limits: LimitsConfig, least: int = 1) -> int | None:
     key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     mt = body.get(key)
     if mt is None:
         return None
     if isinstance(mt, bool) or not isinstance(mt, int):
         raise bad_request(f"'{key}' must be an integer, got {type(mt).__name__}", param=key)
-    if mt <= 0:
-        raise bad_request(f"'{key}' must be at least 1, got {mt}", param=key)
+    if mt < least:
+        raise bad_request(f"'{key}' must be at least {least}, got {mt}", param=key)
     if mt > limits.max_tokens_cap:
         raise bad_request(f"'{key}' is {mt}, above this server's cap of {limits.max_tokens_cap}", param=key)
     return mt
@@ -207,7 +217,7 @@ def _stop(body: dict[str, Any], limits: LimitsConfig) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _sampling(body: dict[str, Any], limits: LimitsConfig) -> Sampling:
+def _sampling(body: dict[str, Any], limits: LimitsConfig, least_tokens: int = 1) -> Sampling:
     top_k = _get(body, "top_k", (int,), "an integer", -1)
     if top_k != -1 and not 1 <= top_k <= MAX_TOP_K:
         raise bad_request(f"'top_k' must be -1 (off) or between 1 and {MAX_TOP_K}, got {top_k}", param="top_k")
@@ -216,15 +226,33 @@ def _sampling(body: dict[str, Any], limits: LimitsConfig) -> Sampling:
         raise bad_request(f"'n' must be >= 1, got {n}", param="n")
     if n > limits.max_n:
         raise bad_request(f"'n' is {n}, above this server's cap of {limits.max_n}", param="n")
-    _reject_if_set(body, "logprobs", "log probabilities are not returned")
-    _reject_if_set(body, "top_logprobs", "log probabilities are not returned", allowed=(None, 0))
     return Sampling(
-        max_tokens=_max_tokens(body, limits), temperature=_ruled(body, "temperature"),
+        max_tokens=_max_tokens(body, limits, least_tokens), temperature=_ruled(body, "temperature"),
         top_p=_ruled(body, "top_p"), presence_penalty=_ruled(body, "presence_penalty"),
         top_k=top_k, min_p=_ruled(body, "min_p", 0.0), frequency_penalty=_ruled(body, "frequency_penalty", 0.0),
         repetition_penalty=_ruled(body, "repetition_penalty", 1.0), stop=_stop(body, limits),
         seed=_ruled(body, "seed"), n=n, ignore_eos=_get(body, "ignore_eos", (bool,), "a boolean", False),
         logit_bias=_logit_bias(body))
+
+
+def _alternatives(body: dict[str, Any], key: str) -> int | None:
+    """An integer count of alternatives per token, 0..MAX_LOGPROBS, or None when absent."""
+    k: int | None = _get(body, key, (int,), "an integer")
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise bad_request(f"'{key}' must be between 0 and {MAX_LOGPROBS}, got {k}", param=key)
+    return k
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """Chat's ``logprobs`` (a boolean) and ``top_logprobs`` -> ``Sampling.logprobs``: the
+    alternatives per generated token, or None when logprobs are not asked. A
+    ``top_logprobs`` above 0 needs ``logprobs: true`` (0 asks for nothing: accepted, as
+    vLLM does)."""
+    want = _get(body, "logprobs", (bool,), "a boolean", False)
+    top = _alternatives(body, "top_logprobs")
+    if top and not want:
+        raise bad_request("'top_logprobs' is only allowed with 'logprobs': true", param="top_logprobs")
+    return (top or 0) if want else None
 
 
 def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
@@ -314,7 +342,7 @@ def parse_chat(body: Any, limits: LimitsConfig) -> ChatRequest:
     _reject_if_set(body, "function_call", "the legacy 'function_call' is not supported; send 'tool_choice'",
                    allowed=(None, "none", "auto"))
     tools = _tools(body)
-    sampling = _sampling(body, limits)
+    sampling = dataclasses.replace(_sampling(body, limits), logprobs=_chat_logprobs(body))
     guided = _response_format(body)
     if guided is not None and tools is not None and tools.choice != "none" and (tools.forced or
                                                                               tools.choice == "required"):
@@ -515,11 +543,23 @@ def parse_completion(body: Any, limits: LimitsConfig) -> CompletionRequest:
     body = _object(body)
     model = _model(body)
     prompts = _prompts(body, limits)
-    _reject_if_set(body, "echo", "echoing the prompt is not supported")
+    echo = _get(body, "echo", (bool,), "a boolean", False)
     _reject_if_set(body, "suffix", "suffix (fill-in-the-middle) is not supported", allowed=(None, ""))
     _reject_if_set(body, "best_of", "best_of is not supported", allowed=(None, 1))
     stream, include_usage = _stream(body)
-    return CompletionRequest(model, prompts, _sampling(body, limits), stream, include_usage, _user(body))
+    sampling, generate = _echo_sampling(_sampling(body, limits, least_tokens=0 if echo else 1),
+                                        _alternatives(body, "logprobs"), echo)
+    return CompletionRequest(model, prompts, sampling, stream, include_usage, _user(body), echo, generate)
+
+
+def _echo_sampling(s: Sampling, logprobs: int | None, echo: bool) -> tuple[Sampling, bool]:
+    """A completion's sampling with its logprobs, and whether it generates at all. With
+    echo the prompt's logprobs are asked too (as many alternatives); ``max_tokens: 0``
+    (echo only: lm-eval's loglikelihood requests) runs the engine for one token, which is
+    not returned: the engine cannot score a prompt without generating."""
+    generate = s.max_tokens != 0
+    return dataclasses.replace(s, max_tokens=s.max_tokens if generate else 1, logprobs=logprobs,
+                               prompt_logprobs=logprobs if echo else None), generate
 
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:@\-]{1,128}$")

@@ -169,11 +169,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
         engine = await gate.serving_engine()
         prompts = [await _completion_prompt(engine, p, "prompt" if len(req.prompts) == 1 else f"prompt[{i}]")
                    for i, p in enumerate(req.prompts)]
+        _check_prompt_logprobs(cfg.limits, req, prompts)
         if len(prompts) > 1:
             return await _admit_and_run_batch(request, cfg, engine, req, prompts, session)
         prompt_ids, text = prompts[0]
         shaped = shaping.defaults(cfg, text)
-        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, {}, convert.COMPLETION)
+        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, {}, convert.COMPLETION,
+                                    echo=_echo(engine, req, prompt_ids, text))
 
 
 async def _completion_prompt(engine: ServingEngine, prompt: str | list[int], name: str) -> tuple[list[int], str]:
@@ -195,6 +197,38 @@ async def _completion_prompt(engine: ServingEngine, prompt: str | list[int], nam
     return within, prompt
 
 
+def _check_prompt_logprobs(limits: LimitsConfig, req: protocol.CompletionRequest,
+                           prompts: list[tuple[list[int], str]]) -> None:
+    """Prompt logprobs (echo with logprobs) make the engine compute logits over the whole
+    vocabulary at every prompt position: a prompt may be at most
+    ``limits.max_prompt_logprobs_tokens`` long for them (400 otherwise)."""
+    if req.sampling.prompt_logprobs is None:
+        return
+    cap = limits.max_prompt_logprobs_tokens
+    for i, (ids, _) in enumerate(prompts):
+        if len(ids) > cap:
+            name = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            raise ApiError(400, f"'{name}' is {len(ids)} tokens, above this server's cap of {cap} tokens for a "
+                                f"prompt whose logprobs are asked ('echo' with 'logprobs'; "
+                                f"limits.max_prompt_logprobs_tokens)", param="prompt")
+
+
+def _echo(engine: ServingEngine, req: protocol.CompletionRequest, ids: list[int], text: str) -> convert.Echo | None:
+    """What ``echo`` puts before each choice of this prompt (None without echo)."""
+    if not req.echo:
+        return None
+    first = engine.tokenizer.decode(ids[:1]) if req.sampling.logprobs is not None else ""
+    return convert.Echo(text, first, req.generate)
+
+
+def _padded(cfg: Config, engine: ServingEngine, req: ParsedRequest, ids: list[int]) -> list[int]:
+    """The prompt left-padded as ``shaping.pad_prompt_to`` says, unless its logprobs are
+    asked: they score the prompt as sent, and padding would change them."""
+    if req.sampling.prompt_logprobs is not None:
+        return ids
+    return shaping.pad(ids, cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
+
+
 def _check_logit_bias(engine: ServingEngine, req: ParsedRequest) -> None:
     vocab = engine.tokenizer.vocab_size
     if (bad := next((t for t, _ in req.sampling.logit_bias if t >= vocab), None)) is not None:
@@ -205,10 +239,10 @@ def _check_logit_bias(engine: ServingEngine, req: ParsedRequest) -> None:
 async def _admit_and_run(request: web.Request, cfg: Config, engine: ServingEngine, req: ParsedRequest,
                          prompt_ids: list[int], shaped: shaping.Defaults, session: str | None,
                          headers: dict[str, str], shape: convert.Shape,
-                         read: Reader | None = None) -> web.StreamResponse:
+                         read: Reader | None = None, echo: convert.Echo | None = None) -> web.StreamResponse:
     record = request[RECORD]
     _check_logit_bias(engine, req)
-    prompt_ids = shaping.pad(prompt_ids, cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
+    prompt_ids = _padded(cfg, engine, req, prompt_ids)
     record.session, record.intent = session, shaped.intent
     async with request.app[ADMISSION].admit(len(prompt_ids), session) as ticket:
         record.queued_s, record.priority = round(ticket.queued_s, 4), ticket.priority
@@ -218,8 +252,9 @@ async def _admit_and_run(request: web.Request, cfg: Config, engine: ServingEngin
         record.prompt_len, record.max_tokens, record.stream = (len(gen.prompt_token_ids), gen.sampling.max_tokens,
                                                                req.stream)
         head = shape.head(record.id, req.model)
-        reader = read or (lambda outputs: outputs)
-        answer = Answer(lambda: reader(_outputs(request, engine, gen)), gen.sampling.n, len(gen.prompt_token_ids))
+        n, reader = gen.sampling.n, read or (lambda outputs: outputs)
+        answer = Answer(lambda: reader(_outputs(request, engine, gen)), n, len(gen.prompt_token_ids),
+                        gen.sampling.logprobs is not None, (echo,) * n)
         with request.app[GATE].running(record.id):
             if req.stream:
                 return await _streamed(request, answer, req.include_usage, headers, shape, head,
@@ -243,7 +278,7 @@ async def _admit_and_run_batch(request: web.Request, cfg: Config, engine: Servin
         gens = []
         for i, (ids, text) in enumerate(prompts):
             shaped = shaping.defaults(cfg, text)
-            ids = shaping.pad(ids, cfg.shaping.pad_prompt_to, engine.tokenizer.pad_token_id)
+            ids = _padded(cfg, engine, req, ids)
             ticket = await held.enter_async_context(admission.admit(len(ids), session))
             record.queued_s, record.priority = round(ticket.queued_s, 4), ticket.priority
             gens.append(convert.to_generation(req.sampling, ids, request_id=f"{record.id}-{i}",
@@ -255,7 +290,9 @@ async def _admit_and_run_batch(request: web.Request, cfg: Config, engine: Servin
         record.session, record.intent = session, shaped.intent
         record.prompt_len = sum(len(g.prompt_token_ids) for g in gens)
         record.max_tokens, record.stream = max(g.sampling.max_tokens or 0 for g in gens), req.stream
-        answer = Answer(lambda: _merged(request, engine, gens, n), n * len(gens), record.prompt_len)
+        echoes = tuple(_echo(engine, req, ids, text) for ids, text in prompts for _ in range(n))   # by index i x n + j
+        answer = Answer(lambda: _merged(request, engine, gens, n), n * len(gens), record.prompt_len,
+                        req.sampling.logprobs is not None, echoes)
         head = convert.COMPLETION.head(record.id, req.model)
         if req.stream:
             return await _streamed(request, answer, req.include_usage, {}, convert.COMPLETION, head,
@@ -266,10 +303,16 @@ async def _admit_and_run_batch(request: web.Request, cfg: Config, engine: Servin
 @dataclass(frozen=True)
 class Answer:
     """What one response is written from: its engine outputs (made when it is written),
-    its number of choices, its prompt tokens (for usage)."""
+    its number of choices, its prompt tokens (for usage), whether logprobs were asked, and
+    per choice its prompt's echo (none without echo)."""
     outputs: Callable[[], AsyncGenerator[list[Delta], None]]
     choices: int
     prompt_tokens: int
+    logprobs: bool = False
+    echoes: tuple[convert.Echo | None, ...] = ()
+
+    def accumulator(self) -> convert.Accumulator:
+        return convert.Accumulator(self.choices, self.logprobs, self.echoes)
 
 
 async def _merged(request: web.Request, engine: ServingEngine, gens: list[GenerationRequest],
@@ -323,7 +366,7 @@ async def _outputs(request: web.Request, engine: ServingEngine,
 async def _whole(request: web.Request, answer: Answer, headers: dict[str, str], shape: convert.Shape,
                  head: convert.Head) -> web.Response:
     """Not streamed: one JSON body once the engine is done."""
-    acc = convert.Accumulator(answer.choices)
+    acc = answer.accumulator()
     async with aclosing(answer.outputs()) as outputs:
         async for deltas in outputs:
             acc.add(deltas)
@@ -338,7 +381,7 @@ async def _streamed(request: web.Request, answer: Answer, include_usage: bool, h
     compile, a prompt it rejects) is answered with its own status. Past the 200 an error is
     one in-band error event and ``[DONE]``; the record says how it ended."""
     record = request[RECORD]
-    acc = convert.Accumulator(answer.choices)
+    acc = answer.accumulator()
     async with aclosing(answer.outputs()) as outputs:
         try:
             first = await anext(outputs, None)
@@ -352,9 +395,8 @@ async def _streamed(request: web.Request, answer: Answer, include_usage: bool, h
             await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
         async def write(deltas: list[Delta]) -> None:
-            acc.add(deltas)
-            for d in deltas:
-                for chunk in shape.delta_chunks(*head, d):
+            for piece in acc.add(deltas):
+                for chunk in shape.delta_chunks(*head, piece):
                     await send(chunk)
 
         try:
