@@ -620,7 +620,7 @@ def engine_args_dict(cfg: Config) -> dict[str, Any]:
     from .config import AUTO
 
     m, e = cfg.model, cfg.engine
-    if e.max_num_seqs == AUTO or e.max_num_batched_tokens == AUTO:
+    if AUTO in (e.max_num_seqs, e.max_num_batched_tokens, e.max_cudagraph_capture_size):
         e = sizing.apply_engine(cfg, sizing.engine_limits(cfg, sizing.probe_device())).engine
     args: dict[str, Any] = dict(
         model=m.local_dir, served_model_name=[m.name], tokenizer=m.local_tokenizer_dir, dtype=m.dtype,

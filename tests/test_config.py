@@ -615,6 +615,7 @@ def test_vllms_quantization_refusal_at_start_is_a_config_error(tmp_path, monkeyp
     monkeypatch.setattr(os, "environ", dict(os.environ))      # Engine.open sets vLLM's environment
     monkeypatch.setattr(engine, "installed_build", lambda: "vllm")
     monkeypatch.setattr(engine, "_import_vllm", lambda: object())
+    monkeypatch.setattr(engine, "_tool_parser_class", lambda cfg: None)       # vLLM's own lookup
     monkeypatch.setattr(engine, "_build_async_llm", refuse)
     monkeypatch.setattr(engine._ChildLogTap, "start", lambda self: None)
     cfg = config.load(write_config(tmp_path / "q.toml", {"engine": {"quantization": "fp8"}}))

@@ -139,11 +139,34 @@ def field(valid, invalid=JSONISH):
     return st.one_of(valid, invalid)
 
 
+# A small JSON schema, valid or not: what `tools` parameters and `response_format` carry
+SCHEMA = st.recursive(st.fixed_dictionaries({"type": st.sampled_from(["string", "integer", "boolean", "wat"])},
+                                            optional={"enum": st.lists(st.text(max_size=4), max_size=3),
+                                                      "pattern": st.sampled_from(["^a+$", "(a+)+b", "["]),
+                                                      "maximum": st.integers()}),
+                      lambda kids: st.fixed_dictionaries({"type": st.just("object"),
+                                                          "properties": st.dictionaries(st.text(max_size=5), kids,
+                                                                                        max_size=3)},
+                                                         optional={"required": st.lists(st.text(max_size=5),
+                                                                                        max_size=2)})
+                      | st.fixed_dictionaries({"anyOf": st.lists(kids, max_size=3)}), max_leaves=6) | JSONISH
+NAME = st.sampled_from(["get_weather", "f", "a-b_c"]) | st.text(max_size=70)
+TOOL = st.fixed_dictionaries({"type": field(st.just("function"), JSONISH),
+                              "function": field(st.fixed_dictionaries({"name": NAME}, optional={
+                                  "description": st.text(max_size=20), "parameters": SCHEMA,
+                                  "strict": st.booleans() | JSONISH}), JSONISH)})
+TOOL_CALL = st.fixed_dictionaries({"id": field(st.text(max_size=10), JSONISH), "type": st.just("function"),
+                                   "function": field(st.fixed_dictionaries({"name": NAME, "arguments": field(
+                                       st.sampled_from(['{"city": "Paris"}', "{}", "not json"]), JSONISH)}),
+                                       JSONISH)})
+
 MESSAGE = st.fixed_dictionaries(
-    {"role": field(st.sampled_from(["system", "developer", "user", "assistant"]),
-                   st.sampled_from(["tool", "bot", "", "USER"]) | JSONISH),
+    {"role": field(st.sampled_from(["system", "developer", "user", "assistant", "tool"]),
+                   st.sampled_from(["bot", "", "USER"]) | JSONISH),
      "content": field(st.text(max_size=60), st.lists(st.fixed_dictionaries(
-         {"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=10)}), max_size=2) | JSONISH)})
+         {"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=10)}), max_size=2) | JSONISH)},
+    optional={"tool_calls": field(st.lists(TOOL_CALL, max_size=2), JSONISH),
+              "tool_call_id": field(st.text(max_size=10), JSONISH)})
 
 CHAT_BODY = st.fixed_dictionaries(
     {"model": field(st.just(MODEL), st.text(max_size=10) | JSONISH),
@@ -158,8 +181,17 @@ CHAT_BODY = st.fixed_dictionaries(
         "seed": field(st.integers(0, 1 << 64), st.integers() | JSONISH), "stop": field(st.text(max_size=5), JSONISH),
         "stream": st.booleans() | JSONISH, "stream_options": field(st.just({"include_usage": True}), JSONISH),
         "user": field(st.text(max_size=300), JSONISH), "logprobs": field(st.booleans(), JSONISH),
-        "top_logprobs": field(st.integers(0, 20), st.integers() | JSONISH), "tools": JSONISH,
-        "response_format": JSONISH, "ignore_eos": JSONISH,
+        "top_logprobs": field(st.integers(0, 20), st.integers() | JSONISH),
+        "tools": field(st.lists(TOOL, max_size=3), JSONISH),
+        "tool_choice": field(st.sampled_from(["auto", "none", "required"])
+                             | st.fixed_dictionaries({"type": st.just("function"),
+                                                      "function": st.fixed_dictionaries({"name": NAME})}), JSONISH),
+        "parallel_tool_calls": field(st.booleans(), JSONISH),
+        "response_format": field(st.sampled_from([{"type": "json_object"}, {"type": "text"}])
+                                 | st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": field(
+                                     st.fixed_dictionaries({"name": NAME, "schema": SCHEMA},
+                                                           optional={"strict": st.booleans()}), JSONISH)}), JSONISH),
+        "ignore_eos": JSONISH,
         "logit_bias": field(st.dictionaries(st.integers(0, 200).map(str), st.floats(-100, 100), max_size=4),
                             JSONISH),
     })

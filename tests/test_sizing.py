@@ -100,6 +100,29 @@ def test_apply_engine_puts_numbers_in_and_records_them():
     assert again.engine == applied.engine and again.sized == applied.sized
 
 
+def test_cuda_graphs_cover_every_decode_batch_on_a_big_card():
+    """vLLM's graphs stop at min(2 x max_num_seqs, 512): with 1024 sequences (the H200's
+    auto) half the batches would run without graphs. Auto chooses max_num_seqs there, and
+    leaves vLLM's own where it already covers every batch, on the CPU and in eager mode."""
+    cfg = shipped()
+    h200 = sizing.engine_limits(cfg, H200)
+    assert h200.max_cudagraph_capture_size.value == 1024 and h200.max_cudagraph_capture_size.auto
+    assert "vLLM's own stop at 512" in h200.max_cudagraph_capture_size.why
+    applied = sizing.apply_engine(cfg, h200)
+    assert applied.engine.max_cudagraph_capture_size == 1024 and "engine.max_cudagraph_capture_size" in applied.sized
+    assert sizing.engine_limits(cfg, A10G).max_cudagraph_capture_size is None      # 256 sequences: 512 covers them
+    assert sizing.engine_limits(cfg, CPU).max_cudagraph_capture_size is None
+    eager = with_keys(cfg, engine={"enforce_eager": True})
+    assert sizing.engine_limits(eager, H200).max_cudagraph_capture_size is None
+    huge = with_keys(cfg, engine={"max_num_seqs": 4096, "max_num_batched_tokens": 16384})
+    assert sizing.engine_limits(huge, H200).max_cudagraph_capture_size.value == sizing.MAX_GRAPH_BATCH
+    explicit = with_keys(cfg, engine={"max_cudagraph_capture_size": 256})
+    kept = sizing.engine_limits(explicit, H200).max_cudagraph_capture_size
+    assert (kept.value, kept.auto) == (256, False)
+    assert any(line.startswith("engine.max_cudagraph_capture_size = 1024 (auto)")
+               for line in sizing.describe_before_engine(cfg, h200)), sizing.describe_before_engine(cfg, h200)
+
+
 # ------------------------------------------------------------------ step (b): the H200 of issue 16
 def test_h200_shipped_profile_fills_the_engine_it_has():
     cfg = shipped()
@@ -262,7 +285,8 @@ def test_apply_leaves_no_auto_and_reports_why():
     assert health["kv_cache_tokens"] == 650_000 and health["device"]["name"] == "NVIDIA H200"
     assert health["chosen"]["admission.max_in_flight"] == {"value": 1015, "auto": True,
                                                            "why": s.max_in_flight.why}
-    assert s.lines()[2].startswith("admission.max_in_flight = 1015 (auto): the KV cache")
+    assert s.lines()[3].startswith("admission.max_in_flight = 1015 (auto): the KV cache")
+    assert applied.engine.max_cudagraph_capture_size == 1024
     # the applied config is a valid config: load's rules hold for it
     config._semantic_checks(applied, lambda k, m: pytest.fail(f"{k}: {m}"))
 
@@ -282,8 +306,9 @@ def test_describe_before_engine_says_what_waits_for_the_engine():
     lines = sizing.describe_before_engine(cfg, sizing.engine_limits(cfg, H200))
     assert lines[0] == "device: NVIDIA H200 with 140 GiB"
     assert lines[1].startswith("engine.max_num_seqs = 1024 (auto): vLLM 0.26.0's `vllm serve` default")
-    assert lines[3].startswith("admission.max_in_flight = auto: chosen at start, once the engine reports its KV")
-    assert lines[4] == "admission.max_queued = 12 (explicit): set in the config"
+    assert lines[3].startswith("engine.max_cudagraph_capture_size = 1024 (auto): CUDA graphs for every decode")
+    assert lines[4].startswith("admission.max_in_flight = auto: chosen at start, once the engine reports its KV")
+    assert lines[5] == "admission.max_queued = 12 (explicit): set in the config"
 
 
 # ------------------------------------------------------------------ the device probe

@@ -153,7 +153,8 @@ def search_space(cfg: Config, limits: sizing.EngineLimits, allow_quantization: b
     seqs, tokens = limits.max_num_seqs.value, limits.max_num_batched_tokens.value
     gpu = limits.device.kind == "cuda" and not cfg.engine.enforce_eager
     dims = [Dimension("engine.max_num_batched_tokens", (2 * tokens,))]
-    if gpu and seqs > 512 and cfg.engine.max_cudagraph_capture_size == AUTO:
+    graphs = limits.max_cudagraph_capture_size.value if limits.max_cudagraph_capture_size else min(2 * seqs, 512)
+    if gpu and min(seqs, tokens) > graphs and cfg.engine.max_cudagraph_capture_size == AUTO:
         dims.append(Dimension("engine.max_cudagraph_capture_size", (min(seqs, tokens),)))
     if allow_quantization and limits.device.kind == "cuda":
         if not cfg.engine.quantization:
