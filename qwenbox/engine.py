@@ -620,7 +620,8 @@ def engine_args_dict(cfg: Config) -> dict[str, Any]:
     from .config import AUTO
 
     m, e = cfg.model, cfg.engine
-    if AUTO in (e.max_num_seqs, e.max_num_batched_tokens, e.max_cudagraph_capture_size):
+    graphs_unsized = e.max_cudagraph_capture_size == AUTO and "engine.max_cudagraph_capture_size" not in cfg.sized
+    if e.max_num_seqs == AUTO or e.max_num_batched_tokens == AUTO or graphs_unsized:
         e = sizing.apply_engine(cfg, sizing.engine_limits(cfg, sizing.probe_device())).engine
     args: dict[str, Any] = dict(
         model=m.local_dir, served_model_name=[m.name], tokenizer=m.local_tokenizer_dir, dtype=m.dtype,

@@ -221,8 +221,13 @@ def graph_sizes(cfg: Config, device: Device, max_num_seqs: int) -> Choice | None
 
 
 def apply_engine(cfg: Config, limits: EngineLimits) -> Config:
-    """``cfg`` with step (a)'s numbers in its "auto" engine keys (recorded in ``sized``)."""
-    return _replace_auto(cfg, limits.choices())
+    """``cfg`` with step (a)'s numbers in its "auto" engine keys (recorded in ``sized``; an
+    "auto" ``max_cudagraph_capture_size`` left to vLLM is recorded too, still "auto")."""
+    cfg = _replace_auto(cfg, limits.choices())
+    if limits.max_cudagraph_capture_size is None and "engine.max_cudagraph_capture_size" not in cfg.sized:
+        # decided as vLLM's own: no number to put in, but a sized config is not sized again
+        cfg = dataclasses.replace(cfg, sized=(*cfg.sized, "engine.max_cudagraph_capture_size"))
+    return cfg
 
 
 # ------------------------------------------------------------------ step (b): after the engine
