@@ -1,7 +1,8 @@
 """Card-aware limits: the numbers behind the config's "auto" sizing keys, in two pure steps.
 
 The sizing keys (``config.AUTO`` or an integer; an explicit integer always wins):
-``engine.max_num_seqs``, ``engine.max_num_batched_tokens`` (step a) and
+``engine.max_num_seqs``, ``engine.max_num_batched_tokens``, ``engine.max_cudagraph_capture_size``
+(step a) and
 ``admission.max_in_flight``, ``admission.max_queued``, ``admission.max_queued_prompt_tokens``
 (step b). ``[sizing]`` holds what they are sized for: a first-token latency target and a
 typical request (prompt and completion tokens).
@@ -11,6 +12,7 @@ Step (a), before the engine is built: ``engine_limits(cfg, device) -> EngineLimi
     ``EngineArgs.get_batch_defaults`` for the OpenAI server's usage context, world size 1,
     and ``_set_default_max_num_seqs_and_batched_tokens_args``). qwenbox builds AsyncLLM
     in-process and sets both limits itself, so it must compute them; this is that table.
+    CUDA graphs are ours (``graph_sizes``): every decode batch up to max_num_seqs (<= 1024).
     ``device`` comes from ``probe_device()`` (nvidia-smi or the installed build; no CUDA
     in this process, no vLLM import).
 Step (b), after the engine is built: ``size(cfg, limits, facts, throughput) -> Sizing``.
