@@ -106,8 +106,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         read = None
         if req.tools is not None and req.tools.parsed:
             req, read = _with_tools(engine, req, req.tools)
-        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, headers, convert.CHAT,
-                                    read)
+        return await _admit_and_run(request, cfg, engine, req, [Prompt(prompt_ids, shaped)], session, headers,
+                                    convert.CHAT, read)
 
 
 Reader = Callable[[AsyncGenerator[list[Delta], None]], AsyncGenerator[list[Delta], None]]
@@ -170,12 +170,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         prompts = [await _completion_prompt(engine, p, "prompt" if len(req.prompts) == 1 else f"prompt[{i}]")
                    for i, p in enumerate(req.prompts)]
         _check_prompt_logprobs(cfg.limits, req, prompts)
-        if len(prompts) > 1:
-            return await _admit_and_run_batch(request, cfg, engine, req, prompts, session)
-        prompt_ids, text = prompts[0]
-        shaped = shaping.defaults(cfg, text)
-        return await _admit_and_run(request, cfg, engine, req, prompt_ids, shaped, session, {}, convert.COMPLETION,
-                                    echo=_echo(engine, req, prompt_ids, text))
+        return await _admit_and_run(request, cfg, engine, req,
+                                    [Prompt(ids, shaping.defaults(cfg, text), _echo(engine, req, ids, text))
+                                     for ids, text in prompts], session, {}, convert.COMPLETION)
 
 
 async def _completion_prompt(engine: ServingEngine, prompt: str | list[int], name: str) -> tuple[list[int], str]:
@@ -236,68 +233,53 @@ def _check_logit_bias(engine: ServingEngine, req: ParsedRequest) -> None:
                        param="logit_bias")
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request as admission and the engine take it: its token ids, the
+    shaped defaults its sampling falls back on, and what ``echo`` puts before its choices."""
+    ids: list[int]
+    shaped: shaping.Defaults
+    echo: convert.Echo | None = None
+
+
 async def _admit_and_run(request: web.Request, cfg: Config, engine: ServingEngine, req: ParsedRequest,
-                         prompt_ids: list[int], shaped: shaping.Defaults, session: str | None,
-                         headers: dict[str, str], shape: convert.Shape,
-                         read: Reader | None = None, echo: convert.Echo | None = None) -> web.StreamResponse:
-    record = request[RECORD]
-    _check_logit_bias(engine, req)
-    prompt_ids = _padded(cfg, engine, req, prompt_ids)
-    record.session, record.intent = session, shaped.intent
-    async with request.app[ADMISSION].admit(len(prompt_ids), session) as ticket:
-        record.queued_s, record.priority = round(ticket.queued_s, 4), ticket.priority
-        gen = convert.to_generation(req.sampling, prompt_ids, request_id=record.id,
-                                    max_model_len=engine.max_model_len, defaults=shaped,
-                                    stream=req.stream, priority=ticket.priority)
-        record.prompt_len, record.max_tokens, record.stream = (len(gen.prompt_token_ids), gen.sampling.max_tokens,
-                                                               req.stream)
-        head = shape.head(record.id, req.model)
-        n, reader = gen.sampling.n, read or (lambda outputs: outputs)
-        answer = Answer(lambda: reader(_outputs(request, engine, gen)), n, len(gen.prompt_token_ids),
-                        gen.sampling.logprobs is not None, (echo,) * n)
-        with request.app[GATE].running(record.id):
-            if req.stream:
-                return await _streamed(request, answer, req.include_usage, headers, shape, head,
-                                       cfg.server.retry_after_s)
-            return await _whole(request, answer, headers, shape, head)
-
-
-async def _admit_and_run_batch(request: web.Request, cfg: Config, engine: ServingEngine,
-                               req: protocol.CompletionRequest, prompts: list[tuple[list[int], str]],
-                               session: str | None) -> web.StreamResponse:
-    """A batch of prompts: each admitted as a request of its own (so admission's bounds and
-    priorities hold for every one), all run at once, answered as one completion whose
-    choices are ordered by prompt, then by ``n`` (OpenAI's order): index = i x n + j. A
-    refusal of any of them refuses the whole request, and frees what the others held."""
+                         prompts: list[Prompt], session: str | None, headers: dict[str, str], shape: convert.Shape,
+                         read: Reader | None = None) -> web.StreamResponse:
+    """Each prompt admitted as a request of its own (admission's bounds and priorities hold
+    for every one of a batch; a refusal of any refuses the whole request and frees what the
+    others held), then all run at once and answered as one response whose choices are
+    ordered by prompt, then by ``n`` (OpenAI's order): index = i x n + j. ``read`` wraps the
+    outputs (tool calls)."""
     record, admission, gate = request[RECORD], request.app[ADMISSION], request.app[GATE]
     _check_logit_bias(engine, req)
-    if len(prompts) > admission.max_in_flight:      # its own prompts would wait for each other's slots
+    if len(prompts) > 1 and len(prompts) > admission.max_in_flight:   # they would wait for each other's slots
         raise errors.bad_request(f"'prompt' is a batch of {len(prompts)} prompts, more than this server runs at "
                                  f"once ({admission.max_in_flight}); send at most that many", param="prompt")
+    record.session, record.intent = session, prompts[0].shaped.intent
     async with contextlib.AsyncExitStack() as held:
         gens = []
-        for i, (ids, text) in enumerate(prompts):
-            shaped = shaping.defaults(cfg, text)
-            ids = _padded(cfg, engine, req, ids)
+        for i, p in enumerate(prompts):
+            ids = _padded(cfg, engine, req, p.ids)
             ticket = await held.enter_async_context(admission.admit(len(ids), session))
             record.queued_s, record.priority = round(ticket.queued_s, 4), ticket.priority
-            gens.append(convert.to_generation(req.sampling, ids, request_id=f"{record.id}-{i}",
-                                              max_model_len=engine.max_model_len, defaults=shaped,
-                                              stream=req.stream, priority=ticket.priority))
+            gens.append(convert.to_generation(req.sampling, ids, request_id=record.id if len(prompts) == 1
+                                              else f"{record.id}-{i}", max_model_len=engine.max_model_len,
+                                              defaults=p.shaped, stream=req.stream, priority=ticket.priority))
         for g in gens:       # handed to the engine only now that all are admitted (the watchdog's evidence)
             held.enter_context(gate.running(g.request_id))
-        n = req.sampling.n
-        record.session, record.intent = session, shaped.intent
+        n = gens[0].sampling.n
         record.prompt_len = sum(len(g.prompt_token_ids) for g in gens)
         record.max_tokens, record.stream = max(g.sampling.max_tokens or 0 for g in gens), req.stream
-        echoes = tuple(_echo(engine, req, ids, text) for ids, text in prompts for _ in range(n))   # by index i x n + j
-        answer = Answer(lambda: _merged(request, engine, gens, n), n * len(gens), record.prompt_len,
-                        req.sampling.logprobs is not None, echoes)
-        head = convert.COMPLETION.head(record.id, req.model)
+        reader = read or (lambda outputs: outputs)
+        one = len(gens) == 1
+        outputs: Callable[[], AsyncGenerator[list[Delta], None]] = (
+            (lambda: _outputs(request, engine, gens[0])) if one else (lambda: _merged(request, engine, gens, n)))
+        answer = Answer(lambda: reader(outputs()), n * len(gens), record.prompt_len,
+                        req.sampling.logprobs is not None, tuple(p.echo for p in prompts for _ in range(n)))
+        head = shape.head(record.id, req.model)
         if req.stream:
-            return await _streamed(request, answer, req.include_usage, {}, convert.COMPLETION, head,
-                                   cfg.server.retry_after_s)
-        return await _whole(request, answer, {}, convert.COMPLETION, head)
+            return await _streamed(request, answer, req.include_usage, headers, shape, head, cfg.server.retry_after_s)
+        return await _whole(request, answer, headers, shape, head)
 
 
 @dataclass(frozen=True)
