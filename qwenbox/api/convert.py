@@ -8,8 +8,9 @@ a handler picks one and the code that answers has no branch on the kind.
 
 An ``Accumulator`` turns the engine's deltas into the ``Piece``s a client is shown: a
 completion's ``Echo`` put first (the prompt's text, and its tokens with logprobs), the
-logprobs as ``Token``s, each piece's text offset. Logprobs reach JSON finite (the engine
-gives -inf as -9999.0) or null (the first prompt token, which has no context).
+logprobs as ``Token``s, each piece's text offset, its tool-call parts (which it also adds
+up per choice: ``Accumulator.message``). Logprobs reach JSON finite (the engine gives -inf
+as -9999.0) or null (the first prompt token, which has no context).
 """
 from __future__ import annotations
 
